@@ -1,0 +1,61 @@
+"""Prometheus metrics of one node, in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ResultLike(Protocol):
+    @property
+    def code(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.height = Gauge(
+            "medledger_height", "Last committed block height", registry=self.registry
+        )
+        self.txs = Counter(
+            "medledger_transactions",
+            "Transactions executed in committed blocks, by type and result code",
+            ["type", "code"],
+            registry=self.registry,
+        )
+        self.checks = Counter(
+            "medledger_check_tx",
+            "CheckTx answers, by result code",
+            ["code"],
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "medledger_block_commit_seconds",
+            "Time from FinalizeBlock start to the end of Commit",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.mempool = Gauge(
+            "medledger_mempool_transactions",
+            "Transactions waiting in CometBFT's mempool",
+            registry=self.registry,
+        )
+        self.peers = Gauge("medledger_peers", "Connected CometBFT peers", registry=self.registry)
+
+    def check_tx(self, result: ResultLike) -> None:
+        self.checks.labels(code=str(int(result.code))).inc()
+
+    def block_committed(self, height: int, seconds: float) -> None:
+        self.height.set(height)
+        self.commit_seconds.observe(seconds)
+
+    def tx_results(self, results: Iterable[ResultLike]) -> None:
+        for result in results:
+            self.txs.labels(type=result.type or "invalid", code=str(int(result.code))).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

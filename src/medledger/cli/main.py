@@ -1,0 +1,60 @@
+"""`medledger`: the command line for operators, clinicians, patients and auditors."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from medledger.cli.chain import gov, member, tx, verify
+from medledger.cli.keys import keys
+from medledger.cli.testnet import testnet
+
+
+@click.group()
+@click.version_option(package_name="medledger")
+def cli() -> None:
+    """medledger: a permissioned blockchain network for health records."""
+
+
+@cli.group()
+def node() -> None:
+    """Run a node: the ledger application and its CometBFT process."""
+
+
+@node.command("run")
+@click.option("--home", type=click.Path(path_type=Path), required=True, help="Node home directory.")
+def node_run(home: Path) -> None:
+    """Run one node in the foreground (app first, then CometBFT; Ctrl-C stops both)."""
+    from medledger.node.supervisor import run_node
+
+    sys.exit(run_node(home))
+
+
+@node.command("app")
+@click.option("--home", type=click.Path(path_type=Path), required=True, help="Node home directory.")
+def node_app(home: Path) -> None:
+    """Run only the ledger application process (the supervisor starts this)."""
+    from medledger.node.appmain import serve_app
+    from medledger.node.logging import configure_json_logging
+
+    configure_json_logging()
+    asyncio.run(serve_app(home))
+
+
+cli.add_command(testnet)
+cli.add_command(keys)
+cli.add_command(member)
+cli.add_command(gov)
+cli.add_command(tx)
+cli.add_command(verify)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

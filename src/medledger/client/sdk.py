@@ -1,0 +1,220 @@
+"""The Python SDK: talk to a node's CometBFT RPC, sign with keys that never leave the client,
+and check answers against headers the validators signed."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from medledger.client.lightclient import VerifiedHeader, verify_commit
+from medledger.client.tx import sign_transaction
+from medledger.crypto.keys import KeyPair
+from medledger.ledger import codec
+from medledger.ledger.app import app_hash_of
+from medledger.ledger.statetree import DEFAULT_DEPTH, StateProof, verify_state_proof
+
+T = TypeVar("T")
+
+
+class ClientError(Exception):
+    """The node could not be reached or answered something unexpected."""
+
+
+class QueryError(ClientError):
+    def __init__(self, code: int, log: str) -> None:
+        super().__init__(f"query refused (code {code}): {log}")
+        self.code = code
+        self.log = log
+
+
+class TxRejected(ClientError):
+    """The transaction was refused, in CheckTx or when its block executed."""
+
+    def __init__(self, code: int, log: str, tx_hash: str, height: int | None = None) -> None:
+        where = "by the mempool" if height is None else f"in block {height}"
+        super().__init__(f"transaction {tx_hash[:16]} refused {where} (code {code}): {log}")
+        self.code = code
+        self.log = log
+        self.tx_hash = tx_hash
+        self.height = height
+
+
+class ProofError(ClientError):
+    """An answer did not verify against the validators' signed header."""
+
+
+@dataclass(frozen=True)
+class TxOutcome:
+    tx_hash: str
+    height: int
+    code: int
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+@dataclass(frozen=True)
+class VerifiedValue:
+    value: bytes | None
+    height: int
+    header: VerifiedHeader
+
+
+class LedgerClient:
+    def __init__(self, rpc_url: str, chain_id: str | None = None, timeout: float = 10.0) -> None:
+        self.rpc_url = rpc_url.rstrip("/")
+        self._http = httpx.Client(timeout=timeout)
+        self._chain_id = chain_id
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- CometBFT RPC -------------------------------------------------------------------
+
+    def rpc(self, method: str, **params: Any) -> Any:
+        try:
+            response = self._http.get(f"{self.rpc_url}/{method}", params=params)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.rpc_url}: {exc}") from None
+        try:
+            document = response.json()
+        except ValueError:
+            raise ClientError(f"{method}: HTTP {response.status_code}, not JSON") from None
+        if "error" in document:
+            error = document["error"]
+            raise ClientError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
+        return document["result"]
+
+    @property
+    def chain_id(self) -> str:
+        if self._chain_id is None:
+            self._chain_id = str(self.rpc("status")["node_info"]["network"])
+        return self._chain_id
+
+    def height(self) -> int:
+        return int(self.rpc("status")["sync_info"]["latest_block_height"])
+
+    # --- queries ------------------------------------------------------------------------
+
+    def query_raw(self, path: str, data: bytes = b"", prove: bool = False) -> tuple[int, bytes]:
+        result = self.rpc(
+            "abci_query",
+            path=f'"{path}"',
+            data="0x" + data.hex(),
+            prove="true" if prove else "false",
+        )["response"]
+        code = int(result.get("code", 0))
+        if code:
+            raise QueryError(code, result.get("log", ""))
+        value = base64.b64decode(result.get("value") or "")
+        return int(result.get("height", 0)), value
+
+    def query(self, path: str, data: str | bytes = b"", kind: type[T] | None = None) -> Any:
+        raw = data.encode() if isinstance(data, str) else data
+        _, value = self.query_raw(path, raw)
+        return (
+            msgspec.json.decode(value, type=kind)
+            if kind is not None
+            else msgspec.json.decode(value)
+        )
+
+    def next_nonce(self, member_id: str) -> int:
+        return int(self.query("/nonce", member_id)["next"])
+
+    def verified_header(self, height: int, wait: float = 15.0) -> VerifiedHeader:
+        """The header at `height`, checked against its commit signatures."""
+        deadline = time.monotonic() + wait
+        while self.height() < height:
+            if time.monotonic() > deadline:
+                raise ClientError(f"block {height} was not committed within {wait}s")
+            time.sleep(0.1)
+        commit = self.rpc("commit", height=height)
+        validators = self.rpc("validators", height=height, per_page=100)
+        return verify_commit(self.chain_id, commit, validators)
+
+    def verified_state(self, key: bytes) -> VerifiedValue:
+        """Read one state key with a proof, and check it against the app hash in the next
+        block's header, which more than 2/3 of the validators signed."""
+        height, raw = self.query_raw("/state", key, prove=True)
+        answer = msgspec.json.decode(raw)
+        proof = StateProof.from_json(answer["proof"])
+        state_root = base64.b64decode(answer["state_root"])
+        audit_root = base64.b64decode(answer["anchor_audit_root"])
+        audit_size = int(answer["anchor_audit_size"])
+        if proof.key != key:
+            raise ProofError("the proof is for another key")
+        if not verify_state_proof(state_root, proof, DEFAULT_DEPTH):
+            raise ProofError(f"state proof for {key!r} does not verify against its state root")
+        header = self.verified_header(height + 1)
+        if app_hash_of(state_root, audit_root, audit_size) != header.app_hash:
+            raise ProofError(
+                f"state root at height {height} is not the one committed in header {height + 1}"
+            )
+        return VerifiedValue(proof.value, height, header)
+
+    # --- transactions -------------------------------------------------------------------
+
+    def broadcast(self, raw: bytes) -> str:
+        """Send a signed transaction; returns its hash once the mempool accepted it."""
+        result = self.rpc("broadcast_tx_sync", tx="0x" + raw.hex())
+        tx_hash = codec.tx_hash(raw).hex().upper()
+        if int(result["code"]) != 0:
+            raise TxRejected(int(result["code"]), result.get("log", ""), tx_hash)
+        return tx_hash
+
+    def tx_status(self, tx_hash: str) -> TxOutcome | None:
+        """The committed result of a transaction, or None while it is not in a block."""
+        try:
+            result = self.rpc("tx", hash="0x" + tx_hash)
+        except ClientError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        tx_result = result["tx_result"]
+        return TxOutcome(
+            tx_hash, int(result["height"]), int(tx_result.get("code", 0)), tx_result.get("log", "")
+        )
+
+    def wait_for(self, tx_hash: str, timeout: float = 30.0) -> TxOutcome:
+        deadline = time.monotonic() + timeout
+        while True:
+            outcome = self.tx_status(tx_hash)
+            if outcome is not None:
+                return outcome
+            if time.monotonic() > deadline:
+                raise ClientError(f"transaction {tx_hash[:16]} not committed within {timeout}s")
+            time.sleep(0.1)
+
+    def submit(
+        self,
+        keys: KeyPair,
+        tx_type: str,
+        body: object,
+        *,
+        sender: str = "",
+        timeout: float = 30.0,
+        check: bool = True,
+    ) -> TxOutcome:
+        """Sign, send and wait for a transaction; raise TxRejected if it failed (with check)."""
+        sender_id = sender or keys.member_id
+        raw = sign_transaction(
+            keys, self.chain_id, self.next_nonce(sender_id), tx_type, body, sender=sender_id
+        )
+        tx_hash = self.broadcast(raw)
+        outcome = self.wait_for(tx_hash, timeout)
+        if check and not outcome.ok:
+            raise TxRejected(outcome.code, outcome.log, tx_hash, outcome.height)
+        return outcome

@@ -1,0 +1,152 @@
+"""The ledger application: genesis, blocks in, results and app hash out.
+
+This is the whole state machine CometBFT replicates. It knows nothing of sockets or
+protobuf: the ABCI adapter and the in-process driver both call these methods, in the order
+CometBFT defines (InitChain once, then FinalizeBlock and Commit per block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from medledger.ledger import codec
+from medledger.ledger.context import BlockContext, BlockEffects
+from medledger.ledger.errors import Code, LedgerError
+from medledger.ledger.execution import (
+    AuditEntry,
+    SignatureCache,
+    TxResult,
+    check_transaction,
+    execute_transaction,
+)
+from medledger.ledger.genesis import apply_genesis, parse_app_state
+from medledger.ledger.governance import expire_proposals
+from medledger.ledger.state import State, StateReader
+
+APP_HASH_DOMAIN = b"medledger/app-hash/v1\x00"
+
+
+def app_hash_of(state_root: bytes, audit_root: bytes, audit_size: int) -> bytes:
+    """The app hash commits to the whole state and to the audit log (its root and size)."""
+    return hashlib.sha256(
+        APP_HASH_DOMAIN + state_root + audit_root + audit_size.to_bytes(8, "big")
+    ).digest()
+
+
+class LedgerStore(StateReader, Protocol):
+    """Durable state under the ledger. A block's writes are staged, then committed at once."""
+
+    def committed(self) -> tuple[int, bytes, str]:
+        """(height, app hash, chain id) of the last commit; (0, b"", "") before genesis."""
+        ...
+
+    def stage_block(
+        self,
+        height: int,
+        time_ns: int,
+        txs: list[bytes],
+        results: list[TxResult],
+        changes: list[tuple[bytes, bytes | None]],
+        audit_leaves: list[bytes],
+    ) -> tuple[bytes, bytes, int]:
+        """Stage a block's writes without committing; returns (state root, audit root, size)."""
+        ...
+
+    def commit_staged(self, height: int, app_hash: bytes, chain_id: str) -> None: ...
+
+    def discard_staged(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    results: list[TxResult]
+    validator_updates: list[tuple[bytes, int]]
+    app_hash: bytes
+
+
+class Ledger:
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self.signatures = SignatureCache()
+        self._staged: tuple[int, bytes] | None = None
+        height, app_hash, chain_id = store.committed()
+        self.height = height
+        self.app_hash = app_hash
+        self.chain_id = chain_id
+
+    def init_chain(self, chain_id: str, time_ns: int, app_state: bytes) -> BlockOutcome:
+        """Write the genesis state at height 0 and commit it at once. CometBFT calls InitChain
+        again if it restarts before the first block, so a repeat starts from scratch."""
+        self.store.discard_staged()
+        app = parse_app_state(app_state)
+        state = State(self.store)
+        block = BlockContext(chain_id, 0, time_ns)
+        validators = apply_genesis(state, block, app)
+        state_root, audit_root, size = self.store.stage_block(
+            0, time_ns, [], [], state.changes(), []
+        )
+        app_hash = app_hash_of(state_root, audit_root, size)
+        self.store.commit_staged(0, app_hash, chain_id)
+        self.height, self.app_hash, self.chain_id = 0, app_hash, chain_id
+        updates = [(v.pub_key, v.power) for v in validators]
+        return BlockOutcome([], sorted(updates), app_hash)
+
+    def check_tx(self, raw: bytes) -> TxResult:
+        """CheckTx: refuse what cannot be valid, against committed state."""
+        try:
+            checked = check_transaction(
+                State(self.store),
+                raw,
+                self.chain_id,
+                codec.tx_hash(raw),
+                self.signatures,
+                exact_nonce=False,
+            )
+        except LedgerError as err:
+            return TxResult(err.code, err.message)
+        return TxResult(Code.OK, "", checked.envelope.type, checked.envelope.sender)
+
+    def finalize_block(self, height: int, time_ns: int, txs: list[bytes]) -> BlockOutcome:
+        """FinalizeBlock: execute every transaction in order and stage the block's writes."""
+        if height != self.height + 1:
+            raise RuntimeError(f"block {height} follows committed height {self.height}")
+        self.store.discard_staged()
+        block = BlockContext(self.chain_id, height, time_ns)
+        state = State(self.store)
+        effects = BlockEffects()
+        results: list[TxResult] = []
+        leaves: list[bytes] = []
+        for index, raw in enumerate(txs):
+            result = execute_transaction(state, block, effects, raw, self.signatures)
+            results.append(result)
+            leaves.append(
+                codec.encode(
+                    AuditEntry(
+                        height,
+                        index,
+                        codec.tx_hash(raw),
+                        result.type,
+                        result.sender,
+                        int(result.code),
+                        result.log,
+                    )
+                )
+            )
+        expire_proposals(state, block)
+        state_root, audit_root, size = self.store.stage_block(
+            height, time_ns, txs, results, state.changes(), leaves
+        )
+        app_hash = app_hash_of(state_root, audit_root, size)
+        self._staged = (height, app_hash)
+        return BlockOutcome(results, effects.sorted_validator_updates(), app_hash)
+
+    def commit(self) -> int:
+        """Commit: make the staged block durable with its height and app hash, atomically."""
+        if self._staged is None:
+            raise RuntimeError("commit without a finalized block")
+        height, app_hash = self._staged
+        self.store.commit_staged(height, app_hash, self.chain_id)
+        self.height, self.app_hash, self._staged = height, app_hash, None
+        return height

@@ -1,0 +1,35 @@
+"""The one table of ledger result codes.
+
+Every transaction gets exactly one result: a code from this table and a log line. The ABCI
+adapter passes the code through unchanged; HTTP and FHIR map it at their edges.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Code(IntEnum):
+    OK = 0
+    MALFORMED = 1
+    WRONG_CHAIN = 2
+    BAD_SIGNATURE = 3
+    BAD_NONCE = 4
+    UNKNOWN_SENDER = 5
+    UNKNOWN_TYPE = 6
+    SENDER_INACTIVE = 7
+    TOO_LARGE = 8
+    UNAUTHORIZED = 9
+    INVALID_BODY = 10
+    NOT_FOUND = 11
+    CONFLICT = 12
+    EXPIRED = 13
+
+
+class LedgerError(Exception):
+    """A transaction or query was refused; `code` says why, the message says what to do."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

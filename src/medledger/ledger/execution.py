@@ -1,0 +1,155 @@
+"""Checking and executing one transaction.
+
+`check_transaction` is what CheckTx runs against committed state; `execute_transaction` is
+the authoritative, deterministic step FinalizeBlock runs for each transaction in order. Both
+walk the same checks; execution then applies the type's state transition in its own overlay,
+which is kept only when it succeeds, so a refused transaction changes no state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import msgspec
+
+from medledger.crypto.keys import verify_signature
+from medledger.ledger import codec
+from medledger.ledger.codec import Envelope
+from medledger.ledger.context import BlockContext, BlockEffects, TransactionRule, TxContext
+from medledger.ledger.errors import Code, LedgerError
+from medledger.ledger.governance import load_params
+from medledger.ledger.identity import is_active
+from medledger.ledger.model import Member, member_key, nonce_key
+from medledger.ledger.rules import TRANSACTION_RULES
+from medledger.ledger.state import State
+
+
+class AuditEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One leaf of the audit log: the result of one transaction. Never carries PHI."""
+
+    height: int
+    index: int
+    tx_hash: bytes
+    type: str
+    sender: str
+    code: int
+    log: str
+
+
+@dataclass(frozen=True)
+class TxResult:
+    code: Code
+    log: str
+    type: str = ""
+    sender: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is Code.OK
+
+
+class SignatureCache:
+    """Remembers (transaction hash, key) pairs whose signature verified, so a transaction seen
+    in CheckTx is not verified again in FinalizeBlock. Only speed depends on it, never a result."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+
+    def verify(self, tx_hash: bytes, verify_key: bytes, message: bytes, signature: bytes) -> bool:
+        token = tx_hash + verify_key
+        if token in self._verified:
+            self._verified.move_to_end(token)
+            return True
+        if not verify_signature(verify_key, message, signature):
+            return False
+        self._verified[token] = None
+        if len(self._verified) > self._capacity:
+            self._verified.popitem(last=False)
+        return True
+
+
+@dataclass(frozen=True)
+class Checked:
+    envelope: Envelope
+    sender: Member
+    rule: TransactionRule
+    body: object
+
+
+def check_transaction(
+    state: State,
+    raw: bytes,
+    chain_id: str,
+    tx_hash: bytes,
+    signatures: SignatureCache,
+    *,
+    exact_nonce: bool,
+) -> Checked:
+    """Every check short of running the transition. With `exact_nonce` false (CheckTx), a
+    nonce ahead of the committed one is accepted, since earlier ones may wait in the mempool."""
+    max_bytes = load_params(state).max_tx_bytes
+    if len(raw) > max_bytes:
+        raise LedgerError(Code.TOO_LARGE, f"transaction is {len(raw)} bytes; limit {max_bytes}")
+    envelope = codec.decode(raw, Envelope)
+    if envelope.chain_id != chain_id:
+        raise LedgerError(
+            Code.WRONG_CHAIN, f"transaction is for chain {envelope.chain_id!r}, not {chain_id!r}"
+        )
+    rule = TRANSACTION_RULES.get(envelope.type)
+    if rule is None:
+        raise LedgerError(Code.UNKNOWN_TYPE, f"unknown transaction type {envelope.type!r}")
+    sender = state.read(member_key(envelope.sender), Member)
+    if sender is None:
+        raise LedgerError(Code.UNKNOWN_SENDER, f"unknown sender {envelope.sender}")
+    if not signatures.verify(tx_hash, sender.verify_key, envelope.sign_bytes(), envelope.signature):
+        raise LedgerError(Code.BAD_SIGNATURE, f"signature does not verify for {sender.id}")
+    if not is_active(state, sender):
+        raise LedgerError(
+            Code.SENDER_INACTIVE, f"sender {sender.id} is {sender.status} or its organization is"
+        )
+    expected = (state.read(nonce_key(sender.id), int) or 0) + 1
+    if envelope.nonce < expected or (exact_nonce and envelope.nonce != expected):
+        raise LedgerError(
+            Code.BAD_NONCE, f"nonce {envelope.nonce} for {sender.id}; expected {expected}"
+        )
+    if sender.role not in rule.roles:
+        raise LedgerError(Code.UNAUTHORIZED, f"role {sender.role} may not send {envelope.type}")
+    try:
+        body = msgspec.msgpack.decode(envelope.body, type=rule.body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise LedgerError(Code.INVALID_BODY, f"invalid {envelope.type} body: {exc}") from None
+    if codec.encode(body) != envelope.body:
+        raise LedgerError(Code.INVALID_BODY, f"{envelope.type} body is not canonical")
+    return Checked(envelope, sender, rule, body)
+
+
+def execute_transaction(
+    state: State,
+    block: BlockContext,
+    effects: BlockEffects,
+    raw: bytes,
+    signatures: SignatureCache,
+) -> TxResult:
+    """Run one transaction of a block; returns its single result."""
+    tx_hash = codec.tx_hash(raw)
+    try:
+        checked = check_transaction(
+            state, raw, block.chain_id, tx_hash, signatures, exact_nonce=True
+        )
+    except LedgerError as err:
+        return TxResult(err.code, err.message)
+    envelope = checked.envelope
+    overlay = state.child()
+    tx_effects = BlockEffects()
+    try:
+        log = checked.rule.handler(
+            overlay, TxContext(block, checked.sender, tx_hash, tx_effects), checked.body
+        )
+    except LedgerError as err:
+        return TxResult(err.code, err.message, envelope.type, envelope.sender)
+    overlay.write(nonce_key(envelope.sender), envelope.nonce)
+    overlay.merge_into_parent()
+    effects.validator_updates.update(tx_effects.validator_updates)
+    return TxResult(Code.OK, log, envelope.type, envelope.sender)

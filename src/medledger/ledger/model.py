@@ -1,0 +1,113 @@
+"""The values the ledger keeps in its state, and where each one lives (its key)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    CLINICIAN = "clinician"
+    EMERGENCY = "emergency"
+    LAB = "lab"
+    BILLING = "billing"
+    AUDITOR = "auditor"
+    PATIENT = "patient"
+    DELEGATE = "delegate"
+    EHR = "ehr"
+    LIS = "lis"
+
+
+PRACTITIONER_ROLES = frozenset(
+    {Role.CLINICIAN, Role.EMERGENCY, Role.LAB, Role.BILLING, Role.AUDITOR}
+)
+SYSTEM_ROLES = frozenset({Role.EHR, Role.LIS})
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+
+
+class OrganizationKind(StrEnum):
+    HOSPITAL = "hospital"
+    CLINIC = "clinic"
+    LAB = "lab"
+    PHARMACY = "pharmacy"
+    INSURER = "insurer"
+
+
+class ProposalStatus(StrEnum):
+    OPEN = "open"
+    PASSED = "passed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class Member(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ledger identity: practitioner, patient, system client or organization admin."""
+
+    id: str
+    organization: str
+    role: Role
+    verify_key: bytes
+    encryption_key: bytes
+    status: Status
+    enrolled_height: int
+    status_height: int
+    key_height: int
+
+
+class Organization(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    name: str
+    kind: OrganizationKind
+    admin: str
+    node_encryption_key: bytes
+    status: Status
+    joined_height: int
+
+
+class Validator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pub_key: bytes
+    power: int
+    organization: str
+
+
+class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Chain parameters; governance may change each of them by name."""
+
+    max_tx_bytes: int = 65536
+    proposal_period_blocks: int = 2000
+    max_validators: int = 50
+
+    def names(self) -> tuple[str, ...]:
+        return self.__struct_fields__
+
+
+# Key layout. Every key is ASCII so that a state dump reads well.
+PARAMS_KEY = b"params"
+PROPOSAL_SEQ_KEY = b"proposal-seq"
+
+
+def organization_key(org_id: str) -> bytes:
+    return b"org/" + org_id.encode()
+
+
+def member_key(member_id: str) -> bytes:
+    return b"member/" + member_id.encode()
+
+
+def nonce_key(member_id: str) -> bytes:
+    return b"nonce/" + member_id.encode()
+
+
+def validator_key(pub_key: bytes) -> bytes:
+    return b"validator/" + pub_key.hex().encode()
+
+
+def proposal_key(proposal_id: int) -> bytes:
+    return b"proposal/" + f"{proposal_id:012d}".encode()

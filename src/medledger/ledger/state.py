@@ -1,0 +1,83 @@
+"""A typed, layered view of the ledger state.
+
+Execution reads through a stack of overlays: the committed store at the bottom, the block's
+writes above it, and one transaction's writes on top. A transaction that fails is dropped with
+its overlay, so a refused transaction changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, TypeVar
+
+from medledger.ledger import codec
+
+T = TypeVar("T")
+
+
+class StateReader(Protocol):
+    """Read access to committed state: point lookups and key-ordered prefix scans."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+
+
+class State:
+    """An overlay of pending writes over a reader; `None` in the overlay marks a deletion."""
+
+    def __init__(self, base: StateReader | State) -> None:
+        self._base = base
+        self._writes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self._writes:
+            return self._writes[key]
+        return self._base.get(key)
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Entries under `prefix` in key order, overlay merged over the base."""
+        mine = sorted(k for k in self._writes if k.startswith(prefix))
+        base = self._base.scan(prefix)
+        pending = next(base, None)
+        for key in mine:
+            while pending is not None and pending[0] < key:
+                yield pending
+                pending = next(base, None)
+            if pending is not None and pending[0] == key:
+                pending = next(base, None)
+            value = self._writes[key]
+            if value is not None:
+                yield key, value
+        while pending is not None:
+            yield pending
+            pending = next(base, None)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._writes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self._writes[key] = None
+
+    def read(self, key: bytes, kind: type[T]) -> T | None:
+        raw = self.get(key)
+        return None if raw is None else codec.decode(raw, kind)
+
+    def write(self, key: bytes, value: object) -> None:
+        self.put(key, codec.encode(value))
+
+    def read_all(self, prefix: bytes, kind: type[T]) -> list[T]:
+        return [codec.decode(raw, kind) for _, raw in self.scan(prefix)]
+
+    def child(self) -> State:
+        return State(self)
+
+    def merge_into_parent(self) -> None:
+        """Apply this overlay's writes to the overlay below it."""
+        if not isinstance(self._base, State):
+            raise TypeError("only a child overlay can be merged")
+        self._base._writes.update(self._writes)
+
+    def changes(self) -> list[tuple[bytes, bytes | None]]:
+        """This overlay's writes in key order, ready to be applied to the store."""
+        return sorted(self._writes.items())

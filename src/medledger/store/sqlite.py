@@ -1,0 +1,270 @@
+"""The node's durable ledger state in one SQLite file.
+
+Writes of a block are staged in one SQLite transaction on the writer connection and become
+durable, together with the height and app hash, only at Commit, so a crash at any moment leaves
+the last committed block intact and CometBFT's handshake replays the rest. Reads (CheckTx,
+queries, execution's base state) go through a second connection that sees committed data only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from medledger.ledger import merkle, statetree
+from medledger.ledger.execution import TxResult
+from medledger.ledger.statetree import BucketTree, StateProof
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key BLOB PRIMARY KEY, value BLOB NOT NULL, value_hash BLOB NOT NULL, bucket INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_bucket ON kv (bucket, key);
+CREATE TABLE IF NOT EXISTS buckets (bucket INTEGER PRIMARY KEY, leaf BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_nodes (
+    level INTEGER NOT NULL, idx INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_leaves (idx INTEGER PRIMARY KEY, height INTEGER, data BLOB);
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, txs BLOB NOT NULL,
+    results BLOB NOT NULL, audit_size INTEGER NOT NULL, app_hash BLOB
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
+class StoredResult(msgspec.Struct, frozen=True, array_like=True):
+    code: int
+    log: str
+    type: str
+    sender: str
+
+
+class StoredBlock(msgspec.Struct, frozen=True):
+    height: int
+    time_ns: int
+    txs: list[bytes]
+    results: list[StoredResult]
+    audit_size: int
+    app_hash: bytes
+
+
+class _NodeTable:
+    """The audit log's perfect-subtree hashes, as rows of one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def get_node(self, level: int, index: int) -> bytes | None:
+        row = self._conn.execute(
+            "SELECT digest FROM audit_nodes WHERE level = ? AND idx = ?", (level, index)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_node(self, level: int, index: int, digest: bytes) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO audit_nodes (level, idx, digest) VALUES (?, ?, ?)",
+            (level, index, digest),
+        )
+
+
+class SqliteStore:
+    def __init__(self, path: Path, depth: int = statetree.DEFAULT_DEPTH) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.depth = depth
+        self._writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=FULL")
+        self._writer.executescript(SCHEMA)
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._staged: list[tuple[int, bytes]] | None = None
+        self._committed_tree = self._load_tree()
+        self._working_tree = self._load_tree()
+
+    def close(self) -> None:
+        self.discard_staged()
+        self._writer.close()
+        self._reader.close()
+
+    # --- reads of committed state -------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        rows = self._reader.execute(
+            "SELECT key, value FROM kv WHERE key >= ? ORDER BY key", (prefix,)
+        )
+        for key, value in rows:
+            if not bytes(key).startswith(prefix):
+                break
+            yield bytes(key), bytes(value)
+
+    def committed(self) -> tuple[int, bytes, str]:
+        meta = dict(self._reader.execute("SELECT name, value FROM meta").fetchall())
+        if "height" not in meta:
+            return 0, b"", ""
+        return int(meta["height"]), bytes(meta["app_hash"]), bytes(meta["chain_id"]).decode()
+
+    def audit_size(self) -> int:
+        row = self._reader.execute("SELECT value FROM meta WHERE name = 'audit_size'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def state_root(self) -> bytes:
+        return self._committed_tree.root()
+
+    def state_proof(self, key: bytes) -> StateProof:
+        """A proof of `key`'s committed value, or of its absence, under the state root."""
+        bucket = statetree.bucket_of(key, self.depth)
+        entries = [
+            (bytes(k), bytes(h))
+            for k, h in self._reader.execute(
+                "SELECT key, value_hash FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
+            )
+        ]
+        return statetree.prove(self._committed_tree, key, self.get(key), entries)
+
+    def audit_log(self) -> merkle.MerkleLog:
+        """The committed audit log, read-only."""
+        return merkle.MerkleLog(_NodeTable(self._reader), self.audit_size())
+
+    def audit_node(self, level: int, index: int) -> bytes | None:
+        return _NodeTable(self._reader).get_node(level, index)
+
+    def audit_leaf(self, index: int) -> tuple[int, bytes] | None:
+        row = self._reader.execute(
+            "SELECT height, data FROM audit_leaves WHERE idx = ?", (index,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def audit_leaves_of_block(self, height: int) -> list[tuple[int, bytes]]:
+        rows = self._reader.execute(
+            "SELECT idx, data FROM audit_leaves WHERE height = ? ORDER BY idx", (height,)
+        )
+        return [(int(i), bytes(d)) for i, d in rows]
+
+    def block(self, height: int) -> StoredBlock | None:
+        row = self._reader.execute(
+            "SELECT height, time_ns, txs, results, audit_size, app_hash FROM blocks"
+            " WHERE height = ?",
+            (height,),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredBlock(
+            height=int(row[0]),
+            time_ns=int(row[1]),
+            txs=msgspec.msgpack.decode(row[2], type=list[bytes]),
+            results=msgspec.msgpack.decode(row[3], type=list[StoredResult]),
+            audit_size=int(row[4]),
+            app_hash=bytes(row[5] or b""),
+        )
+
+    # --- staging and committing a block --------------------------------------------------
+
+    def stage_block(
+        self,
+        height: int,
+        time_ns: int,
+        txs: list[bytes],
+        results: list[TxResult],
+        changes: list[tuple[bytes, bytes | None]],
+        audit_leaves: list[bytes],
+    ) -> tuple[bytes, bytes, int]:
+        self.discard_staged()
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        self._staged = []
+        dirty: set[int] = set()
+        for key, value in changes:
+            bucket = statetree.bucket_of(key, self.depth)
+            dirty.add(bucket)
+            if value is None:
+                conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO kv (key, value, value_hash, bucket) VALUES (?,?,?,?)",
+                    (key, value, statetree.value_hash(value), bucket),
+                )
+        for bucket in sorted(dirty):
+            entries = conn.execute(
+                "SELECT key, value_hash FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
+            ).fetchall()
+            leaf = statetree.bucket_leaf((bytes(k), bytes(h)) for k, h in entries)
+            if entries:
+                conn.execute(
+                    "INSERT OR REPLACE INTO buckets (bucket, leaf) VALUES (?, ?)", (bucket, leaf)
+                )
+            else:
+                conn.execute("DELETE FROM buckets WHERE bucket = ?", (bucket,))
+            self._staged.append((bucket, self._working_tree.bucket_leaf(bucket)))
+            self._working_tree.set_bucket_leaf(bucket, leaf)
+        log = merkle.MerkleLog(_NodeTable(conn), self._writer_audit_size())
+        for data in audit_leaves:
+            index = log.append(data)
+            conn.execute(
+                "INSERT INTO audit_leaves (idx, height, data) VALUES (?, ?, ?)",
+                (index, height, data),
+            )
+        stored = [StoredResult(int(r.code), r.log, r.type, r.sender) for r in results]
+        conn.execute(
+            "INSERT OR REPLACE INTO blocks (height, time_ns, txs, results, audit_size)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                height,
+                time_ns,
+                msgspec.msgpack.encode(txs),
+                msgspec.msgpack.encode(stored),
+                log.size,
+            ),
+        )
+        return self._working_tree.root(), log.root(), log.size
+
+    def _writer_audit_size(self) -> int:
+        row = self._writer.execute("SELECT value FROM meta WHERE name = 'audit_size'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def commit_staged(self, height: int, app_hash: bytes, chain_id: str) -> None:
+        if self._staged is None:
+            raise RuntimeError("nothing staged to commit")
+        conn = self._writer
+        size = conn.execute("SELECT COUNT(*) FROM audit_leaves").fetchone()[0]
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+            [
+                ("height", height),
+                ("app_hash", app_hash),
+                ("chain_id", chain_id.encode()),
+                ("audit_size", size),
+            ],
+        )
+        conn.execute("UPDATE blocks SET app_hash = ? WHERE height = ?", (app_hash, height))
+        conn.execute("COMMIT")
+        for bucket, _ in self._staged:
+            self._committed_tree.set_bucket_leaf(bucket, self._working_tree.bucket_leaf(bucket))
+        self._committed_tree.root()
+        self._staged = None
+
+    def discard_staged(self) -> None:
+        if self._staged is None:
+            return
+        self._writer.execute("ROLLBACK")
+        for bucket, old_leaf in reversed(self._staged):
+            self._working_tree.set_bucket_leaf(bucket, old_leaf)
+        self._working_tree.root()
+        self._staged = None
+
+    def _load_tree(self) -> BucketTree:
+        tree = BucketTree(self.depth)
+        rows = self._writer.execute("SELECT bucket, leaf FROM buckets ORDER BY bucket").fetchall()
+        if not rows:
+            return tree
+        leaves = bytearray(tree.leaves_bytes())
+        for bucket, leaf in rows:
+            leaves[bucket * 32 : (bucket + 1) * 32] = leaf
+        return BucketTree.from_leaves_bytes(self.depth, bytes(leaves))
