@@ -202,9 +202,10 @@ def list_members(node_url: str, org: str) -> None:
     """List members (id, organization, role, status)."""
     with LedgerClient(node_url) as client:
         members = client.query("/members", org, list[Member])
-    table = Table("id", "organization", "role", "status", "enrolled at")
+    table = Table("organization", "role", "status", "enrolled at")
+    table.add_column("id", no_wrap=True)
     for m in members:
-        table.add_row(m.id, m.organization, m.role, m.status, str(m.enrolled_height))
+        table.add_row(m.organization, m.role, m.status, str(m.enrolled_height), m.id)
     Console().print(table)
 
 
