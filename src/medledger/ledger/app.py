@@ -8,7 +8,7 @@ CometBFT defines (InitChain once, then FinalizeBlock and Commit per block).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from medledger.ledger import codec
@@ -64,6 +64,8 @@ class BlockOutcome:
     results: list[TxResult]
     validator_updates: list[tuple[bytes, int]]
     app_hash: bytes
+    packages_stored: list[str] = field(default_factory=list)
+    packages_erased: list[str] = field(default_factory=list)
 
 
 class Ledger:
@@ -131,6 +133,7 @@ class Ledger:
                         result.sender,
                         int(result.code),
                         result.log,
+                        result.subject,
                     )
                 )
             )
@@ -140,7 +143,13 @@ class Ledger:
         )
         app_hash = app_hash_of(state_root, audit_root, size)
         self._staged = (height, app_hash)
-        return BlockOutcome(results, effects.sorted_validator_updates(), app_hash)
+        return BlockOutcome(
+            results,
+            effects.sorted_validator_updates(),
+            app_hash,
+            effects.packages_stored,
+            effects.packages_erased,
+        )
 
     def commit(self) -> int:
         """Commit: make the staged block durable with its height and app hash, atomically."""

@@ -24,6 +24,17 @@ class BlockEffects:
     """What a block's transactions ask of the consensus engine, gathered during execution."""
 
     validator_updates: dict[bytes, int] = field(default_factory=dict)
+    # Packages that nodes must now hold, and packages whose key material must be destroyed.
+    packages_stored: list[str] = field(default_factory=list)
+    packages_erased: list[str] = field(default_factory=list)
+    # The patient a transaction concerns, for that patient's audit trail (per transaction).
+    subject: str = ""
+
+    def absorb(self, tx_effects: BlockEffects) -> None:
+        """Keep the effects of a transaction that succeeded."""
+        self.validator_updates.update(tx_effects.validator_updates)
+        self.packages_stored.extend(tx_effects.packages_stored)
+        self.packages_erased.extend(tx_effects.packages_erased)
 
     def sorted_validator_updates(self) -> list[tuple[bytes, int]]:
         return sorted(self.validator_updates.items())

@@ -24,12 +24,17 @@ class Code(IntEnum):
     NOT_FOUND = 11
     CONFLICT = 12
     EXPIRED = 13
+    ACCESS_DENIED = 14
+    ERASED = 15
 
 
 class LedgerError(Exception):
     """A transaction or query was refused; `code` says why, the message says what to do."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, *, subject: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # The patient the refused request concerned, so that refusals (a denied access
+        # request, say) appear in that patient's audit trail.
+        self.subject = subject

@@ -35,6 +35,7 @@ class AuditEntry(msgspec.Struct, frozen=True, array_like=True):
     sender: str
     code: int
     log: str
+    subject: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class TxResult:
     log: str
     type: str = ""
     sender: str = ""
+    subject: str = ""
 
     @property
     def ok(self) -> bool:
@@ -148,8 +150,8 @@ def execute_transaction(
             overlay, TxContext(block, checked.sender, tx_hash, tx_effects), checked.body
         )
     except LedgerError as err:
-        return TxResult(err.code, err.message, envelope.type, envelope.sender)
+        return TxResult(err.code, err.message, envelope.type, envelope.sender, err.subject)
     overlay.write(nonce_key(envelope.sender), envelope.nonce)
     overlay.merge_into_parent()
-    effects.validator_updates.update(tx_effects.validator_updates)
-    return TxResult(Code.OK, log, envelope.type, envelope.sender)
+    effects.absorb(tx_effects)
+    return TxResult(Code.OK, log, envelope.type, envelope.sender, tx_effects.subject)

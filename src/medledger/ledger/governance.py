@@ -37,6 +37,7 @@ from medledger.ledger.transactions import (
 )
 
 OPEN_PREFIX = b"proposal-open/"
+FLAG_PARAMETERS = frozenset({"erasure_by_organization_admin"})
 
 
 class Ballot(msgspec.Struct, frozen=True, array_like=True):
@@ -176,7 +177,10 @@ def check_action(state: State, action: Action) -> None:
         case SetParameter():
             if action.name not in Params.__struct_fields__:
                 raise LedgerError(Code.INVALID_BODY, f"unknown parameter {action.name}")
-            if action.value <= 0:
+            if action.name in FLAG_PARAMETERS:
+                if action.value not in (0, 1):
+                    raise LedgerError(Code.INVALID_BODY, f"{action.name} is 0 or 1")
+            elif action.value <= 0:
                 raise LedgerError(Code.INVALID_BODY, "parameter values must be positive")
 
 

@@ -83,9 +83,13 @@ class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tx_bytes: int = 65536
     proposal_period_blocks: int = 2000
     max_validators: int = 50
-
-    def names(self) -> tuple[str, ...]:
-        return self.__struct_fields__
+    # How long a granted access request lets its grantee obtain key shares.
+    access_grant_seconds: int = 86_400
+    # Break-the-glass grants are short-lived.
+    emergency_grant_seconds: int = 4 * 3600
+    # 1: besides the patient, the admin of the author's organization may erase a record
+    # (for instance on a patient's written request at the desk); 0: the patient only.
+    erasure_by_organization_admin: int = 1
 
 
 # Key layout. Every key is ASCII so that a state dump reads well.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from medledger.ledger import governance, identity
+from medledger.ledger import access, consent, governance, identity, records
+from medledger.ledger.access import RequestAccess
+from medledger.ledger.consent import GrantConsent, RevokeConsent, SetDelegate
 from medledger.ledger.context import TransactionRule
-from medledger.ledger.model import Role
+from medledger.ledger.model import PRACTITIONER_ROLES, SYSTEM_ROLES, Role
+from medledger.ledger.records import AUTHOR_ROLES, EraseRecord, MarkEnteredInError, PutRecord
 from medledger.ledger.transactions import (
     ChangeMemberStatus,
     EnrollMember,
@@ -15,6 +18,8 @@ from medledger.ledger.transactions import (
 
 ADMINS = frozenset({Role.ADMIN})
 EVERYONE = frozenset(Role)
+PATIENT_SIDE = frozenset({Role.PATIENT, Role.DELEGATE, Role.ADMIN} | PRACTITIONER_ROLES)
+READERS = frozenset(PRACTITIONER_ROLES | SYSTEM_ROLES | {Role.PATIENT, Role.DELEGATE})
 
 TRANSACTION_RULES: dict[str, TransactionRule] = {
     "member.enroll": TransactionRule(EnrollMember, ADMINS, identity.enroll_member),
@@ -24,4 +29,20 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "member.revoke": TransactionRule(ChangeMemberStatus, ADMINS, identity.revoke_member),
     "gov.propose": TransactionRule(Propose, ADMINS, governance.propose),
     "gov.vote": TransactionRule(Vote, ADMINS, governance.vote),
+    "record.put": TransactionRule(PutRecord, AUTHOR_ROLES, records.put_record),
+    "record.amend": TransactionRule(PutRecord, AUTHOR_ROLES, records.amend_record),
+    "record.mark-error": TransactionRule(
+        MarkEnteredInError, AUTHOR_ROLES, records.mark_entered_in_error
+    ),
+    "record.erase": TransactionRule(EraseRecord, EVERYONE, records.erase_record),
+    # Consent is managed by the patient or a delegate; the rule function checks which member.
+    "consent.grant": TransactionRule(GrantConsent, EVERYONE, consent.grant_consent),
+    "consent.revoke": TransactionRule(RevokeConsent, EVERYONE, consent.revoke_consent),
+    "delegate.add": TransactionRule(
+        SetDelegate, frozenset({Role.PATIENT, Role.ADMIN}), consent.add_delegate
+    ),
+    "delegate.remove": TransactionRule(
+        SetDelegate, frozenset({Role.PATIENT, Role.ADMIN}), consent.remove_delegate
+    ),
+    "access.request": TransactionRule(RequestAccess, READERS, access.request_access),
 }

@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS buckets (bucket INTEGER PRIMARY KEY, leaf BLOB NOT NU
 CREATE TABLE IF NOT EXISTS audit_nodes (
     level INTEGER NOT NULL, idx INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit_leaves (idx INTEGER PRIMARY KEY, height INTEGER, data BLOB);
+CREATE TABLE IF NOT EXISTS audit_leaves (
+    idx INTEGER PRIMARY KEY, height INTEGER NOT NULL, subject TEXT NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_subject ON audit_leaves (subject, idx);
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, txs BLOB NOT NULL,
     results BLOB NOT NULL, audit_size INTEGER NOT NULL, app_hash BLOB
@@ -142,6 +145,13 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
+    def audit_entries_about(self, subject: str) -> list[tuple[int, int, bytes]]:
+        """(index, height, leaf) of every audit entry concerning one patient, oldest first."""
+        rows = self._reader.execute(
+            "SELECT idx, height, data FROM audit_leaves WHERE subject = ? ORDER BY idx", (subject,)
+        )
+        return [(int(i), int(h), bytes(d)) for i, h, d in rows]
+
     def audit_leaves_of_block(self, height: int) -> list[tuple[int, bytes]]:
         rows = self._reader.execute(
             "SELECT idx, data FROM audit_leaves WHERE height = ? ORDER BY idx", (height,)
@@ -205,11 +215,11 @@ class SqliteStore:
             self._staged.append((bucket, self._working_tree.bucket_leaf(bucket)))
             self._working_tree.set_bucket_leaf(bucket, leaf)
         log = merkle.MerkleLog(_NodeTable(conn), self._writer_audit_size())
-        for data in audit_leaves:
+        for data, result in zip(audit_leaves, results, strict=True):
             index = log.append(data)
             conn.execute(
-                "INSERT INTO audit_leaves (idx, height, data) VALUES (?, ?, ?)",
-                (index, height, data),
+                "INSERT INTO audit_leaves (idx, height, subject, data) VALUES (?, ?, ?, ?)",
+                (index, height, result.subject, data),
             )
         stored = [StoredResult(int(r.code), r.log, r.type, r.sender) for r in results]
         conn.execute(

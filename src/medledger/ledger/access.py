@@ -1,0 +1,206 @@
+"""Access requests, decided deterministically when their block executes.
+
+The patient and the organization that authored a record have access. Anyone else needs an
+active consent that covers the record and the purpose at the block's time. A practitioner in
+the emergency role may break the glass with a stated reason: the grant is short-lived and
+flagged for the patient to see. Granted and denied requests are both in the audit log, each
+with its reason; only a committed, unexpired grant lets custodian nodes release key shares.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+from medledger.ledger.consent import (
+    SECOND_NS,
+    Consent,
+    ConsentStatus,
+    GranteeKind,
+    Purpose,
+    ScopeKind,
+    consents_of,
+)
+from medledger.ledger.context import TxContext
+from medledger.ledger.errors import Code, LedgerError
+from medledger.ledger.governance import load_params
+from medledger.ledger.model import Member, Role
+from medledger.ledger.records import RecordStatus, RecordVersion, load_head, load_version
+from medledger.ledger.state import State
+
+
+class EmergencyReason(StrEnum):
+    PATIENT_UNCONSCIOUS = "patient-unconscious"
+    LIFE_THREATENING = "life-threatening"
+    UNABLE_TO_CONSENT = "unable-to-consent"
+    URGENT_TREATMENT = "urgent-treatment"
+
+
+class Basis(StrEnum):
+    PATIENT = "patient"
+    AUTHOR_ORGANIZATION = "author-organization"
+    CONSENT = "consent"
+    EMERGENCY = "emergency"
+
+
+class RequestAccess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`access.request`: version 0 means the latest version."""
+
+    record_id: str
+    purpose: Purpose
+    version: int = 0
+    emergency: bool = False
+    emergency_reason: str = ""
+
+
+class Grant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    requester: str
+    requester_organization: str
+    record_id: str
+    version: int
+    patient: str
+    resource_type: str
+    purpose: Purpose
+    basis: Basis
+    consent_id: str
+    emergency: bool
+    emergency_reason: str
+    height: int
+    time_ns: int
+    expires_ns: int
+
+
+def grant_key(grant_id: str) -> bytes:
+    return f"grant/{grant_id}".encode()
+
+
+def patient_grant_key(patient: str, grant_id: str) -> bytes:
+    return f"patient-grant/{patient}/{grant_id}".encode()
+
+
+def load_grant(state: State, grant_id: str) -> Grant | None:
+    return state.read(grant_key(grant_id), Grant)
+
+
+def request_access(state: State, ctx: TxContext, body: RequestAccess) -> str:
+    head = load_head(state, body.record_id)
+    ctx.effects.subject = head.patient
+    if head.erased:
+        raise LedgerError(
+            Code.ERASED,
+            f"record {body.record_id} was erased at height {head.erased_height}",
+            subject=head.patient,
+        )
+    version = load_version(state, body.record_id, body.version)
+    if version.status is RecordStatus.ERASED:
+        raise LedgerError(Code.ERASED, f"record {body.record_id} was erased", subject=head.patient)
+    basis, consent_id, lifetime = decide(state, ctx, version, body)
+    grant_id = ctx.tx_hash.hex()[:32]
+    grant = Grant(
+        id=grant_id,
+        requester=ctx.sender.id,
+        requester_organization=ctx.sender.organization,
+        record_id=version.record_id,
+        version=version.version,
+        patient=version.patient,
+        resource_type=version.resource_type,
+        purpose=body.purpose,
+        basis=basis,
+        consent_id=consent_id,
+        emergency=basis is Basis.EMERGENCY,
+        emergency_reason=body.emergency_reason if basis is Basis.EMERGENCY else "",
+        height=ctx.block.height,
+        time_ns=ctx.block.time_ns,
+        expires_ns=ctx.block.time_ns + lifetime * SECOND_NS,
+    )
+    state.write(grant_key(grant_id), grant)
+    state.put(patient_grant_key(version.patient, grant_id), b"")
+    flag = " EMERGENCY (break-the-glass)" if grant.emergency else ""
+    via = f" via consent {consent_id}" if consent_id else ""
+    return (
+        f"granted{flag}: grant {grant_id} to {ctx.sender.id} for {body.purpose}"
+        f" on {version.record_id} v{version.version} ({basis}{via})"
+    )
+
+
+def decide(
+    state: State, ctx: TxContext, version: RecordVersion, body: RequestAccess
+) -> tuple[Basis, str, int]:
+    """(basis, consent id, grant lifetime in seconds), or a denial with its reason."""
+    params = load_params(state)
+    sender = ctx.sender
+    patient = version.patient
+    if body.emergency:
+        if sender.role is not Role.EMERGENCY:
+            raise _denied(patient, "only a practitioner in the emergency role may break the glass")
+        if body.emergency_reason not in {r.value for r in EmergencyReason}:
+            reasons = sorted(r.value for r in EmergencyReason)
+            raise _denied(patient, f"break-the-glass needs a reason: one of {reasons}")
+        return Basis.EMERGENCY, "", params.emergency_grant_seconds
+    if body.emergency_reason:
+        raise LedgerError(Code.INVALID_BODY, "an emergency reason without an emergency request")
+    if sender.id == patient:
+        return Basis.PATIENT, "", params.access_grant_seconds
+    if sender.organization == version.author_organization:
+        return Basis.AUTHOR_ORGANIZATION, "", params.access_grant_seconds
+    reasons: list[str] = []
+    for consent in consents_of(state, patient):
+        problem = consent_problem(consent, sender, version, body.purpose, ctx.block.time_ns)
+        if problem is None:
+            return Basis.CONSENT, consent.id, params.access_grant_seconds
+        if problem:
+            reasons.append(f"consent {consent.id} {problem}")
+    detail = "; ".join(reasons) if reasons else "the patient has granted this requester no consent"
+    raise _denied(
+        patient, f"no active consent covers {version.record_id} for {body.purpose}: {detail}"
+    )
+
+
+def consent_problem(
+    consent: Consent, sender: Member, version: RecordVersion, purpose: Purpose, now_ns: int
+) -> str | None:
+    """None when the consent covers the request; otherwise why not ("" when the consent is
+    for somebody else altogether and not worth mentioning)."""
+    if not _grantee_matches(consent, sender):
+        return ""
+    if consent.status is ConsentStatus.REVOKED:
+        return f"was revoked at height {consent.revoked_height}"
+    if now_ns < consent.start_ns:
+        return "is not valid yet"
+    if now_ns >= consent.end_ns:
+        return "has expired"
+    if purpose not in consent.purposes:
+        return f"covers {', '.join(consent.purposes)}, not {purpose}"
+    if not _scope_covers(consent, version):
+        return f"does not cover {version.resource_type} {version.record_id}"
+    return None
+
+
+def _grantee_matches(consent: Consent, sender: Member) -> bool:
+    match consent.grantee_kind:
+        case GranteeKind.MEMBER:
+            return consent.grantee == sender.id
+        case GranteeKind.ORGANIZATION:
+            return consent.grantee == sender.organization
+        case GranteeKind.ROLE:
+            return consent.grantee == sender.role.value
+    return False
+
+
+def _scope_covers(consent: Consent, version: RecordVersion) -> bool:
+    match consent.scope_kind:
+        case ScopeKind.ALL:
+            return True
+        case ScopeKind.RESOURCE_TYPES:
+            return version.resource_type in consent.scope
+        case ScopeKind.CATEGORIES:
+            return version.category in consent.scope
+        case ScopeKind.RECORDS:
+            return version.record_id in consent.scope
+    return False
+
+
+def _denied(patient: str, reason: str) -> LedgerError:
+    return LedgerError(Code.ACCESS_DENIED, f"denied: {reason}", subject=patient)
