@@ -13,8 +13,8 @@ from medledger.ledger import codec
 from medledger.ledger.access import Grant, RequestAccess, grant_key
 from medledger.ledger.consent import (
     SECOND_NS,
-    GranteeKind,
     GrantConsent,
+    GranteeKind,
     Purpose,
     RevokeConsent,
     ScopeKind,
