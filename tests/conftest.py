@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ def genesis_app_state(orgs: list[tuple[str, str, str]] = ORGANIZATIONS) -> bytes
                     "encryption_key": admin.encryption_key.hex(),
                 },
                 "node_encryption_key": keys_for(f"{org_id}/node").encryption_key.hex(),
+                "node_verify_key": keys_for(f"{org_id}/node").verify_key.hex(),
                 "validator": {
                     "pub_key": __import__("base64").b64encode(validator.verify_key).decode(),
                     "power": 10,
@@ -90,3 +92,21 @@ def consortium(tmp_path: Path) -> Iterator[Consortium]:
     chain = InProcessChain(tmp_path / "state.db", CHAIN_ID, genesis_app_state())
     yield Consortium(chain)
     chain.close()
+
+
+def free_base_port(nodes: int, stride: int = 10) -> int:
+    """A base port whose whole block of ports is free on 127.0.0.1 right now."""
+    for base in range(30000, 60000, 500):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + nodes * stride):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range")

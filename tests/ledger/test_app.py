@@ -201,6 +201,7 @@ def _add_org_proposal(name: str) -> Propose:
             kind=OrganizationKind.PHARMACY,
             admin=AdminKeys(admin.verify_key, admin.encryption_key),
             node_encryption_key=keys_for(f"{name}/node").encryption_key,
+            node_verify_key=keys_for(f"{name}/node").verify_key,
         ),
         reason="joins the pilot",
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import tomlkit
+from conftest import free_base_port
 
 from medledger.crypto.keystore import KeystoreError, load_keystore
 from medledger.ledger.genesis import parse_app_state
@@ -29,6 +30,8 @@ from medledger.node.testnet import (
 from medledger.node.testnet import testnet_status as network_status
 
 PASSPHRASE = "correct horse battery staple"
+# Nothing listens here during these tests: the statuses of a stopped network are checked.
+BASE_PORT = free_base_port(4)
 
 
 def comet_config(node_home: Path) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def validator_pub_key(node_home: Path) -> str:
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[NodeConfig]]]:
     home = tmp_path_factory.mktemp("net")
-    configs = init_testnet(home, 4, passphrase=PASSPHRASE, base_port=27100, fast_kdf=True)
+    configs = init_testnet(home, 4, passphrase=PASSPHRASE, base_port=BASE_PORT, fast_kdf=True)
     yield home, configs
 
 
@@ -72,7 +75,7 @@ def test_four_nodes_with_their_configs(network: tuple[Path, list[NodeConfig]]) -
     manifest = read_manifest(home)
     assert manifest.nodes == ("node0", "node1", "node2", "node3")
     assert manifest.chain_id == "medledger-local"
-    assert manifest.base_port == 27100
+    assert manifest.base_port == BASE_PORT
     for i, cfg in enumerate(configs):
         assert load_node_config(cfg.home) == cfg
         assert cfg.moniker == f"node{i}"
@@ -146,7 +149,7 @@ def test_distinct_ports_and_no_clashes(network: tuple[Path, list[NodeConfig]]) -
         ]
     ports = [int(address.rsplit(":", 1)[1]) for address in addresses]
     assert len(set(ports)) == len(ports) == 16
-    assert min(ports) == 27100
+    assert min(ports) == BASE_PORT
 
 
 def test_full_mesh_of_persistent_peers(network: tuple[Path, list[NodeConfig]]) -> None:

@@ -247,6 +247,7 @@ def proposal_options(func: F) -> F:
 @click.option("--admin-verify-key", required=True, help="Hex Ed25519 key of its admin.")
 @click.option("--admin-encryption-key", required=True, help="Hex X25519 key of its admin.")
 @click.option("--node-encryption-key", required=True, help="Hex X25519 key of its node.")
+@click.option("--node-verify-key", required=True, help="Hex Ed25519 key of its node.")
 def add_org(
     key_name: str,
     keys_dir: Path,
@@ -259,6 +260,7 @@ def add_org(
     admin_verify_key: str,
     admin_encryption_key: str,
     node_encryption_key: str,
+    node_verify_key: str,
 ) -> None:
     """Admit a new organization to the consortium."""
     try:
@@ -268,6 +270,7 @@ def add_org(
             OrganizationKind(kind),
             AdminKeys(bytes.fromhex(admin_verify_key), bytes.fromhex(admin_encryption_key)),
             bytes.fromhex(node_encryption_key),
+            bytes.fromhex(node_verify_key),
         )
     except ValueError:
         raise click.ClickException("keys must be hex") from None

@@ -47,6 +47,7 @@ class GenesisOrganization(msgspec.Struct, frozen=True):
     kind: OrganizationKind
     admin: GenesisAdmin
     node_encryption_key: str
+    node_verify_key: str
     validator: GenesisValidator | None = None
 
 
@@ -79,13 +80,17 @@ def apply_genesis(state: State, block: BlockContext, app_state: AppState) -> lis
         verify_key = _hex(org.admin.verify_key, f"{org.id} admin verify_key")
         encryption_key = _hex(org.admin.encryption_key, f"{org.id} admin encryption_key")
         node_key = _hex(org.node_encryption_key, f"{org.id} node_encryption_key")
+        node_verify_key = _hex(org.node_verify_key, f"{org.id} node_verify_key")
+        check_key(f"{org.id} node_verify_key", node_verify_key)
         for name, key in (("verify_key", verify_key), ("encryption_key", encryption_key)):
             check_key(f"{org.id} admin {name}", key)
         check_key(f"{org.id} node_encryption_key", node_key)
         admin_id = member_id_for(verify_key)
         state.write(
             organization_key(org.id),
-            Organization(org.id, org.name, org.kind, admin_id, node_key, Status.ACTIVE, 0),
+            Organization(
+                org.id, org.name, org.kind, admin_id, node_key, node_verify_key, Status.ACTIVE, 0
+            ),
         )
         state.write(
             member_key(admin_id),

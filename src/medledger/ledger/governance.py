@@ -160,6 +160,7 @@ def check_action(state: State, action: Action) -> None:
             check_key("admin verify_key", action.admin.verify_key)
             check_key("admin encryption_key", action.admin.encryption_key)
             check_key("node_encryption_key", action.node_encryption_key)
+            check_key("node_verify_key", action.node_verify_key)
             if state.get(member_key(member_id_for(action.admin.verify_key))) is not None:
                 raise LedgerError(Code.CONFLICT, "the admin key is already enrolled")
         case RemoveOrganization():
@@ -196,6 +197,7 @@ def apply_action(state: State, block: BlockContext, effects: BlockEffects, actio
                     kind=action.kind,
                     admin=admin_id,
                     node_encryption_key=action.node_encryption_key,
+                    node_verify_key=action.node_verify_key,
                     status=Status.ACTIVE,
                     joined_height=block.height,
                 ),

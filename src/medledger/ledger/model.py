@@ -67,6 +67,8 @@ class Organization(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kind: OrganizationKind
     admin: str
     node_encryption_key: bytes
+    # The node's own signing key: it authenticates the node to its peers (package replication).
+    node_verify_key: bytes
     status: Status
     joined_height: int
 

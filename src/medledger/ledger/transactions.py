@@ -41,6 +41,7 @@ class AddOrganization(msgspec.Struct, frozen=True, tag="org.add", forbid_unknown
     kind: OrganizationKind
     admin: AdminKeys
     node_encryption_key: bytes
+    node_verify_key: bytes
 
 
 class RemoveOrganization(msgspec.Struct, frozen=True, tag="org.remove", forbid_unknown_fields=True):

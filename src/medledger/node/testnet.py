@@ -437,6 +437,7 @@ def _organization_entry(
             "encryption_key": admin.encryption_key.hex(),
         },
         "node_encryption_key": node.encryption_key.hex(),
+        "node_verify_key": node.verify_key.hex(),
         "validator": {"pub_key": pub_key, "power": power},
     }
 
