@@ -136,8 +136,8 @@ def decide(
         if sender.role is not Role.EMERGENCY:
             raise _denied(patient, "only a practitioner in the emergency role may break the glass")
         if body.emergency_reason not in {r.value for r in EmergencyReason}:
-            reasons = sorted(r.value for r in EmergencyReason)
-            raise _denied(patient, f"break-the-glass needs a reason: one of {reasons}")
+            allowed = sorted(r.value for r in EmergencyReason)
+            raise _denied(patient, f"break-the-glass needs a reason: one of {allowed}")
         return Basis.EMERGENCY, "", params.emergency_grant_seconds
     if body.emergency_reason:
         raise LedgerError(Code.INVALID_BODY, "an emergency reason without an emergency request")
