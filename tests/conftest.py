@@ -14,6 +14,7 @@ import pytest
 from medledger.client.tx import sign_transaction
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.app import BlockOutcome
+from medledger.ledger.errors import Code
 from medledger.ledger.execution import TxResult
 from medledger.node.inprocess import InProcessChain
 
@@ -79,10 +80,12 @@ class Consortium:
         return self.chain.run_block(list(txs))
 
     def submit(self, keys: KeyPair, tx_type: str, body: object, *, sender: str = "") -> TxResult:
-        """One transaction in its own block; a refused one gives its nonce back."""
+        """One transaction in its own block."""
         sender_id = sender or keys.member_id
         result = self.run(self.tx(keys, tx_type, body, sender=sender))
-        if not result.results[0].ok:
+        # A refused transaction leaves the nonce unused, except a denied access request,
+        # which is a recorded decision.
+        if not result.results[0].ok and result.results[0].code is not Code.ACCESS_DENIED:
             self.nonces[sender_id] -= 1
         return result.results[0]
 

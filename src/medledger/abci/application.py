@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from tendermint.abci import types_pb2 as abci
 from tendermint.crypto import keys_pb2
@@ -11,7 +12,7 @@ from tendermint.crypto import keys_pb2
 from medledger import __version__
 from medledger.abci import queries
 from medledger.api.metrics import Metrics
-from medledger.ledger.app import Ledger
+from medledger.ledger.app import BlockOutcome, Ledger
 from medledger.ledger.errors import LedgerError
 from medledger.ledger.execution import TxResult
 from medledger.store.sqlite import SqliteStore
@@ -40,11 +41,23 @@ def _events(result: TxResult) -> list[abci.Event]:
     ]
 
 
+CommitHook = Callable[[BlockOutcome], None]
+
+
 class LedgerApplication:
-    def __init__(self, store: SqliteStore, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        metrics: Metrics | None = None,
+        on_commit: CommitHook | None = None,
+    ) -> None:
         self.store = store
         self.ledger = Ledger(store)
         self.metrics = metrics or Metrics()
+        # Called after each Commit with the block's outcome: the node then fetches the packages
+        # the block's records name and destroys those it erased.
+        self.on_commit = on_commit
+        self._pending: BlockOutcome | None = None
         self._block_started = 0.0
         self._pending_results: list[TxResult] = []
 
@@ -99,6 +112,7 @@ class LedgerApplication:
         self._block_started = time.perf_counter()
         outcome = self.ledger.finalize_block(req.height, _time_ns(req.time), list(req.txs))
         self._pending_results = outcome.results
+        self._pending = outcome
         return abci.ResponseFinalizeBlock(
             tx_results=[
                 abci.ExecTxResult(code=int(r.code), log=r.log, events=_events(r))
@@ -116,4 +130,7 @@ class LedgerApplication:
         self.metrics.block_committed(height, time.perf_counter() - self._block_started)
         self.metrics.tx_results(self._pending_results)
         self._pending_results = []
+        if self.on_commit is not None and self._pending is not None:
+            self.on_commit(self._pending)
+        self._pending = None
         return abci.ResponseCommit()

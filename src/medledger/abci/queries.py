@@ -13,10 +13,13 @@ from typing import Any
 import msgspec
 
 from medledger.ledger import codec
+from medledger.ledger.access import load_grant
+from medledger.ledger.consent import consents_of
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import AuditEntry
 from medledger.ledger.governance import Proposal, load_params, validators
 from medledger.ledger.model import Member, Organization, member_key, nonce_key
+from medledger.ledger.records import RecordHead, RecordVersion, head_key, record_key, versions_of
 from medledger.ledger.state import State
 from medledger.store.sqlite import SqliteStore
 
@@ -97,6 +100,61 @@ def _audit_consistency(store: SqliteStore, data: bytes, prove: bool) -> Any:
     }
 
 
+def _record(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    record_id = data.decode()
+    state = State(store)
+    head = state.read(head_key(record_id), RecordHead)
+    if head is None:
+        raise LedgerError(Code.NOT_FOUND, f"unknown record {record_id}")
+    return {"head": head, "versions": versions_of(state, record_id)}
+
+
+def _records(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """A patient's records: each record's head and latest version."""
+    patient = data.decode()
+    state = State(store)
+    prefix = f"patient-record/{patient}/".encode()
+    answer = []
+    for key, _ in state.scan(prefix):
+        record_id = key[len(prefix) :].decode()
+        head = state.read(head_key(record_id), RecordHead)
+        if head is not None:
+            latest = state.read(record_key(record_id, head.latest), RecordVersion)
+            answer.append({"head": head, "latest": latest})
+    return answer
+
+
+def _consents(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    return consents_of(State(store), data.decode())
+
+
+def _grant(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    grant = load_grant(State(store), data.decode())
+    if grant is None:
+        raise LedgerError(Code.NOT_FOUND, f"no grant {data.decode()}")
+    return grant
+
+
+def _patient_audit(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """Every audit entry concerning a patient, each with its inclusion proof in the audit log
+    whose root and size the app hash of the next block commits to."""
+    log = store.audit_log()
+    entries = []
+    for index, height, leaf in store.audit_entries_about(data.decode()):
+        block = store.block(height)
+        entries.append(
+            {
+                "index": index,
+                "height": height,
+                "time_ns": block.time_ns if block is not None else 0,
+                "entry": codec.decode(leaf, AuditEntry),
+                "leaf": leaf,
+                "inclusion_proof": log.inclusion_proof(index),
+            }
+        )
+    return {"entries": entries, "audit_size": log.size, "audit_root": log.root(), **_anchor(store)}
+
+
 def _block(store: SqliteStore, data: bytes, prove: bool) -> Any:
     block = store.block(int(data.decode()))
     if block is None:
@@ -141,6 +199,11 @@ QUERIES: dict[str, QueryFn] = {
     "/audit/entry": _audit_entry,
     "/audit/consistency": _audit_consistency,
     "/block": _block,
+    "/record": _record,
+    "/records": _records,
+    "/consents": _consents,
+    "/grant": _grant,
+    "/audit/patient": _patient_audit,
 }
 
 

@@ -45,6 +45,16 @@ class Metrics:
             registry=self.registry,
         )
         self.peers = Gauge("medledger_peers", "Connected CometBFT peers", registry=self.registry)
+        self.packages_missing = Gauge(
+            "medledger_packages_missing",
+            "Packages of committed records this node has not yet received (replication lag)",
+            registry=self.registry,
+        )
+        self.packages_fetched = Gauge(
+            "medledger_packages_fetched",
+            "Packages fetched from peers since start",
+            registry=self.registry,
+        )
 
     def check_tx(self, result: ResultLike) -> None:
         self.checks.labels(code=str(int(result.code))).inc()

@@ -17,7 +17,8 @@ required value sets. The models do not check required bindings themselves; other
 The canonical form of a resource is the model's JSON output without empty elements, re-serialised
 with sorted keys, compact separators and UTF-8, so the same resource always gives the same bytes
 (key order and whitespace of the input do not matter, and validating the canonical form again
-gives it back unchanged).
+gives it back unchanged). Decimals are written as the model writes them, so trailing zeros are
+not kept (5.40 becomes 5.4).
 """
 
 from __future__ import annotations
@@ -494,7 +495,8 @@ def _category(resource_type: str, resource: Mapping[str, Any]) -> str:
         for coding in concept.get("coding", []):
             code = coding.get("code") if isinstance(coding, dict) else None
             if isinstance(code, str) and code:
-                return code
+                # The ledger keeps categories in one case: v2-0074's "LAB" is "lab" there.
+                return code.lower()
     return resource_type.lower()
 
 

@@ -203,4 +203,4 @@ def _scope_covers(consent: Consent, version: RecordVersion) -> bool:
 
 
 def _denied(patient: str, reason: str) -> LedgerError:
-    return LedgerError(Code.ACCESS_DENIED, f"denied: {reason}", subject=patient)
+    return LedgerError(Code.ACCESS_DENIED, f"denied: {reason}", subject=patient, decision=True)

@@ -31,10 +31,16 @@ class Code(IntEnum):
 class LedgerError(Exception):
     """A transaction or query was refused; `code` says why, the message says what to do."""
 
-    def __init__(self, code: Code, message: str, *, subject: str = "") -> None:
+    def __init__(
+        self, code: Code, message: str, *, subject: str = "", decision: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # A decision (an access request denied by the rules) is not bad input: it is recorded
+        # and uses its nonce, so that the same request can be made again later and gets a
+        # transaction of its own.
+        self.decision = decision
         # The patient the refused request concerned, so that refusals (a denied access
         # request, say) appear in that patient's audit trail.
         self.subject = subject

@@ -150,6 +150,8 @@ def execute_transaction(
             overlay, TxContext(block, checked.sender, tx_hash, tx_effects), checked.body
         )
     except LedgerError as err:
+        if err.decision:
+            state.write(nonce_key(envelope.sender), envelope.nonce)
         return TxResult(err.code, err.message, envelope.type, envelope.sender, err.subject)
     overlay.write(nonce_key(envelope.sender), envelope.nonce)
     overlay.merge_into_parent()

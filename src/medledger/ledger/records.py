@@ -74,6 +74,13 @@ class RecordHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     erased_height: int = 0
 
 
+class PackageRef(msgspec.Struct, frozen=True, array_like=True):
+    """Which record version a package holds."""
+
+    record_id: str
+    version: int
+
+
 class PutRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`record.put` (a new record) and `record.amend` (a new version of one)."""
 
@@ -121,6 +128,10 @@ def head_key(record_id: str) -> bytes:
 
 def patient_index_key(patient: str, record_id: str) -> bytes:
     return f"patient-record/{patient}/{record_id}".encode()
+
+
+def package_key(digest: str) -> bytes:
+    return f"package/{digest}".encode()
 
 
 def load_head(state: State, record_id: str) -> RecordHead:
@@ -204,6 +215,9 @@ def _write_version(state: State, ctx: TxContext, body: PutRecord, version: int) 
     state.write(record_key(body.record_id, version), record)
     state.write(head_key(body.record_id), RecordHead(body.record_id, body.patient, version))
     state.put(patient_index_key(body.patient, body.record_id), b"")
+    if state.get(package_key(body.package_digest)) is not None:
+        raise LedgerError(Code.CONFLICT, "this package is already stored for another version")
+    state.write(package_key(body.package_digest), PackageRef(body.record_id, version))
     ctx.effects.packages_stored.append(body.package_digest)
     ctx.effects.subject = body.patient
     return record

@@ -1,4 +1,5 @@
-"""The application process of a node: the ledger behind the ABCI socket, plus its HTTP API."""
+"""The application process of a node: the ledger behind the ABCI socket, its HTTP API, and
+the record services (package store, replication, key release)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,81 @@ from aiohttp import web
 
 from medledger.abci.application import LedgerApplication
 from medledger.abci.server import AbciServer
+from medledger.api.auth import ReplayCache
 from medledger.api.http import build_http_app
+from medledger.api.metrics import Metrics
+from medledger.api.records import RecordServices, add_record_routes
+from medledger.ledger.app import BlockOutcome
+from medledger.ledger.records import RecordStatus, RecordVersion
+from medledger.ledger.state import State
 from medledger.node.config import load_node_config
+from medledger.node.replication import Replicator
+from medledger.node.services import load_services_config
+from medledger.store.packages import PackageStore
+from medledger.store.releases import ReleaseLog
 from medledger.store.sqlite import SqliteStore
 
 log = logging.getLogger("medledger.node")
 
 
+def live_packages(store: SqliteStore) -> tuple[list[str], list[str]]:
+    """Digests of committed record versions: (to hold, erased)."""
+    live: list[str] = []
+    erased: list[str] = []
+    for version in State(store).read_all(b"record/", RecordVersion):
+        (erased if version.status is RecordStatus.ERASED else live).append(version.package_digest)
+    return live, erased
+
+
 async def serve_app(home: Path) -> None:
     cfg = load_node_config(home)
+    services_cfg = load_services_config(cfg.home)
+    node_keys = services_cfg.unlock_node_keys()
     store = SqliteStore(cfg.state_dir / "state.db")
-    ledger_app = LedgerApplication(store)
+    metrics = Metrics()
+    packages = PackageStore(services_cfg.packages_path)
+
+    def report() -> None:
+        metrics.packages_missing.set(len(replicator.missing))
+        metrics.packages_fetched.set(replicator.fetched)
+
+    replicator = Replicator(
+        packages, node_keys, cfg.organization, services_cfg.peers, on_change=report
+    )
+
+    def after_commit(outcome: BlockOutcome) -> None:
+        if outcome.packages_erased:
+            replicator.erase(outcome.packages_erased)
+        if outcome.packages_stored:
+            replicator.want(outcome.packages_stored)
+
+    ledger_app = LedgerApplication(store, metrics, on_commit=after_commit)
+    live, erased = live_packages(store)
+    replicator.erase(erased)
+    replicator.want(live)
+    releases = ReleaseLog(cfg.state_dir / "releases.db")
+    http_app = build_http_app(ledger_app, cfg.cometbft_rpc)
+    add_record_routes(
+        http_app,
+        RecordServices(
+            store=store,
+            packages=packages,
+            replicator=replicator,
+            node_keys=node_keys,
+            organization=cfg.organization,
+            peers=services_cfg.peers,
+            api_url=cfg.api_url,
+            releases=releases,
+            replays=ReplayCache(),
+        ),
+    )
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
-    runner = web.AppRunner(build_http_app(ledger_app, cfg.cometbft_rpc), access_log=None)
+    runner = web.AppRunner(http_app, access_log=None, client_max_size=17 * 1024 * 1024)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     await abci_server.start()
+    replication = asyncio.create_task(replicator.run())
     log.info(
         "app started",
         extra={"home": str(home), "height": ledger_app.ledger.height, "api": cfg.api_listen},
@@ -44,10 +103,12 @@ async def serve_app(home: Path) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     failed = fatal.done()
     stop_task.cancel()
+    replication.cancel()
     await abci_server.stop()
     await runner.cleanup()
     with contextlib.suppress(Exception):
         store.close()
+        releases.close()
     log.info("app stopped", extra={"height": ledger_app.ledger.height, "failed": failed})
     if failed:
         raise SystemExit(1)

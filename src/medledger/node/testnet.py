@@ -54,6 +54,7 @@ from medledger.node.procs import (
     wait_dead,
     write_pid_file,
 )
+from medledger.node.services import write_services_config
 
 MANIFEST_FILE = "testnet.toml"
 NODE_LOG = "node.log"
@@ -565,7 +566,16 @@ def _init_nodes(
         for directory in (cfg.log_dir, cfg.state_dir):
             directory.mkdir(parents=True, exist_ok=True)
         write_node_config(cfg)
+    _write_peer_apis(configs, passphrase)
     _write_manifest(home, Manifest(chain_id, base_port, tuple(cfg.home.name for cfg in configs)))
+
+
+def _write_peer_apis(configs: Sequence[NodeConfig], passphrase: str) -> None:
+    """Each node's [peers] table (the other organizations' node APIs, for package replication)
+    and the file that lets the node unlock its own keys unattended."""
+    for cfg in configs:
+        peers = {o.organization: o.api_url for o in configs if o.home != cfg.home}
+        write_services_config(cfg.home, peers, passphrase)
 
 
 def add_node(
@@ -622,6 +632,7 @@ def add_node(
     except BaseException:
         shutil.rmtree(cfg.home, ignore_errors=True)
         raise
+    _write_peer_apis([*(load_node_config(h) for h in existing), cfg], passphrase)
     new_peer = f"{node_id}@127.0.0.1:{NodePorts.for_index(manifest.base_port, index).p2p}"
     for j, node_home in enumerate(existing):
         others = [peer for k, peer in enumerate(peers) if k != j]

@@ -1,0 +1,1287 @@
+"""The medledger ledger benchmark: one command, and every ratio against a baseline of the same run.
+
+Machines here are noisy (two cores, other work running), so an absolute number means little on
+its own; each goal is a ratio to a baseline measured by this very run:
+
+1. in-process: the ledger's execution rate (InProcessChain, blocks of signed valid transactions,
+   with the signature cache cold and warmed the way CheckTx warms it) as a fraction of this
+   machine's raw Ed25519 verification rate (PyNaCl), sampled before, between and after.
+2. network: a 4-validator local testnet of ours (init_testnet, fast_kdf) under sustained load:
+   committed transactions per second with a closed-loop window of transactions in flight
+   (saturation), then commit latency at a fixed fraction of that rate (paced). Latency is the
+   time from broadcast_tx_sync's answer to the NewBlock event (RPC websocket) of the block that
+   holds the transaction, on the node it was sent to.
+3. baseline: CometBFT's built-in kvstore on a 4-validator testnet with the same homes' config,
+   the same load shape and transactions of the same size.
+
+Run it as `.venv/bin/python bench/run.py` (or `make bench`); `--help` lists the knobs. Results
+go to bench/results/ as JSON (latest.json and a timestamped copy). Every process it starts is
+stopped at the end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+import msgspec
+import nacl.signing
+
+from medledger.client.sdk import LedgerClient
+from medledger.client.tx import sign_transaction
+from medledger.crypto.keys import KeyPair, member_id_for
+from medledger.crypto.keystore import load_keystore
+from medledger.ledger import codec
+from medledger.ledger.codec import Envelope
+from medledger.ledger.model import Role
+from medledger.ledger.transactions import EnrollMember, RotateKey
+from medledger.node.config import find_cometbft
+from medledger.node.inprocess import InProcessChain
+from medledger.node.procs import read_pid_file
+from medledger.node.testnet import (
+    PORT_STRIDE,
+    CometTuning,
+    _organization_entry,
+    init_testnet,
+    testnet_down,
+    testnet_up,
+    wait_for_height,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+CHAIN_ID = "medledger-bench"
+PASSPHRASE = "bench passphrase"
+NODES = 4
+RPC_OFFSET = 1
+BATCH = 10  # CometBFT's default [rpc] max_request_batch_size
+GOAL_INPROCESS = 0.6
+GOAL_THROUGHPUT = 0.5
+GOAL_P99_S = 2.0
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by the nearest-rank method; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def seed(label: str) -> bytes:
+    return hashlib.sha256(b"medledger-bench/" + label.encode()).digest()
+
+
+def free_base_port(nodes: int, start: int) -> int:
+    """A base port whose whole block of ports is free on 127.0.0.1 right now."""
+    for base in range(start, 60000, 500):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + nodes * PORT_STRIDE):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range on 127.0.0.1")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def show_log_tails(home: Path, names: tuple[str, ...], lines: int = 8) -> None:
+    """On failure, the end of every node's logs (the directory is removed afterwards)."""
+    for node_dir in sorted(home.glob("node*")):
+        for name in names:
+            for path in (node_dir / "logs" / name, node_dir / name):
+                if path.is_file():
+                    tail = path.read_text(errors="replace").splitlines()[-lines:]
+                    log(f"--- {path}\n" + "\n".join(line[:300] for line in tail))
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        comet = subprocess.run(
+            [str(find_cometbft()), "version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except Exception:
+        comet = "?"
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except Exception:
+        rev = "?"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cometbft_version": comet,
+        "git_rev": rev,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+# -- 1. in-process ---------------------------------------------------------------------------
+
+
+ORGANIZATIONS = (("org-a", "hospital"), ("org-b", "clinic"), ("org-c", "lab"), ("org-d", "insurer"))
+
+
+def bench_keys(label: str) -> KeyPair:
+    return KeyPair(signing_seed=seed(f"sign/{label}"), encryption_secret=seed(f"enc/{label}"))
+
+
+def genesis_app_state() -> bytes:
+    """Four founding organizations, written the way init_testnet writes them."""
+    entries = []
+    for org_id, kind in ORGANIZATIONS:
+        validator = bench_keys(f"{org_id}/validator")
+        entries.append(
+            _organization_entry(
+                org_id,
+                org_id,
+                kind,
+                bench_keys(f"{org_id}/admin"),
+                bench_keys(f"{org_id}/node"),
+                base64.b64encode(validator.verify_key).decode(),
+                10,
+            )
+        )
+    return json.dumps({"organizations": entries, "params": {}}).encode()
+
+
+def signed(
+    key: nacl.signing.SigningKey, sender: str, nonce: int, tx_type: str, body: object
+) -> bytes:
+    """A transaction signed with an already-expanded key (what sign_transaction does, minus
+    re-deriving the key from its seed for every signature)."""
+    unsigned = Envelope(CHAIN_ID, sender, nonce, tx_type, codec.encode(body), b"")
+    signature = key.sign(unsigned.sign_bytes()).signature
+    return codec.encode(msgspec.structs.replace(unsigned, signature=signature))
+
+
+def verify_rate(seconds: float) -> float:
+    """Raw PyNaCl Ed25519 verifications per second over messages of a transaction's size."""
+    pairs = []
+    for i in range(64):
+        key = nacl.signing.SigningKey(seed(f"verify/{i}"))
+        message = seed(f"message/{i}") * 6  # 192 bytes, about a transaction's sign bytes
+        pairs.append((key.verify_key, message, key.sign(message).signature))
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for verify_key, message, signature in pairs:
+            verify_key.verify(message, signature)
+        count += len(pairs)
+    return count / (time.perf_counter() - start)
+
+
+@dataclass
+class InProcessResult:
+    block_txs: int
+    blocks_per_kind: int
+    verify_samples: list[float]
+    verify_per_s: float
+    rates: dict[str, float]  # kind -> median tx/s over its blocks
+    samples: dict[str, list[float]]
+    checktx_per_s: float  # first CheckTx of a transaction (verifies its signature)
+    recheck_per_s: float  # CheckTx again with the signature cached (mempool recheck)
+    ratios: dict[str, float]
+    tx_bytes: float
+
+
+class _Member:
+    def __init__(self, label: str) -> None:
+        self.key = nacl.signing.SigningKey(seed(f"member/{label}"))
+        self.verify_key = bytes(self.key.verify_key)
+        self.member_id = member_id_for(self.verify_key)
+        self.label = label
+        self.nonce = 0
+
+    def rotate_tx(self) -> bytes:
+        """The member rotates its own key: signed by the current key, to the next one."""
+        self.nonce += 1
+        new = nacl.signing.SigningKey(seed(f"member/{self.label}/{self.nonce}"))
+        body = RotateKey(self.member_id, bytes(new.verify_key), seed(f"enc/{self.label}"))
+        raw = signed(self.key, self.member_id, self.nonce, "member.rotate", body)
+        self.key = new
+        return raw
+
+
+def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -> InProcessResult:
+    """Blocks of `block_txs` valid transactions: member.enroll by the four admins (round robin,
+    sequential nonces), then member.rotate by distinct enrolled members. Cold and warm blocks
+    alternate; a warm block is first passed through CheckTx (untimed except for the CheckTx
+    rates), as the mempool would, so FinalizeBlock finds every signature cached."""
+    admins = [bench_keys(f"{org_id}/admin") for org_id, _ in ORGANIZATIONS]
+    admin_keys = [nacl.signing.SigningKey(a.signing_seed) for a in admins]
+    admin_ids = [a.member_id for a in admins]
+    nonces = [0] * len(admins)
+    members: list[_Member] = []
+
+    enroll_blocks: list[list[bytes]] = []
+    for b in range(2 * blocks_per_kind):
+        txs = []
+        for j in range(block_txs):
+            a = j % len(admins)
+            nonces[a] += 1
+            member = _Member(f"{b}/{j}")
+            members.append(member)
+            body = EnrollMember(member.verify_key, seed(f"enc/{b}/{j}"), Role.CLINICIAN)
+            txs.append(signed(admin_keys[a], admin_ids[a], nonces[a], "member.enroll", body))
+        enroll_blocks.append(txs)
+    rotate_blocks = [
+        [m.rotate_tx() for m in members[b * block_txs : (b + 1) * block_txs]]
+        for b in range(2 * blocks_per_kind)
+    ]
+    sizes = [len(tx) for block in enroll_blocks + rotate_blocks for tx in block]
+
+    verify_samples = [verify_rate(verify_seconds)]
+    samples: dict[str, list[float]] = collections.defaultdict(list)
+    checks: list[float] = []
+    rechecks: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="mlb-inproc-") as tmp:
+        chain = InProcessChain(Path(tmp) / "state.db", CHAIN_ID, genesis_app_state())
+        try:
+            for kind, blocks in (("enroll", enroll_blocks), ("rotate", rotate_blocks)):
+                for index, txs in enumerate(blocks):
+                    warm = index % 2 == 1
+                    if warm:
+                        start = time.perf_counter()
+                        for tx in txs:
+                            result = chain.ledger.check_tx(tx)
+                            if not result.ok:
+                                raise RuntimeError(f"CheckTx refused a {kind} tx: {result.log}")
+                        checks.append(len(txs) / (time.perf_counter() - start))
+                        start = time.perf_counter()
+                        for tx in txs:
+                            chain.ledger.check_tx(tx)
+                        rechecks.append(len(txs) / (time.perf_counter() - start))
+                    start = time.perf_counter()
+                    outcome = chain.run_block(txs)
+                    elapsed = time.perf_counter() - start
+                    bad = [r for r in outcome.results if not r.ok]
+                    if bad:
+                        raise RuntimeError(f"{len(bad)} {kind} txs failed: {bad[0].log}")
+                    samples[f"{kind}_{'warm' if warm else 'cold'}"].append(len(txs) / elapsed)
+                verify_samples.append(verify_rate(verify_seconds))
+        finally:
+            chain.close()
+    verify = statistics.median(verify_samples)
+    rates = {kind: statistics.median(values) for kind, values in samples.items()}
+    return InProcessResult(
+        block_txs=block_txs,
+        blocks_per_kind=blocks_per_kind,
+        verify_samples=verify_samples,
+        verify_per_s=verify,
+        rates=rates,
+        samples=dict(samples),
+        checktx_per_s=statistics.median(checks),
+        recheck_per_s=statistics.median(rechecks),
+        ratios={kind: rate / verify for kind, rate in rates.items()},
+        tx_bytes=statistics.mean(sizes),
+    )
+
+
+# -- 2./3. network load ----------------------------------------------------------------------
+
+
+class _TxResult(msgspec.Struct):
+    code: int = 0
+
+
+class _FinalizeResult(msgspec.Struct):
+    tx_results: list[_TxResult] | None = None
+
+
+class _Header(msgspec.Struct):
+    height: str
+    time: str
+
+
+class _Data(msgspec.Struct):
+    txs: list[str] | None = None
+
+
+class _Block(msgspec.Struct):
+    header: _Header
+    data: _Data
+
+
+class _NewBlock(msgspec.Struct):
+    block: _Block
+    result_finalize_block: _FinalizeResult
+
+
+class _EventData(msgspec.Struct):
+    type: str
+    value: _NewBlock
+
+
+class _EventResult(msgspec.Struct):
+    data: _EventData | None = None
+
+
+class _EventMessage(msgspec.Struct):
+    result: _EventResult | None = None
+    error: dict[str, Any] | None = None
+
+
+_event_decoder = msgspec.json.Decoder(_EventMessage)
+
+
+class Workload(Protocol):
+    """Where transactions come from and what happens to them (txs are base64 strings, as the
+    JSON-RPC carries them and as NewBlock events list them)."""
+
+    def take(self, node: int, count: int) -> list[str]: ...
+    def committed(self, node: int, tx: str, code: int) -> None: ...
+    def refused(self, node: int, tx: str, code: int, log: str) -> None: ...
+    def retry(self, node: int, tx: str) -> None: ...
+
+
+class KvWorkload:
+    """kvstore transactions: unique `key=value` bytes padded to `size`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.counter = 0
+        self.retries: list[str] = []
+        self.failed = 0
+
+    def take(self, node: int, count: int) -> list[str]:
+        out = self.retries[:count]
+        del self.retries[:count]
+        while len(out) < count:
+            self.counter += 1
+            head = f"bench{self.counter:012d}=".encode()
+            out.append(base64.b64encode(head + b"v" * max(1, self.size - len(head))).decode())
+        return out
+
+    def committed(self, node: int, tx: str, code: int) -> None:
+        if code:
+            self.failed += 1
+
+    def refused(self, node: int, tx: str, code: int, log: str) -> None:
+        self.failed += 1
+
+    def retry(self, node: int, tx: str) -> None:
+        self.retries.append(tx)
+
+
+class EnrollWorkload:
+    """Each node's admin enrolls its share of the members, nonces in order, all to its own node
+    (one sender per node keeps them in order)."""
+
+    def __init__(self, per_node: list[list[str]], members: list[list[_Member]]) -> None:
+        self.queues = [collections.deque(txs) for txs in per_node]
+        self.owner: dict[str, _Member] = {}
+        for txs, node_members in zip(per_node, members, strict=True):
+            self.owner.update(zip(txs, node_members, strict=True))
+        self.enrolled: list[list[_Member]] = [[] for _ in per_node]
+        self.failed: list[str] = []
+        self.retries: list[list[str]] = [[] for _ in per_node]
+
+    def take(self, node: int, count: int) -> list[str]:
+        out = self.retries[node][:count]
+        del self.retries[node][:count]
+        queue = self.queues[node]
+        out += [queue.popleft() for _ in range(min(count - len(out), len(queue)))]
+        return out
+
+    def committed(self, node: int, tx: str, code: int) -> None:
+        if code == 0:
+            self.enrolled[node].append(self.owner[tx])
+        else:
+            self.failed.append(f"enroll failed in block with code {code}")
+
+    def refused(self, node: int, tx: str, code: int, log: str) -> None:
+        self.failed.append(f"enroll refused by CheckTx: {code} {log}")
+
+    def retry(self, node: int, tx: str) -> None:
+        self.retries[node].append(tx)
+
+    def done(self) -> bool:
+        return not any(self.queues) and not any(self.retries)
+
+
+class RotateWorkload:
+    """Every member rotates its own key again and again: one transaction in flight per member
+    (the next one is signed by the key the previous one installed), always to the same node."""
+
+    def __init__(self, nodes: int) -> None:
+        self.idle: list[collections.deque[_Member]] = [collections.deque() for _ in range(nodes)]
+        self.owner: dict[str, _Member] = {}
+        self.unsent: dict[int, str] = {}  # id(member) -> signed tx not yet accepted
+        self.failed = 0
+        self.last_failure = ""
+
+    def add(self, members: list[list[_Member]]) -> None:
+        for queue, node_members in zip(self.idle, members, strict=True):
+            queue.extend(node_members)
+
+    def take(self, node: int, count: int) -> list[str]:
+        idle = self.idle[node]
+        out = []
+        for _ in range(min(count, len(idle))):
+            member = idle.popleft()
+            tx = self.unsent.pop(id(member), None)
+            if tx is None:
+                tx = base64.b64encode(member.rotate_tx()).decode()
+            self.owner[tx] = member
+            out.append(tx)
+        return out
+
+    def committed(self, node: int, tx: str, code: int) -> None:
+        member = self.owner.pop(tx)
+        if code == 0:
+            self.idle[node].append(member)
+        else:
+            self.failed += 1
+            self.last_failure = f"code {code} in block"
+
+    def refused(self, node: int, tx: str, code: int, log: str) -> None:
+        self.owner.pop(tx)
+        self.failed += 1
+        self.last_failure = f"CheckTx code {code}: {log}"
+
+    def retry(self, node: int, tx: str) -> None:
+        member = self.owner.pop(tx)
+        self.unsent[id(member)] = tx
+        self.idle[node].appendleft(member)
+
+
+@dataclass
+class BlockSeen:
+    received: float
+    height: int
+    txs: int
+    ok: int
+    time: str
+
+
+@dataclass
+class Accepted:
+    at: float
+    workload: Workload
+
+
+class LoadDriver:
+    """Senders (JSON-RPC batches of broadcast_tx_sync) and NewBlock listeners on every node."""
+
+    def __init__(self, rpc_ports: list[int]) -> None:
+        self.ports = rpc_ports
+        self.pending: list[dict[str, Accepted]] = [{} for _ in rpc_ports]
+        self.unacked: list[dict[str, float]] = [{} for _ in rpc_ports]
+        self.early: list[dict[str, tuple[float, int]]] = [{} for _ in rpc_ports]
+        self.latencies: list[tuple[float, float]] = []  # (accepted at, latency)
+        self.accepted_at: list[float] = []
+        self.blocks: list[BlockSeen] = []  # as node 0 saw them
+        self.in_flight = 0
+        self.refused = 0
+        self.rpc_errors = 0
+        self.last_rpc_error = ""
+        self.commit_event = asyncio.Event()
+        self.heights = [0] * len(rpc_ports)
+        self._listeners: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=httpx.Timeout(60.0),
+                limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            )
+            for port in rpc_ports
+        ]
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        ready = [asyncio.get_running_loop().create_future() for _ in self.ports]
+        for node, port in enumerate(self.ports):
+            self._listeners.append(asyncio.create_task(self._listen(node, port, ready[node])))
+        await asyncio.wait_for(asyncio.gather(*ready), 30)
+
+    async def close(self) -> None:
+        for task in self._listeners:
+            task.cancel()
+        for task in self._listeners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for client in self._clients:
+            await client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _listen(self, node: int, port: int, ready: asyncio.Future[None]) -> None:
+        assert self._session is not None
+        async with self._session.ws_connect(
+            f"ws://127.0.0.1:{port}/websocket", max_msg_size=0, autoping=True
+        ) as ws:
+            await ws.send_str(
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "subscribe",
+                        "id": 1,
+                        "params": {"query": "tm.event='NewBlock'"},
+                    }
+                )
+            )
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+                    continue
+                received = time.monotonic()
+                event = _event_decoder.decode(message.data)
+                if event.error is not None:
+                    raise RuntimeError(f"node {node} websocket: {event.error}")
+                if not ready.done():
+                    ready.set_result(None)
+                if event.result is None or event.result.data is None:
+                    continue
+                self._on_block(node, received, event.result.data.value)
+        if not ready.done():
+            ready.set_exception(RuntimeError(f"node {node} websocket closed"))
+
+    def _on_block(self, node: int, received: float, value: _NewBlock) -> None:
+        txs = value.block.data.txs or []
+        codes = [r.code for r in value.result_finalize_block.tx_results or []]
+        height = int(value.block.header.height)
+        self.heights[node] = height
+        pending = self.pending[node]
+        unacked = self.unacked[node]
+        for tx, code in zip(txs, codes, strict=True):
+            accepted = pending.pop(tx, None)
+            if accepted is not None:
+                self.latencies.append((accepted.at, received - accepted.at))
+                self.in_flight -= 1
+                accepted.workload.committed(node, tx, code)
+            elif tx in unacked:
+                self.early[node][tx] = (received, code)
+        if node == 0:
+            ok = sum(1 for code in codes if code == 0)
+            self.blocks.append(BlockSeen(received, height, len(txs), ok, value.block.header.time))
+        self.commit_event.set()
+
+    async def wait_commit(self, timeout: float) -> None:
+        self.commit_event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.commit_event.wait(), timeout)
+
+    async def send(self, node: int, workload: Workload, txs: list[str]) -> None:
+        """One JSON-RPC batch of broadcast_tx_sync; each answer is recorded."""
+        self.in_flight += len(txs)
+        sent_at = time.monotonic()
+        unacked = self.unacked[node]
+        for tx in txs:
+            unacked[tx] = sent_at
+        body = (
+            "["
+            + ",".join(
+                f'{{"jsonrpc":"2.0","id":{i},"method":"broadcast_tx_sync","params":{{"tx":"{tx}"}}}}'
+                for i, tx in enumerate(txs)
+            )
+            + "]"
+        )
+        answers: list[Any] = []
+        try:
+            response = await self._clients[node].post(
+                "/", content=body, headers={"content-type": "application/json"}
+            )
+            decoded = msgspec.json.decode(response.content)
+            answers = decoded if isinstance(decoded, list) else [decoded]
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            self.last_rpc_error = repr(exc)
+        now = time.monotonic()
+        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        for i, tx in enumerate(txs):
+            unacked.pop(tx, None)
+            answer = by_id.get(i)
+            if answer is None or "error" in answer:
+                self.rpc_errors += 1
+                if answer is not None:
+                    self.last_rpc_error = str(answer["error"])[:300]
+                self.in_flight -= 1
+                workload.retry(node, tx)
+                continue
+            result = answer["result"]
+            code = int(result.get("code", 0))
+            if code != 0:
+                self.refused += 1
+                self.in_flight -= 1
+                workload.refused(node, tx, code, str(result.get("log", ""))[:300])
+                continue
+            self.accepted_at.append(now)
+            early = self.early[node].pop(tx, None)
+            if early is not None:
+                self.latencies.append((now, max(0.0, early[0] - now)))
+                self.in_flight -= 1
+                workload.committed(node, tx, early[1])
+            else:
+                self.pending[node][tx] = Accepted(now, workload)
+
+    async def run(
+        self,
+        workload: Workload,
+        *,
+        seconds: float,
+        senders_per_node: int,
+        window: int,
+        rate: float | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
+        """Keep sending for `seconds` (or until `until()`): closed loop with at most `window`
+        transactions in flight, or paced at `rate` tx/s in total (still capped by `window`)."""
+        deadline = time.monotonic() + seconds
+        total_senders = senders_per_node * len(self.ports)
+
+        async def sender(node: int, index: int) -> None:
+            interval = BATCH * total_senders / rate if rate else 0.0
+            next_at = time.monotonic() + interval * index / total_senders
+            while time.monotonic() < deadline and not (until is not None and until()):
+                if rate:
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    next_at += interval
+                room = window - self.in_flight
+                if room < 1:
+                    await self.wait_commit(0.1)
+                    continue
+                txs = workload.take(node, min(BATCH, room))
+                if not txs:
+                    await self.wait_commit(0.1)
+                    continue
+                await self.send(node, workload, txs)
+
+        await asyncio.gather(
+            *(sender(node, i) for node in range(len(self.ports)) for i in range(senders_per_node))
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await self.wait_commit(0.2)
+        return self.in_flight == 0
+
+    def committed_ok(self, start: float, end: float) -> int:
+        return sum(b.ok for b in self.blocks if start <= b.received < end)
+
+    def window_stats(self, start: float, end: float) -> dict[str, Any]:
+        """Throughput (node 0's committed blocks) and latency (txs accepted in the window)."""
+        seconds = end - start
+        blocks = [b for b in self.blocks if start <= b.received < end]
+        latencies = [lat for at, lat in self.latencies if start <= at < end]
+        accepted = sum(1 for at in self.accepted_at if start <= at < end)
+        ok = sum(b.ok for b in blocks)
+        txs = sum(b.txs for b in blocks)
+        intervals = [b.received - a.received for a, b in itertools.pairwise(blocks)]
+        return {
+            "seconds": round(seconds, 2),
+            "committed_ok": ok,
+            "committed_failed": txs - ok,
+            "tps": ok / seconds if seconds > 0 else 0.0,
+            "accepted_tps": accepted / seconds if seconds > 0 else 0.0,
+            "blocks": len(blocks),
+            "mean_block_txs": txs / len(blocks) if blocks else 0.0,
+            "max_block_txs": max((b.txs for b in blocks), default=0),
+            "mean_block_interval_s": statistics.mean(intervals) if intervals else None,
+            "latency_samples": len(latencies),
+            "latency_p50_s": percentile(latencies, 0.50),
+            "latency_p90_s": percentile(latencies, 0.90),
+            "latency_p99_s": percentile(latencies, 0.99),
+            "latency_max_s": max(latencies, default=float("nan")),
+            "latency_mean_s": statistics.mean(latencies) if latencies else float("nan"),
+        }
+
+
+@dataclass
+class NetworkOptions:
+    warmup: float
+    saturate: float
+    paced: float
+    settle: float
+    paced_fraction: float
+    window: int
+    senders_per_node: int
+    members: int
+    tx_bytes: int  # kvstore transactions are padded to this size
+
+
+@dataclass
+class NetworkResult:
+    app: str
+    tuning: dict[str, Any]
+    saturation: dict[str, Any]
+    paced: dict[str, Any]
+    paced_rate: float
+    cpu_cores_used: dict[str, float]  # during the saturation window
+    refused: int
+    rpc_errors: int
+    last_rpc_error: str
+    workload_failures: int
+    last_failure: str
+    uncommitted_at_end: int
+    setup_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+class CpuMeter:
+    """CPU time of process groups between two samples, as cores used on average."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pids in self.groups.items():
+            total = 0.0
+            for pid in pids:
+                value = cpu_seconds(pid) if pid != os.getpid() else sum(os.times()[:2])
+                total += value or 0.0
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        self._start = self._sample()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        seconds = time.monotonic() - self._t0
+        return {name: round((end[name] - self._start[name]) / seconds, 3) for name in end}
+
+
+async def drive_load(
+    ports: list[int],
+    workload: Workload,
+    options: NetworkOptions,
+    meter: CpuMeter,
+    prepare: Callable[[LoadDriver], Awaitable[None]] | None = None,
+) -> tuple[LoadDriver, dict[str, Any], dict[str, Any], float, dict[str, float], int]:
+    driver = LoadDriver(ports)
+    await driver.start()
+    try:
+        if prepare is not None:
+            await prepare(driver)
+        # Saturation: a closed loop of `window` transactions in flight.
+        log(f"saturation: window {options.window}, {options.warmup + options.saturate:.0f}s")
+        await driver.run(
+            workload,
+            seconds=options.warmup,
+            senders_per_node=options.senders_per_node,
+            window=options.window,
+        )
+        t0 = time.monotonic()
+        meter.start()
+        await driver.run(
+            workload,
+            seconds=options.saturate,
+            senders_per_node=options.senders_per_node,
+            window=options.window,
+        )
+        t1 = time.monotonic()
+        cpu = meter.stop()
+        saturation = driver.window_stats(t0, t1)
+        log(
+            f"saturation: {saturation['tps']:.0f} tx/s committed, p50 "
+            f"{saturation['latency_p50_s']:.2f}s p99 {saturation['latency_p99_s']:.2f}s"
+        )
+        await driver.drain(30)
+        # Paced: open loop at a fraction of the saturation rate, for latency.
+        rate = max(20.0, options.paced_fraction * saturation["tps"])
+        log(f"paced: {rate:.0f} tx/s for {options.settle + options.paced:.0f}s")
+        await driver.run(
+            workload,
+            seconds=options.settle,
+            senders_per_node=options.senders_per_node,
+            window=options.window,
+            rate=rate,
+        )
+        t2 = time.monotonic()
+        await driver.run(
+            workload,
+            seconds=options.paced,
+            senders_per_node=options.senders_per_node,
+            window=options.window,
+            rate=rate,
+        )
+        t3 = time.monotonic()
+        await driver.drain(15)
+        paced = driver.window_stats(t2, t3)
+        log(
+            f"paced: {paced['tps']:.0f} tx/s committed, p50 {paced['latency_p50_s']:.2f}s "
+            f"p99 {paced['latency_p99_s']:.2f}s"
+        )
+        return driver, saturation, paced, rate, cpu, driver.in_flight
+    finally:
+        await driver.close()
+
+
+def _rpc_ports(base_port: int) -> list[int]:
+    return [base_port + i * PORT_STRIDE + RPC_OFFSET for i in range(NODES)]
+
+
+def wait_rpc_height(ports: list[int], height: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            heights = []
+            for port in ports:
+                try:
+                    status = client.get(f"http://127.0.0.1:{port}/status").json()
+                    heights.append(int(status["result"]["sync_info"]["latest_block_height"]))
+                except (httpx.HTTPError, ValueError, KeyError):
+                    heights.append(-1)
+            if all(h >= height for h in heights):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nodes did not reach height {height}: {heights}")
+            time.sleep(0.3)
+
+
+def tuning_dict(tuning: CometTuning) -> dict[str, Any]:
+    return dataclasses.asdict(tuning)
+
+
+def run_medledger(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))
+    home = tmp / "net"
+    base_port = free_base_port(NODES + 1, 31000)
+    log(f"medledger: 4-validator testnet in {home}, base port {base_port}")
+    try:
+        configs = init_testnet(
+            home,
+            NODES,
+            CHAIN_ID,
+            passphrase=PASSPHRASE,
+            base_port=base_port,
+            fast_kdf=True,
+            tuning=tuning,
+        )
+        admins = [load_keystore(cfg.keys_dir / "admin.json", PASSPHRASE) for cfg in configs]
+        testnet_up(home)
+        wait_for_height(home, 2, timeout=120)
+        ports = _rpc_ports(base_port)
+        groups: dict[str, list[int]] = {"app (python)": [], "cometbft": [], "load generator": []}
+        for cfg in configs:
+            app_pid = read_pid_file(cfg.app_pid_file)
+            comet_pid = read_pid_file(cfg.cometbft_pid_file)
+            if app_pid:
+                groups["app (python)"].append(app_pid)
+            if comet_pid:
+                groups["cometbft"].append(comet_pid)
+        groups["load generator"].append(os.getpid())
+
+        # Members to rotate their keys: enrolled first by the four admins, each to its node.
+        per_node = max(1, options.members // NODES)
+        members = [[_Member(f"n{node}/{j}") for j in range(per_node)] for node in range(NODES)]
+        enroll_txs: list[list[str]] = []
+        for node, admin in enumerate(admins):
+            with LedgerClient(configs[node].cometbft_rpc, CHAIN_ID) as client:
+                nonce = client.next_nonce(admin.member_id)
+            txs = []
+            for j, member in enumerate(members[node]):
+                body = EnrollMember(member.verify_key, seed(f"enc/n{node}/{j}"), Role.CLINICIAN)
+                raw = sign_transaction(
+                    admin, CHAIN_ID, nonce + j, "member.enroll", body, sender=admin.member_id
+                )
+                txs.append(base64.b64encode(raw).decode())
+            enroll_txs.append(txs)
+        enroll = EnrollWorkload(enroll_txs, members)
+        rotate = RotateWorkload(NODES)
+
+        async def prepare(driver: LoadDriver) -> None:
+            log(f"enrolling {per_node * NODES} members (4 admins, one stream each)")
+            t = time.monotonic()
+            await driver.run(
+                enroll, seconds=120, senders_per_node=1, window=10**9, until=enroll.done
+            )
+            await driver.drain(60)
+            count = sum(len(m) for m in enroll.enrolled)
+            log(
+                f"enrolled {count} in {time.monotonic() - t:.1f}s "
+                f"({len(enroll.failed)} failed{': ' + enroll.failed[0] if enroll.failed else ''})"
+            )
+            rotate.add(enroll.enrolled)
+
+        setup = time.monotonic() - started
+        meter = CpuMeter(groups)
+        driver, saturation, paced, rate, cpu, left = asyncio.run(
+            drive_load(ports, rotate, options, meter, prepare)
+        )
+        notes = []
+        if enroll.failed:
+            notes.append(f"{len(enroll.failed)} enrollments failed: {enroll.failed[0]}")
+        return NetworkResult(
+            app="medledger",
+            tuning=tuning_dict(tuning),
+            saturation=saturation,
+            paced=paced,
+            paced_rate=rate,
+            cpu_cores_used=cpu,
+            refused=driver.refused,
+            rpc_errors=driver.rpc_errors,
+            last_rpc_error=driver.last_rpc_error,
+            workload_failures=rotate.failed,
+            last_failure=rotate.last_failure,
+            uncommitted_at_end=left,
+            setup_s=round(setup, 1),
+            notes=notes,
+        )
+    except BaseException:
+        show_log_tails(home, ("node.log", "app.log", "cometbft.log"))
+        raise
+    finally:
+        log("medledger: stopping the testnet")
+        with contextlib.suppress(Exception):
+            testnet_down(home, timeout=20)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="mlb-kv-", dir="/tmp"))
+    home = tmp / "net"
+    base_port = free_base_port(NODES + 1, 41000)
+    procs: list[subprocess.Popen[bytes]] = []
+    log(f"kvstore: 4-validator testnet in {home}, base port {base_port}")
+    try:
+        configs = init_testnet(
+            home,
+            NODES,
+            CHAIN_ID,
+            passphrase=PASSPHRASE,
+            base_port=base_port,
+            fast_kdf=True,
+            tuning=tuning,
+        )
+        cometbft = str(find_cometbft())
+        for cfg in configs:
+            with open(cfg.home / "kvstore.log", "ab") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [cometbft, "start", "--home", str(cfg.home), "--proxy_app", "kvstore"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        ports = _rpc_ports(base_port)
+        wait_rpc_height(ports, 2, timeout=120)
+        setup = time.monotonic() - started
+        groups = {"cometbft+kvstore": [p.pid for p in procs], "load generator": [os.getpid()]}
+        workload = KvWorkload(options.tx_bytes)
+        meter = CpuMeter(groups)
+        driver, saturation, paced, rate, cpu, left = asyncio.run(
+            drive_load(ports, workload, options, meter)
+        )
+        return NetworkResult(
+            app="kvstore",
+            tuning=tuning_dict(tuning),
+            saturation=saturation,
+            paced=paced,
+            paced_rate=rate,
+            cpu_cores_used=cpu,
+            refused=driver.refused,
+            rpc_errors=driver.rpc_errors,
+            last_rpc_error=driver.last_rpc_error,
+            workload_failures=workload.failed,
+            last_failure="",
+            uncommitted_at_end=left,
+            setup_s=round(setup, 1),
+        )
+    except BaseException:
+        show_log_tails(home, ("kvstore.log",))
+        raise
+    finally:
+        log("kvstore: stopping the testnet")
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- command line and report -----------------------------------------------------------------
+
+
+def parse_variant(text: str) -> tuple[str, CometTuning]:
+    """NAME=field:value[,field:value...] over the CometTuning defaults."""
+    name, _, spec = text.partition("=")
+    if not name or not spec:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=field:value,...")
+    known = {f.name: f for f in dataclasses.fields(CometTuning)}
+    changes: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, _, raw = item.partition(":")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"variant {name}: unknown CometTuning field {key!r}")
+        kind = str(known[key].type)
+        if kind == "bool":
+            changes[key] = raw.lower() in ("1", "true", "yes", "on")
+        elif kind == "int":
+            changes[key] = int(raw)
+        else:
+            changes[key] = raw
+    return name, dataclasses.replace(CometTuning(), **changes)
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` stops its network."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
+    machine = results["machine"]
+    add(f"medledger benchmark  {results['started']}  ({results['wall_seconds']:.0f}s)")
+    add(f"machine: {machine['cores']} cores, {machine['cpu']}, Python {machine['python']}")
+    inproc = results.get("inprocess")
+    if inproc:
+        add("")
+        add(f"In-process execution (blocks of {inproc['block_txs']} txs, finalize + commit)")
+        add(f"  raw Ed25519 verify (PyNaCl)   {fmt(inproc['verify_per_s'])} /s")
+        add(f"  CheckTx, first (verifies)      {fmt(inproc['checktx_per_s'])} tx/s")
+        add(f"  CheckTx, recheck (cached sig)  {fmt(inproc['recheck_per_s'])} tx/s")
+        add(f"  {'block kind':<28} {'tx/s':>10} {'÷ verify':>9}  goal ≥ {GOAL_INPROCESS}")
+        for kind in ("enroll_cold", "enroll_warm", "rotate_cold", "rotate_warm"):
+            rate = inproc["rates"].get(kind)
+            ratio = inproc["ratios"].get(kind)
+            if rate is None:
+                continue
+            add(
+                f"  {kind:<28} {fmt(rate):>10} {fmt(ratio, 2):>9}  "
+                f"{verdict(ratio >= GOAL_INPROCESS)}"
+            )
+    nets: list[dict[str, Any]] = results.get("network", [])
+    if nets:
+        add("")
+        add("4-validator local testnets (saturation = closed loop; paced = open loop)")
+        header = (
+            f"  {'run':<24} {'sat tx/s':>9} {'sat p50':>8} {'sat p99':>8} {'blk txs':>8} "
+            f"{'blk s':>6} {'paced':>7} {'p50':>6} {'p99':>6} {'fail':>5}"
+        )
+        add(header)
+        for net in nets:
+            sat, paced = net["saturation"], net["paced"]
+            add(
+                f"  {net['label']:<24} {fmt(sat['tps']):>9} {fmt(sat['latency_p50_s'], 2):>8} "
+                f"{fmt(sat['latency_p99_s'], 2):>8} {fmt(sat['mean_block_txs']):>8} "
+                f"{fmt(sat['mean_block_interval_s'], 2):>6} {fmt(paced['tps']):>7} "
+                f"{fmt(paced['latency_p50_s'], 2):>6} {fmt(paced['latency_p99_s'], 2):>6} "
+                f"{net['workload_failures'] + net['refused']:>5}"
+            )
+        add("  CPU cores used during saturation (of " + str(machine["cores"]) + "):")
+        for net in nets:
+            used = ", ".join(f"{k} {v:.2f}" for k, v in net["cpu_cores_used"].items())
+            add(f"    {net['label']:<22} {used}")
+    for comparison in results.get("comparisons", []):
+        add("")
+        add(f"Goals ({comparison['label']})")
+        ratio = comparison["throughput_ratio"]
+        add(
+            f"  throughput medledger ÷ kvstore  {ratio:.2f}"
+            f"   goal ≥ {GOAL_THROUGHPUT}  {verdict(ratio >= GOAL_THROUGHPUT)}"
+        )
+        add(
+            f"  p99 at paced load: medledger {comparison['medledger_paced_p99_s']:.2f}s, kvstore "
+            f"{comparison['kvstore_paced_p99_s']:.2f}s   goal ≤ {GOAL_P99_S}s  "
+            f"{verdict(comparison['medledger_paced_p99_s'] <= GOAL_P99_S)}"
+        )
+    if inproc:
+        warm = inproc["ratios"].get("rotate_warm", 0.0)
+        add(
+            f"  in-process warm execution ÷ verify  {warm:.2f}   goal ≥ {GOAL_INPROCESS}  "
+            f"{verdict(warm >= GOAL_INPROCESS)}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--skip-inprocess", action="store_true")
+    parser.add_argument("--skip-network", action="store_true", help="no testnets at all")
+    parser.add_argument("--skip-kvstore", action="store_true")
+    parser.add_argument("--block-txs", type=int, default=500)
+    parser.add_argument("--blocks", type=int, default=4, help="in-process blocks per kind")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--saturate", type=float, default=25.0, help="saturation window, s")
+    parser.add_argument("--paced", type=float, default=20.0, help="paced window, s")
+    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--paced-fraction", type=float, default=0.7)
+    parser.add_argument("--window", type=int, default=3000, help="txs in flight at saturation")
+    parser.add_argument("--senders", type=int, default=2, help="concurrent senders per node")
+    parser.add_argument("--members", type=int, default=4000, help="medledger senders (rotate)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=parse_variant,
+        metavar="NAME=field:value,...",
+        help="also run both networks with these CometTuning changes (repeatable)",
+    )
+    parser.add_argument("--no-default", action="store_true", help="run only the variants")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
+        "machine": machine_info(),
+        "network": [],
+        "comparisons": [],
+    }
+    with terminate_cleanly():
+        # kvstore transactions are padded to the size of the medledger transactions sent.
+        tx_bytes = len(_Member("size-probe").rotate_tx())
+        if not args.skip_inprocess:
+            log("in-process: signing blocks, then raw verify vs. ledger execution")
+            inproc = run_inprocess(args.block_txs, args.blocks, verify_seconds=1.0)
+            results["inprocess"] = dataclasses.asdict(inproc)
+            log(
+                f"in-process: verify {inproc.verify_per_s:,.0f}/s; "
+                + ", ".join(f"{k} {v:,.0f} tx/s" for k, v in inproc.rates.items())
+            )
+        if not args.skip_network:
+            options = NetworkOptions(
+                warmup=args.warmup,
+                saturate=args.saturate,
+                paced=args.paced,
+                settle=args.settle,
+                paced_fraction=args.paced_fraction,
+                window=args.window,
+                senders_per_node=args.senders,
+                members=max(args.members, args.window + 400),
+                tx_bytes=tx_bytes,
+            )
+            results["network_options"] = dataclasses.asdict(options)
+            runs: list[tuple[str, CometTuning]] = (
+                [] if args.no_default else [("default", CometTuning())]
+            )
+            runs += list(args.variant)
+            for name, tuning in runs:
+                ours = run_medledger(tuning, options)
+                entry = dataclasses.asdict(ours) | {"label": f"medledger/{name}"}
+                results["network"].append(entry)
+                if args.skip_kvstore:
+                    continue
+                kv = run_kvstore(tuning, options)
+                kv_entry = dataclasses.asdict(kv) | {"label": f"kvstore/{name}"}
+                results["network"].append(kv_entry)
+                kv_tps = kv.saturation["tps"] or float("nan")
+                results["comparisons"].append(
+                    {
+                        "label": name,
+                        "throughput_ratio": ours.saturation["tps"] / kv_tps,
+                        "medledger_paced_p99_s": ours.paced["latency_p99_s"],
+                        "kvstore_paced_p99_s": kv.paced["latency_p99_s"],
+                        "medledger_saturation_p99_s": ours.saturation["latency_p99_s"],
+                        "kvstore_saturation_p99_s": kv.saturation["latency_p99_s"],
+                    }
+                )
+    results["wall_seconds"] = time.monotonic() - started
+    lines = report(results)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = results["started"].replace(":", "").replace("-", "")
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    (args.out / f"bench-{stamp}.json").write_text(text)
+    (args.out / "latest.json").write_text(text)
+    log(f"results written to {args.out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""A node's record services: package upload and download, and key release.
+
+Every route is authenticated (see `medledger.api.auth`) and authorized against committed
+ledger state. Key release hands this node's share of a record's data key, re-sealed to the
+grantee's current encryption key, only to the grantee of a committed, unexpired grant — so no
+disclosure happens before its audit entry is committed, and a revoked consent stops it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+
+from medledger.api.auth import AuthError, Caller, ReplayCache, unverified_issuer, verify_request
+from medledger.crypto import package as packaging
+from medledger.crypto.keys import KeyPair
+from medledger.ledger.access import Basis, Grant, consent_problem, load_grant
+from medledger.ledger.consent import Consent, consent_key
+from medledger.ledger.identity import is_active
+from medledger.ledger.model import Member, Organization, Role, member_key, organization_key
+from medledger.ledger.records import (
+    AUTHOR_ROLES,
+    MAX_PACKAGE_BYTES,
+    PackageRef,
+    RecordStatus,
+    RecordVersion,
+    package_key,
+    record_key,
+)
+from medledger.ledger.state import State
+from medledger.node.replication import Replicator
+from medledger.store.packages import CorruptPackage, PackageStore, PackageStoreError
+from medledger.store.releases import ReleaseLog
+from medledger.store.sqlite import SqliteStore
+
+log = logging.getLogger("medledger.records")
+
+
+@dataclass
+class RecordServices:
+    store: SqliteStore
+    packages: PackageStore
+    replicator: Replicator
+    node_keys: KeyPair
+    organization: str
+    peers: dict[str, str]
+    api_url: str
+    releases: ReleaseLog
+    replays: ReplayCache
+
+
+SERVICES = web.AppKey("record_services", RecordServices)
+
+
+def _problem(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+async def _authenticate(
+    request: web.Request, services: RecordServices
+) -> tuple[Caller, Member | None]:
+    body = await request.read()
+    state = State(services.store)
+    header = request.headers.get("Authorization")
+    issuer = unverified_issuer(header)
+    member: Member | None = None
+    if issuer.startswith("node:"):
+        org = state.read(organization_key(issuer[5:]), Organization)
+        if org is None or org.status != "active":
+            raise AuthError(f"no active organization runs node {issuer}")
+        key = org.node_verify_key
+    else:
+        member = state.read(member_key(issuer), Member)
+        if member is None:
+            raise AuthError(f"unknown member {issuer}")
+        if not is_active(state, member):
+            raise AuthError(f"member {issuer} is {member.status} or its organization is")
+        key = member.verify_key
+    caller = verify_request(header, key, request.method, request.path_qs, body, services.replays)
+    return caller, member
+
+
+async def put_package(request: web.Request) -> web.Response:
+    """An author uploads a sealed package before submitting the record that names it."""
+    services = request.app[SERVICES]
+    try:
+        _, member = await _authenticate(request, services)
+    except AuthError as exc:
+        return _problem(401, str(exc))
+    if member is None or member.role not in AUTHOR_ROLES:
+        return _problem(403, "only practitioners and system clients that write records upload")
+    data = await request.read()
+    if len(data) > MAX_PACKAGE_BYTES:
+        return _problem(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")
+    digest = request.match_info["digest"]
+    try:
+        packaging.decode_package(data)
+        created = services.packages.put(digest, data)
+    except (PackageStoreError, packaging.PackageError) as exc:
+        return _problem(400, str(exc))
+    return web.json_response({"digest": digest}, status=201 if created else 200)
+
+
+async def get_package(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        caller, member = await _authenticate(request, services)
+    except AuthError as exc:
+        return _problem(401, str(exc))
+    digest = request.match_info["digest"]
+    state = State(services.store)
+    ref = state.read(package_key(digest), PackageRef)
+    if member is not None:
+        if ref is None:
+            return _problem(404, "no committed record holds this package")
+        version = state.read(record_key(ref.record_id, ref.version), RecordVersion)
+        grant_id = request.query.get("grant", "")
+        if version is None or not _may_download(state, services, member, version, grant_id):
+            return _problem(403, "the package is released to its patient, author and grantees")
+    elif caller.node_organization is None:
+        return _problem(403, "unknown caller")
+    try:
+        data = services.packages.get(digest)
+    except CorruptPackage:
+        services.replicator.heal(digest)
+        return _problem(503, "this node's copy failed its integrity check; it is being repaired")
+    except PackageStoreError as exc:
+        return _problem(400, str(exc))
+    if data is None:
+        return _problem(404, "this node does not hold that package (yet)")
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+def _may_download(
+    state: State, services: RecordServices, member: Member, version: RecordVersion, grant_id: str
+) -> bool:
+    if version.status is RecordStatus.ERASED:
+        return False
+    if member.id in (version.patient, version.author):
+        return True
+    if not grant_id:
+        return False
+    grant = load_grant(state, grant_id)
+    return (
+        grant is not None
+        and _grant_problem(state, services, member, grant) is None
+        and (grant.record_id == version.record_id and grant.version == version.version)
+    )
+
+
+def _latest_block_time(store: SqliteStore) -> int:
+    height, _, _ = store.committed()
+    block = store.block(height)
+    return block.time_ns if block is not None else 0
+
+
+def _grant_problem(
+    state: State, services: RecordServices, member: Member, grant: Grant
+) -> str | None:
+    if grant.requester != member.id:
+        return "the grant belongs to another member"
+    now = _latest_block_time(services.store)
+    if now >= grant.expires_ns:
+        return "the grant has expired"
+    version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
+    if version is None or version.status is RecordStatus.ERASED:
+        return "the record was erased"
+    if grant.basis is Basis.CONSENT:
+        consent = state.read(consent_key(grant.patient, grant.consent_id), Consent)
+        if consent is None:
+            return "the consent behind the grant is gone"
+        problem = consent_problem(consent, member, version, grant.purpose, now)
+        if problem is not None:
+            return f"consent {consent.id} {problem or 'no longer covers the grantee'}"
+    return None
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True):
+    grant: str
+
+
+async def release_key(request: web.Request) -> web.Response:
+    """Release this node's key share for a committed grant to its grantee."""
+    services = request.app[SERVICES]
+    started = time.time()
+    requester = "?"
+    grant_id = ""
+    try:
+        _, member = await _authenticate(request, services)
+        if member is None:
+            raise AuthError("key shares are released to members, not nodes")
+        requester = member.id
+        try:
+            grant_id = msgspec.json.decode(await request.read(), type=ReleaseRequest).grant
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _refuse(services, requester, grant_id, 400, f"bad request body: {exc}", started)
+        state = State(services.store)
+        grant = load_grant(state, grant_id)
+        if grant is None:
+            return _refuse(
+                services, requester, grant_id, 404, "no committed grant with that id", started
+            )
+        problem = _grant_problem(state, services, member, grant)
+        if problem is not None:
+            return _refuse(services, requester, grant_id, 403, problem, started)
+        version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
+        assert version is not None
+        custody = next(
+            (c for c in version.custodians if c.organization == services.organization), None
+        )
+        if custody is None:
+            return _refuse(
+                services, requester, grant_id, 404, "this node is not a custodian", started
+            )
+        try:
+            data = services.packages.get(version.package_digest)
+        except CorruptPackage:
+            services.replicator.heal(version.package_digest)
+            return _problem(503, "this node's copy failed its integrity check; retry shortly")
+        if data is None:
+            services.replicator.want([version.package_digest])
+            return _problem(503, "this node has not received the package yet; retry shortly")
+        package = packaging.decode_package(data)
+        share = packaging.open_custodian_share(
+            package, services.organization, services.node_keys.encryption_secret
+        )
+        sealed = packaging.reseal_share(share, member.encryption_key)
+    except AuthError as exc:
+        services.releases.record(requester, grant_id, "refused", str(exc))
+        log.warning("key release refused", extra={"requester": requester, "reason": str(exc)})
+        return _problem(401, str(exc))
+    services.releases.record(requester, grant_id, "released", "")
+    log.info("key share released", extra={"requester": requester, "grant": grant_id})
+    return web.json_response(
+        {
+            "grant": grant_id,
+            "organization": services.organization,
+            "index": custody.index,
+            "sealed_share": base64.b64encode(sealed).decode(),
+            "package_digest": version.package_digest,
+        }
+    )
+
+
+def _refuse(
+    services: RecordServices,
+    requester: str,
+    grant_id: str,
+    status: int,
+    reason: str,
+    started: float,
+) -> web.Response:
+    services.releases.record(requester, grant_id, "refused", reason)
+    log.warning(
+        "key release refused", extra={"requester": requester, "grant": grant_id, "reason": reason}
+    )
+    return _problem(status, reason)
+
+
+async def nodes(request: web.Request) -> web.Response:
+    """Where each custodian organization's node API is, as this node knows it."""
+    services = request.app[SERVICES]
+    try:
+        await _authenticate(request, services)
+    except AuthError as exc:
+        return _problem(401, str(exc))
+    return web.json_response({services.organization: services.api_url, **services.peers})
+
+
+async def release_log(request: web.Request) -> web.Response:
+    """This node's key-release decisions, for auditors and the node's own organization admin."""
+    services = request.app[SERVICES]
+    try:
+        _, member = await _authenticate(request, services)
+    except AuthError as exc:
+        return _problem(401, str(exc))
+    if member is None or member.role not in (Role.AUDITOR, Role.ADMIN):
+        return _problem(403, "the release log is for auditors and admins")
+    return web.json_response(services.releases.entries())
+
+
+def add_record_routes(app: web.Application, services: RecordServices) -> None:
+    app[SERVICES] = services
+    app.router.add_put("/v1/packages/{digest}", put_package)
+    app.router.add_get("/v1/packages/{digest}", get_package)
+    app.router.add_post("/v1/keys/release", release_key)
+    app.router.add_get("/v1/nodes", nodes)
+    app.router.add_get("/v1/audit/releases", release_log)

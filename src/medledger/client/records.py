@@ -1,0 +1,430 @@
+"""Health records from the client side: seal and write, request access and read, correct,
+erase, consent, audit and export — with keys that never leave the client.
+
+Reading a record another party wrote is three steps: an `access.request` that the ledger
+decides and audits; key shares gathered from any t custodian nodes, each re-sealed by its node
+to the reader's key and checked against its commitment (a node that is down or lies does not
+stop the read); and decryption, checked against the keyed commitment on the chain.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+
+from medledger.api.auth import sign_request
+from medledger.client.sdk import ClientError, LedgerClient, ProofError, TxOutcome, TxRejected
+from medledger.crypto import package as packaging
+from medledger.crypto.keys import KeyPair
+from medledger.fhir.validation import validate_resource
+from medledger.ledger import merkle
+from medledger.ledger.access import RequestAccess
+from medledger.ledger.app import app_hash_of
+from medledger.ledger.consent import (
+    Consent,
+    GrantConsent,
+    GranteeKind,
+    Purpose,
+    RevokeConsent,
+    ScopeKind,
+)
+from medledger.ledger.errors import Code
+from medledger.ledger.execution import AuditEntry
+from medledger.ledger.model import Member, Organization
+from medledger.ledger.records import (
+    EraseRecord,
+    MarkEnteredInError,
+    PutRecord,
+    RecordHead,
+    RecordStatus,
+    RecordVersion,
+    threshold_for,
+)
+
+
+class AccessDenied(ClientError):
+    def __init__(self, log: str) -> None:
+        super().__init__(log)
+        self.log = log
+
+
+class RecordErased(ClientError):
+    pass
+
+
+@dataclass(frozen=True)
+class WrittenRecord:
+    record_id: str
+    version: int
+    digest: str
+    outcome: TxOutcome
+
+
+@dataclass(frozen=True)
+class ReadRecord:
+    resource: dict[str, Any]
+    version: RecordVersion
+    grant_id: str
+    shares_from: tuple[str, ...]
+    bad_shares_from: tuple[str, ...]
+
+
+class RecordHistory(msgspec.Struct, frozen=True):
+    head: RecordHead
+    versions: list[RecordVersion]
+
+
+class RecordSummary(msgspec.Struct, frozen=True):
+    head: RecordHead
+    latest: RecordVersion | None
+
+
+@dataclass(frozen=True)
+class ProvenAuditEntry:
+    index: int
+    height: int
+    time_ns: int
+    entry: AuditEntry
+
+
+class RecordsClient:
+    """One member's view of the network: their keys, a node's RPC and its API."""
+
+    def __init__(
+        self,
+        ledger: LedgerClient,
+        api_url: str,
+        keys: KeyPair,
+        member_id: str | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        self.ledger = ledger
+        self.api_url = api_url.rstrip("/")
+        self.keys = keys
+        self.member_id = member_id or keys.member_id
+        self._http = httpx.Client(timeout=timeout)
+        self._node_apis: dict[str, str] | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- HTTP to node APIs ---------------------------------------------------------------
+
+    def _request(self, method: str, base: str, path: str, body: bytes = b"") -> httpx.Response:
+        headers = {"Authorization": sign_request(self.keys, self.member_id, method, path, body)}
+        try:
+            return self._http.request(method, base + path, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {base}: {exc}") from None
+
+    def node_apis(self) -> dict[str, str]:
+        """Each custodian organization's node API, as the home node knows them."""
+        if self._node_apis is None:
+            response = self._request("GET", self.api_url, "/v1/nodes")
+            if response.status_code != 200:
+                raise ClientError(f"/v1/nodes: HTTP {response.status_code}: {response.text}")
+            self._node_apis = {str(k): str(v).rstrip("/") for k, v in response.json().items()}
+        return self._node_apis
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _seal(
+        self, resource: Any, record_id: str, version: int, patient: Member
+    ) -> tuple[packaging.SealedRecord, str, str, tuple[str, ...], int]:
+        validated = validate_resource(resource)
+        organizations = sorted(
+            (
+                o
+                for o in self.ledger.query("/organizations", b"", list[Organization])
+                if o.status == "active"
+            ),
+            key=lambda o: o.id,
+        )
+        custodians = [
+            packaging.Custodian(o.id, i + 1, o.node_encryption_key)
+            for i, o in enumerate(organizations)
+        ]
+        author = self.ledger.query("/member", self.member_id, Member)
+        threshold = threshold_for(len(custodians))
+        sealed = packaging.seal_record(
+            validated.canonical,
+            record_id=record_id,
+            record_version=version,
+            patient=patient.id,
+            author=self.member_id,
+            patient_key=patient.encryption_key,
+            author_key=author.encryption_key,
+            custodians=custodians,
+            threshold=threshold,
+        )
+        return (
+            sealed,
+            validated.resource_type,
+            validated.category,
+            tuple(o.id for o in organizations),
+            threshold,
+        )
+
+    def _upload(self, sealed: packaging.SealedRecord) -> None:
+        response = self._request(
+            "PUT", self.api_url, f"/v1/packages/{sealed.digest}", sealed.package
+        )
+        if response.status_code not in (200, 201):
+            raise ClientError(
+                f"package upload refused: HTTP {response.status_code}: {response.text}"
+            )
+
+    def put(self, resource: Any, patient_id: str, record_id: str | None = None) -> WrittenRecord:
+        """Validate, seal, upload and commit a new record about a patient."""
+        record_id = record_id or str(uuid.uuid4())
+        patient = self.ledger.query("/member", patient_id, Member)
+        sealed, resource_type, category, custodians, threshold = self._seal(
+            resource, record_id, 1, patient
+        )
+        self._upload(sealed)
+        body = PutRecord(
+            record_id,
+            patient_id,
+            resource_type,
+            category,
+            sealed.digest,
+            len(sealed.package),
+            sealed.commitment,
+            threshold,
+            custodians,
+        )
+        outcome = self.ledger.submit(self.keys, "record.put", body, sender=self.member_id)
+        return WrittenRecord(record_id, 1, sealed.digest, outcome)
+
+    def amend(self, record_id: str, resource: Any) -> WrittenRecord:
+        """A new version linked to the latest one."""
+        history = self.history(record_id)
+        latest = history.head.latest
+        patient = self.ledger.query("/member", history.head.patient, Member)
+        sealed, resource_type, category, custodians, threshold = self._seal(
+            resource, record_id, latest + 1, patient
+        )
+        self._upload(sealed)
+        body = PutRecord(
+            record_id,
+            patient.id,
+            resource_type,
+            category,
+            sealed.digest,
+            len(sealed.package),
+            sealed.commitment,
+            threshold,
+            custodians,
+            previous=latest,
+        )
+        outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
+        return WrittenRecord(record_id, latest + 1, sealed.digest, outcome)
+
+    def mark_entered_in_error(self, record_id: str, version: int, reason: str) -> TxOutcome:
+        body = MarkEnteredInError(record_id, version, reason)
+        return self.ledger.submit(self.keys, "record.mark-error", body, sender=self.member_id)
+
+    def erase(self, record_id: str, reason: str) -> TxOutcome:
+        body = EraseRecord(record_id, reason)
+        return self.ledger.submit(self.keys, "record.erase", body, sender=self.member_id)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def history(self, record_id: str) -> RecordHistory:
+        return self.ledger.query("/record", record_id, RecordHistory)  # type: ignore[no-any-return]
+
+    def records_of(self, patient_id: str) -> list[RecordSummary]:
+        return self.ledger.query("/records", patient_id, list[RecordSummary])  # type: ignore[no-any-return]
+
+    def request_access(
+        self,
+        record_id: str,
+        purpose: Purpose = Purpose.TREATMENT,
+        version: int = 0,
+        emergency_reason: str | None = None,
+    ) -> str:
+        """Submit an access request; the grant id, or AccessDenied with the ledger's reason."""
+        body = RequestAccess(
+            record_id,
+            purpose,
+            version,
+            emergency=emergency_reason is not None,
+            emergency_reason=emergency_reason or "",
+        )
+        try:
+            outcome = self.ledger.submit(self.keys, "access.request", body, sender=self.member_id)
+        except TxRejected as exc:
+            if exc.code == Code.ACCESS_DENIED:
+                raise AccessDenied(exc.log) from None
+            if exc.code == Code.ERASED:
+                raise RecordErased(exc.log) from None
+            raise
+        return outcome.tx_hash.lower()[:32]
+
+    def _package(self, version: RecordVersion, grant_id: str = "") -> packaging.RecordPackage:
+        query = f"?grant={grant_id}" if grant_id else ""
+        path = f"/v1/packages/{version.package_digest}{query}"
+        apis = self.node_apis()
+        ordered = [self.api_url] + [url for url in apis.values() if url != self.api_url]
+        errors = []
+        for base in ordered:
+            response = self._request("GET", base, path)
+            if (
+                response.status_code == 200
+                and packaging.package_digest(response.content) == version.package_digest
+            ):
+                return packaging.decode_package(response.content)
+            errors.append(f"{base}: HTTP {response.status_code}")
+        raise ClientError(
+            f"no node served package {version.package_digest[:16]}: {'; '.join(errors)}"
+        )
+
+    def read(
+        self,
+        record_id: str,
+        purpose: Purpose = Purpose.TREATMENT,
+        version: int = 0,
+        emergency_reason: str | None = None,
+    ) -> ReadRecord:
+        """Request access, gather t key shares from the custodians, decrypt and verify."""
+        grant_id = self.request_access(record_id, purpose, version, emergency_reason)
+        grant = self.ledger.query("/grant", grant_id)
+        record = self._version(record_id, int(grant["version"]))
+        package = self._package(record, grant_id)
+        shares: list[packaging.Share] = []
+        good: list[str] = []
+        bad: list[str] = []
+        apis = self.node_apis()
+        body = json.dumps({"grant": grant_id}).encode()
+        for custody in record.custodians:
+            if len(shares) >= record.threshold:
+                break
+            base = apis.get(custody.organization)
+            if base is None:
+                continue
+            try:
+                response = self._request("POST", base, "/v1/keys/release", body)
+            except ClientError:
+                continue
+            if response.status_code != 200:
+                continue
+            try:
+                sealed = base64.b64decode(response.json()["sealed_share"])
+                share = packaging.unseal_share(sealed, self.keys.encryption_secret)
+            except (KeyError, ValueError, packaging.PackageError):
+                bad.append(custody.organization)
+                continue
+            if share.index != custody.index or not packaging.share_is_valid(package, share):
+                bad.append(custody.organization)
+                continue
+            shares.append(share)
+            good.append(custody.organization)
+        if len(shares) < record.threshold:
+            raise ClientError(
+                f"only {len(shares)} of the {record.threshold} key shares needed could be"
+                f" obtained (bad or refused: {bad or 'none'})"
+            )
+        data_key = packaging.combine_shares(package, shares)
+        plaintext = packaging.decrypt_record(package, data_key, record.commitment)
+        return ReadRecord(json.loads(plaintext), record, grant_id, tuple(good), tuple(bad))
+
+    def read_own(self, record_id: str, version: int = 0) -> ReadRecord:
+        """The patient or the author opens their own key envelope (no shares needed)."""
+        record = self._version(record_id, version)
+        if record.status is RecordStatus.ERASED:
+            raise RecordErased(f"record {record_id} was erased")
+        package = self._package(record)
+        data_key = packaging.open_envelope(package, self.keys.encryption_secret)
+        plaintext = packaging.decrypt_record(package, data_key, record.commitment)
+        return ReadRecord(json.loads(plaintext), record, "", (), ())
+
+    def _version(self, record_id: str, version: int) -> RecordVersion:
+        history = self.history(record_id)
+        number = version or history.head.latest
+        for candidate in history.versions:
+            if candidate.version == number:
+                return candidate
+        raise ClientError(f"record {record_id} has no version {number}")
+
+    # --- consent -------------------------------------------------------------------------
+
+    def grant_consent(
+        self,
+        patient_id: str,
+        grantee_kind: GranteeKind,
+        grantee: str,
+        purposes: tuple[Purpose, ...],
+        start_ns: int,
+        end_ns: int,
+        scope_kind: ScopeKind = ScopeKind.ALL,
+        scope: tuple[str, ...] = (),
+    ) -> str:
+        body = GrantConsent(
+            patient_id, grantee_kind, grantee, scope_kind, scope, purposes, start_ns, end_ns
+        )
+        outcome = self.ledger.submit(self.keys, "consent.grant", body, sender=self.member_id)
+        return outcome.tx_hash.lower()[:32]
+
+    def revoke_consent(self, patient_id: str, consent_id: str, reason: str = "") -> TxOutcome:
+        body = RevokeConsent(patient_id, consent_id, reason)
+        return self.ledger.submit(self.keys, "consent.revoke", body, sender=self.member_id)
+
+    def consents(self, patient_id: str) -> list[Consent]:
+        return self.ledger.query("/consents", patient_id, list[Consent])  # type: ignore[no-any-return]
+
+    # --- audit and export ----------------------------------------------------------------
+
+    def audit_trail(self, patient_id: str) -> list[ProvenAuditEntry]:
+        """Every audit entry about a patient, each checked by its Merkle inclusion proof in the
+        audit log whose root the validators signed (through the app hash)."""
+        height, raw = self.ledger.query_raw("/audit/patient", patient_id.encode())
+        answer = msgspec.json.decode(raw)
+        size = int(answer["audit_size"])
+        root = base64.b64decode(answer["audit_root"])
+        header = self.ledger.verified_header(height + 1)
+        expected = app_hash_of(base64.b64decode(answer["state_root"]), root, size)
+        if expected != header.app_hash:
+            raise ProofError(f"audit root at height {height} is not the one the validators signed")
+        proven = []
+        for item in answer["entries"]:
+            leaf = base64.b64decode(item["leaf"])
+            proof = [base64.b64decode(p) for p in item["inclusion_proof"]]
+            if not merkle.verify_inclusion(
+                merkle.leaf_hash(leaf), int(item["index"]), size, proof, root
+            ):
+                raise ProofError(f"audit entry {item['index']} fails its inclusion proof")
+            entry = msgspec.msgpack.decode(leaf, type=AuditEntry)
+            proven.append(
+                ProvenAuditEntry(
+                    int(item["index"]), int(item["height"]), int(item["time_ns"]), entry
+                )
+            )
+        return proven
+
+    def export_bundle(self, patient_id: str) -> dict[str, Any]:
+        """The patient's records, decrypted here, as a FHIR `collection` Bundle."""
+        entries = []
+        for summary in self.records_of(patient_id):
+            if summary.head.erased or summary.latest is None:
+                continue
+            record = self.read_own(summary.head.record_id)
+            resource = record.resource
+            entries.append(
+                {
+                    "fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, summary.head.record_id)}",
+                    "resource": resource,
+                }
+            )
+        return {
+            "resourceType": "Bundle",
+            "id": secrets.token_hex(8),
+            "type": "collection",
+            "entry": entries,
+        }

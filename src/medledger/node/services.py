@@ -1,0 +1,103 @@
+"""Settings of a node's services beyond consensus, in `HOME/medledger.toml`:
+
+```toml
+[services]
+passphrase_file = "keys/node.passphrase"   # unlocks keys/node.json at start (mode 0600)
+packages_dir = "packages"                  # the content-addressed package store
+
+[peers]                                    # other organizations' node APIs, for replication
+org-2 = "http://10.0.0.2:26612"
+```
+
+The node's own keys (keys/node.json) sign its requests to peers and open its key shares; the
+passphrase file is the operator's choice of how the node unlocks them unattended (as a
+validator unlocks its signing key); `MEDLEDGER_NODE_PASSPHRASE` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+
+from medledger.crypto.keys import KeyPair
+from medledger.crypto.keystore import load_keystore
+from medledger.node.config import CONFIG_FILE, ConfigError
+
+PASSPHRASE_ENV = "MEDLEDGER_NODE_PASSPHRASE"
+NODE_KEYSTORE = "keys/node.json"
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    home: Path
+    passphrase_file: str = "keys/node.passphrase"
+    packages_dir: str = "packages"
+    peers: dict[str, str] = field(default_factory=dict)
+
+    def path(self, relative: str) -> Path:
+        candidate = Path(relative)
+        return candidate if candidate.is_absolute() else self.home / candidate
+
+    @property
+    def packages_path(self) -> Path:
+        return self.path(self.packages_dir)
+
+    def unlock_node_keys(self) -> KeyPair:
+        passphrase = os.environ.get(PASSPHRASE_ENV)
+        if not passphrase:
+            try:
+                passphrase = self.path(self.passphrase_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the node key passphrase ({self.passphrase_file}): {exc}"
+                    f"; set ${PASSPHRASE_ENV} or [services] passphrase_file"
+                ) from None
+        return load_keystore(self.home / NODE_KEYSTORE, passphrase)
+
+
+def load_services_config(home: Path) -> ServicesConfig:
+    path = home / CONFIG_FILE
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    services = document.get("services", {})
+    peers = document.get("peers", {})
+    if not isinstance(services, dict) or not isinstance(peers, dict):
+        raise ConfigError(f"{path}: [services] and [peers] must be tables")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in peers.items()):
+        raise ConfigError(f"{path}: [peers] maps organization ids to URLs")
+    unknown = set(services) - {"passphrase_file", "packages_dir"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) in [services]: {', '.join(sorted(unknown))}")
+    return ServicesConfig(
+        home=home,
+        passphrase_file=str(services.get("passphrase_file", "keys/node.passphrase")),
+        packages_dir=str(services.get("packages_dir", "packages")),
+        peers={str(k): str(v) for k, v in sorted(peers.items())},
+    )
+
+
+def write_services_config(home: Path, peers: dict[str, str], passphrase: str | None) -> None:
+    """Write the [services] and [peers] tables (keeping [node]); with `passphrase`, also the
+    node key passphrase file (mode 0600)."""
+    path = home / CONFIG_FILE
+    document = tomlkit.parse(path.read_text(encoding="utf-8"))
+    services = tomlkit.table()
+    services["passphrase_file"] = "keys/node.passphrase"
+    services["packages_dir"] = "packages"
+    document["services"] = services
+    peer_table = tomlkit.table()
+    for org, url in sorted(peers.items()):
+        peer_table[org] = url
+    document["peers"] = peer_table
+    path.write_text(tomlkit.dumps(document), encoding="utf-8")
+    if passphrase is not None:
+        secret = home / "keys" / "node.passphrase"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(passphrase + "\n")

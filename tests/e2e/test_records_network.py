@@ -1,0 +1,232 @@
+"""Health records end to end on a real 4-validator network: sealed packages replicated to
+every node, consent-gated reads through threshold key release, revocation, break-the-glass,
+refused and audited key releases, erasure from every disk, healing of a tampered package."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_network import Network, running_network, wait_until
+
+from medledger.api.auth import sign_request
+from medledger.client.records import AccessDenied, RecordErased, RecordsClient
+from medledger.crypto.keys import KeyPair
+from medledger.fhir.validation import validate_resource
+from medledger.ledger.consent import GranteeKind, Purpose
+from medledger.ledger.model import Role
+from medledger.ledger.transactions import EnrollMember
+from medledger.samples.fhir import generate_patient_record_set
+
+pytestmark = pytest.mark.e2e
+
+BASE_PORT = 28100
+SECOND_NS = 1_000_000_000
+
+
+class Cast:
+    """The people of the scenario, each with a records client on their own organization's node."""
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+        self.patient = self._enroll(0, Role.PATIENT)
+        self.doctor = self._enroll(0, Role.CLINICIAN)
+        self.outsider = self._enroll(1, Role.CLINICIAN)
+        self.er_doctor = self._enroll(2, Role.EMERGENCY)
+        self.clients: dict[str, RecordsClient] = {}
+
+    def _enroll(self, node: int, role: Role) -> KeyPair:
+        keys = KeyPair.generate()
+        body = EnrollMember(keys.verify_key, keys.encryption_key, role)
+        self.network.client(node).submit(self.network.admins[node], "member.enroll", body)
+        return keys
+
+    def client(self, keys: KeyPair, node: int) -> RecordsClient:
+        if keys.member_id not in self.clients:
+            cfg = self.network.configs[node]
+            self.clients[keys.member_id] = RecordsClient(
+                self.network.client(node), cfg.api_url, keys
+            )
+        return self.clients[keys.member_id]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    with running_network(tmp_path_factory.mktemp("records") / "net", BASE_PORT) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def cast(network: Network) -> Iterator[Cast]:
+    people = Cast(network)
+    yield people
+    people.close()
+
+
+def _lab_result(cast: Cast, seed: int) -> dict[str, object]:
+    resources = generate_patient_record_set(
+        seed,
+        f"Patient/{cast.patient.member_id}",
+        f"Practitioner/{cast.doctor.member_id}",
+        when="2026-11-01T09:00:00Z",
+        count=12,
+    )
+    return next(r for r in resources if r["resourceType"] == "Observation")
+
+
+def _package_paths(network: Network, digest: str) -> list[Path]:
+    return [cfg.home / "packages" / digest[:2] / digest for cfg in network.configs]
+
+
+def test_consent_gates_reading_and_revocation_stops_it(network: Network, cast: Cast) -> None:
+    doctor = cast.client(cast.doctor, 0)
+    resource = _lab_result(cast, 1)
+    written = doctor.put(resource, cast.patient.member_id)
+
+    # The package reaches every node's disk, checked against its digest.
+    wait_until(
+        lambda: all(p.exists() for p in _package_paths(network, written.digest)),
+        30,
+        "the package on every node",
+    )
+
+    # Nothing of the plaintext is on the chain or in any node's logs.
+    marker = json.dumps(resource["code"])[:40]
+    for cfg in network.configs:
+        for path in [cfg.state_dir / "state.db", *cfg.log_dir.glob("*.log")]:
+            assert marker.encode() not in path.read_bytes(), f"PHI found in {path}"
+
+    outsider = cast.client(cast.outsider, 1)
+    with pytest.raises(AccessDenied, match="no consent"):
+        outsider.read(written.record_id)
+
+    patient = cast.client(cast.patient, 0)
+    now = time.time_ns()
+    consent_id = patient.grant_consent(
+        cast.patient.member_id,
+        GranteeKind.ORGANIZATION,
+        network.configs[1].organization,
+        (Purpose.TREATMENT,),
+        now - 3600 * SECOND_NS,
+        now + 86_400 * SECOND_NS,
+    )
+    read = outsider.read(written.record_id)
+    assert read.resource == validate_resource(resource).resource
+    assert len(read.shares_from) == read.version.threshold == 2
+    assert not read.bad_shares_from
+
+    patient.revoke_consent(cast.patient.member_id, consent_id)
+    with pytest.raises(AccessDenied, match="revoked"):
+        outsider.read(written.record_id)
+
+    # Consent for research does not cover treatment.
+    patient.grant_consent(
+        cast.patient.member_id,
+        GranteeKind.MEMBER,
+        cast.outsider.member_id,
+        (Purpose.RESEARCH,),
+        now - 3600 * SECOND_NS,
+        now + 86_400 * SECOND_NS,
+    )
+    with pytest.raises(AccessDenied, match="not treatment"):
+        outsider.read(written.record_id)
+
+    # The patient sees both the granted and the denied accesses, proven against the log.
+    trail = patient.audit_trail(cast.patient.member_id)
+    requests = [e.entry for e in trail if e.entry.type == "access.request"]
+    assert [e.sender for e in requests] == [cast.outsider.member_id] * 4
+    assert [e.code == 0 for e in requests] == [False, True, False, False]
+
+
+def test_break_the_glass_is_flagged_for_the_patient(network: Network, cast: Cast) -> None:
+    written = cast.client(cast.doctor, 0).put(_lab_result(cast, 2), cast.patient.member_id)
+    er = cast.client(cast.er_doctor, 2)
+    with pytest.raises(AccessDenied, match="needs a reason"):
+        er.read(written.record_id, emergency_reason="because")
+    read = er.read(written.record_id, emergency_reason="patient-unconscious")
+    assert read.resource["resourceType"] == "Observation"
+    trail = cast.client(cast.patient, 0).audit_trail(cast.patient.member_id)
+    flagged = [e for e in trail if "EMERGENCY" in e.entry.log]
+    assert flagged and flagged[-1].entry.sender == cast.er_doctor.member_id
+
+
+def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast: Cast) -> None:
+    written = cast.client(cast.doctor, 0).put(_lab_result(cast, 3), cast.patient.member_id)
+    colleague_grant = cast.client(cast.doctor, 0).request_access(written.record_id)
+    cfg = network.configs[1]
+    body = json.dumps({"grant": colleague_grant}).encode()
+    # The outsider presents a grant that belongs to someone else.
+    header = sign_request(cast.outsider, cast.outsider.member_id, "POST", "/v1/keys/release", body)
+    response = httpx.post(
+        f"{cfg.api_url}/v1/keys/release", content=body, headers={"Authorization": header}
+    )
+    assert response.status_code == 403
+    assert "another member" in response.json()["error"]
+    # No token at all, and a token signed by the wrong key.
+    assert httpx.post(f"{cfg.api_url}/v1/keys/release", content=body).status_code == 401
+    forged = sign_request(
+        KeyPair.generate(), cast.outsider.member_id, "POST", "/v1/keys/release", body
+    )
+    response = httpx.post(
+        f"{cfg.api_url}/v1/keys/release", content=body, headers={"Authorization": forged}
+    )
+    assert response.status_code == 401
+    # The node's release log has the refusals.
+    admin = network.admins[1]
+    path = "/v1/audit/releases"
+    log = httpx.get(
+        f"{cfg.api_url}{path}",
+        headers={"Authorization": sign_request(admin, admin.member_id, "GET", path)},
+    )
+    assert log.status_code == 200
+    refused = [e for e in log.json() if e["outcome"] == "refused"]
+    assert any(e["grant"] == colleague_grant and "another member" in e["reason"] for e in refused)
+
+
+def test_tampered_package_is_detected_and_healed(network: Network, cast: Cast) -> None:
+    written = cast.client(cast.doctor, 0).put(_lab_result(cast, 4), cast.patient.member_id)
+    paths = _package_paths(network, written.digest)
+    wait_until(lambda: all(p.exists() for p in paths), 30, "replication")
+    original = paths[0].read_bytes()
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0xFF
+    paths[0].write_bytes(bytes(tampered))
+    # The author reading through node 0 hits the damaged copy; the node quarantines it and
+    # fetches a good one from a peer; the client reads from another node meanwhile.
+    read = cast.client(cast.doctor, 0).read_own(written.record_id)
+    assert read.resource["resourceType"] == "Observation"
+    wait_until(
+        lambda: paths[0].exists() and paths[0].read_bytes() == original,
+        30,
+        "node 0 to heal its copy from a peer",
+    )
+
+
+def test_erasure_removes_the_package_from_every_disk(network: Network, cast: Cast) -> None:
+    doctor = cast.client(cast.doctor, 0)
+    written = doctor.put(_lab_result(cast, 5), cast.patient.member_id)
+    amended = doctor.amend(written.record_id, _lab_result(cast, 6))
+    paths = _package_paths(network, written.digest) + _package_paths(network, amended.digest)
+    wait_until(lambda: all(p.exists() for p in paths), 30, "replication")
+    patient = cast.client(cast.patient, 0)
+    history = patient.history(written.record_id)
+    assert [v.version for v in history.versions] == [1, 2]
+    patient.erase(written.record_id, "GDPR Art. 17 request")
+    wait_until(lambda: not any(p.exists() for p in paths), 30, "erasure on every node")
+    with pytest.raises(RecordErased):
+        cast.client(cast.outsider, 1).read(written.record_id)
+
+
+def test_patient_exports_a_bundle(network: Network, cast: Cast) -> None:
+    bundle = cast.client(cast.patient, 0).export_bundle(cast.patient.member_id)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
+    validate_resource(bundle)
+    assert len(bundle["entry"]) >= 3  # type: ignore[arg-type]
