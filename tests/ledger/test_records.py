@@ -27,6 +27,7 @@ from medledger.ledger.records import (
     EraseRecord,
     MarkEnteredInError,
     PutRecord,
+    PutRecords,
     RecordStatus,
     RecordVersion,
     record_key,
@@ -323,3 +324,20 @@ def test_bad_record_input_gets_clear_errors_and_changes_nothing(
         assert c.chain.store.state_root() == root
     assert c.submit(p.doctor, "record.put", good).ok
     _changes_nothing(c, p.doctor, "record.put", good, Code.CONFLICT)
+
+
+def test_put_many_is_all_or_nothing(consortium: Consortium, people: People) -> None:
+    c, p = consortium, people
+    pid = p.patient.member_id
+    good = [put_body(f"bundle-{i}", pid, content=f"c{i}") for i in range(3)]
+    broken = [*good[:2], msgspec.structs.replace(good[2], patient="nobody")]
+    root = c.chain.store.state_root()
+    refused = c.submit(p.doctor, "record.put-many", PutRecords(tuple(broken)))
+    assert refused.code is Code.NOT_FOUND and refused.log.startswith("entry 2:")
+    assert c.chain.store.state_root() == root
+    outcome = c.run(c.tx(p.doctor, "record.put-many", PutRecords(tuple(good))))
+    assert outcome.results[0].ok
+    assert sorted(outcome.packages_stored) == sorted(b.package_digest for b in good)
+    amend_and_new = (put_body("bundle-0", pid, 1, "c0-v2"), put_body("bundle-9", pid, content="n"))
+    assert c.submit(p.doctor, "record.put-many", PutRecords(amend_and_new)).ok
+    assert c.submit(p.doctor, "record.put-many", PutRecords(())).code is Code.INVALID_BODY

@@ -96,6 +96,16 @@ class PutRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     previous: int = 0
 
 
+class PutRecords(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`record.put-many`: several new records or amendments, all committed or none (a FHIR
+    transaction Bundle)."""
+
+    records: tuple[PutRecord, ...]
+
+
+MAX_RECORDS_PER_TX = 100
+
+
 class MarkEnteredInError(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     record_id: str
     version: int
@@ -264,6 +274,25 @@ def amend_record(state: State, ctx: TxContext, body: PutRecord) -> str:
         )
     _write_version(state, ctx, body, head.latest + 1)
     return f"record {body.record_id} amended to v{head.latest + 1}"
+
+
+def put_records(state: State, ctx: TxContext, body: PutRecords) -> str:
+    """Apply each new record or amendment in order; any refusal refuses them all (the
+    transaction's overlay is then dropped whole)."""
+    if not 0 < len(body.records) <= MAX_RECORDS_PER_TX:
+        raise LedgerError(Code.INVALID_BODY, f"1-{MAX_RECORDS_PER_TX} records per transaction")
+    subjects = {r.patient for r in body.records}
+    ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
+    for position, record in enumerate(body.records):
+        try:
+            if record.previous == 0:
+                put_record(state, ctx, record)
+            else:
+                amend_record(state, ctx, record)
+        except LedgerError as err:
+            raise LedgerError(err.code, f"entry {position}: {err.message}") from None
+    ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
+    return f"{len(body.records)} records stored"
 
 
 def mark_entered_in_error(state: State, ctx: TxContext, body: MarkEnteredInError) -> str:

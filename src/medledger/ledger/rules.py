@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from medledger.ledger import access, consent, governance, identity, records
+from medledger.ledger import access, clients, consent, governance, identity, records
 from medledger.ledger.access import RequestAccess
+from medledger.ledger.clients import RegisterClient, RevokeClient
 from medledger.ledger.consent import GrantConsent, RevokeConsent, SetDelegate
 from medledger.ledger.context import TransactionRule
 from medledger.ledger.model import PRACTITIONER_ROLES, SYSTEM_ROLES, Role
-from medledger.ledger.records import AUTHOR_ROLES, EraseRecord, MarkEnteredInError, PutRecord
+from medledger.ledger.records import (
+    AUTHOR_ROLES,
+    EraseRecord,
+    MarkEnteredInError,
+    PutRecord,
+    PutRecords,
+)
 from medledger.ledger.transactions import (
     ChangeMemberStatus,
     EnrollMember,
@@ -31,6 +38,7 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "gov.vote": TransactionRule(Vote, ADMINS, governance.vote),
     "record.put": TransactionRule(PutRecord, AUTHOR_ROLES, records.put_record),
     "record.amend": TransactionRule(PutRecord, AUTHOR_ROLES, records.amend_record),
+    "record.put-many": TransactionRule(PutRecords, AUTHOR_ROLES, records.put_records),
     "record.mark-error": TransactionRule(
         MarkEnteredInError, AUTHOR_ROLES, records.mark_entered_in_error
     ),
@@ -45,4 +53,6 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
         SetDelegate, frozenset({Role.PATIENT, Role.ADMIN}), consent.remove_delegate
     ),
     "access.request": TransactionRule(RequestAccess, READERS, access.request_access),
+    "client.register": TransactionRule(RegisterClient, ADMINS, clients.register_client),
+    "client.revoke": TransactionRule(RevokeClient, ADMINS, clients.revoke_client),
 }
