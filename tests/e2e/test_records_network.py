@@ -181,14 +181,14 @@ def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast:
     assert response.status_code == 401
     # The node's release log has the refusals.
     admin = network.admins[1]
-    path = "/v1/audit/releases"
+    path = "/v1/audit/node"
     log = httpx.get(
         f"{cfg.api_url}{path}",
         headers={"Authorization": sign_request(admin, admin.member_id, "GET", path)},
     )
     assert log.status_code == 200
-    refused = [e for e in log.json() if e["outcome"] == "refused"]
-    assert any(e["grant"] == colleague_grant and "another member" in e["reason"] for e in refused)
+    refused = [e for e in log.json() if e["action"] == "key.release" and e["outcome"] == "refused"]
+    assert any(e["target"] == colleague_grant and "another member" in e["reason"] for e in refused)
 
 
 def test_tampered_package_is_detected_and_healed(network: Network, cast: Cast) -> None:

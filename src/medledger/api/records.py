@@ -34,8 +34,8 @@ from medledger.ledger.records import (
 )
 from medledger.ledger.state import State
 from medledger.node.replication import Replicator
+from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import CorruptPackage, PackageStore, PackageStoreError
-from medledger.store.releases import ReleaseLog
 from medledger.store.sqlite import SqliteStore
 
 log = logging.getLogger("medledger.records")
@@ -50,7 +50,7 @@ class RecordServices:
     organization: str
     peers: dict[str, str]
     api_url: str
-    releases: ReleaseLog
+    audit: NodeAuditLog
     replays: ReplayCache
 
 
@@ -231,10 +231,10 @@ async def release_key(request: web.Request) -> web.Response:
         )
         sealed = packaging.reseal_share(share, member.encryption_key)
     except AuthError as exc:
-        services.releases.record(requester, grant_id, "refused", str(exc))
+        services.audit.record(requester, "key.release", grant_id, "refused", str(exc))
         log.warning("key release refused", extra={"requester": requester, "reason": str(exc)})
         return _problem(401, str(exc))
-    services.releases.record(requester, grant_id, "released", "")
+    services.audit.record(requester, "key.release", grant_id, "released")
     log.info("key share released", extra={"requester": requester, "grant": grant_id})
     return web.json_response(
         {
@@ -255,7 +255,7 @@ def _refuse(
     reason: str,
     started: float,
 ) -> web.Response:
-    services.releases.record(requester, grant_id, "refused", reason)
+    services.audit.record(requester, "key.release", grant_id, "refused", reason)
     log.warning(
         "key release refused", extra={"requester": requester, "grant": grant_id, "reason": reason}
     )
@@ -273,15 +273,16 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 async def release_log(request: web.Request) -> web.Response:
-    """This node's key-release decisions, for auditors and the node's own organization admin."""
+    """This node's off-chain decisions (key releases, refused API requests), for auditors and
+    the node's own organization admin."""
     services = request.app[SERVICES]
     try:
         _, member = await _authenticate(request, services)
     except AuthError as exc:
         return _problem(401, str(exc))
     if member is None or member.role not in (Role.AUDITOR, Role.ADMIN):
-        return _problem(403, "the release log is for auditors and admins")
-    return web.json_response(services.releases.entries())
+        return _problem(403, "the node audit log is for auditors and admins")
+    return web.json_response(services.audit.entries())
 
 
 def add_record_routes(app: web.Application, services: RecordServices) -> None:
@@ -290,4 +291,4 @@ def add_record_routes(app: web.Application, services: RecordServices) -> None:
     app.router.add_get("/v1/packages/{digest}", get_package)
     app.router.add_post("/v1/keys/release", release_key)
     app.router.add_get("/v1/nodes", nodes)
-    app.router.add_get("/v1/audit/releases", release_log)
+    app.router.add_get("/v1/audit/node", release_log)

@@ -43,7 +43,10 @@ def is_active(state: State, member: Member) -> bool:
 
 
 def enroll_member(state: State, ctx: TxContext, body: EnrollMember) -> str:
-    """An organization's admin enrolls a member into that organization."""
+    """An organization's admin enrolls a member into that organization. An EHR system client
+    may register patients (as a registration desk does), and nothing else."""
+    if ctx.sender.role is Role.EHR and body.role is not Role.PATIENT:
+        raise LedgerError(Code.UNAUTHORIZED, "an EHR client may enroll patients only")
     check_key("verify_key", body.verify_key)
     check_key("encryption_key", body.encryption_key)
     member_id = member_id_for(body.verify_key)

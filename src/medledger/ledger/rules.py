@@ -29,7 +29,9 @@ PATIENT_SIDE = frozenset({Role.PATIENT, Role.DELEGATE, Role.ADMIN} | PRACTITIONE
 READERS = frozenset(PRACTITIONER_ROLES | SYSTEM_ROLES | {Role.PATIENT, Role.DELEGATE})
 
 TRANSACTION_RULES: dict[str, TransactionRule] = {
-    "member.enroll": TransactionRule(EnrollMember, ADMINS, identity.enroll_member),
+    "member.enroll": TransactionRule(
+        EnrollMember, frozenset({Role.ADMIN, Role.EHR}), identity.enroll_member
+    ),
     "member.rotate": TransactionRule(RotateKey, EVERYONE, identity.rotate_key),
     "member.suspend": TransactionRule(ChangeMemberStatus, ADMINS, identity.suspend_member),
     "member.reinstate": TransactionRule(ChangeMemberStatus, ADMINS, identity.reinstate_member),

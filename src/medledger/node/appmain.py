@@ -23,8 +23,8 @@ from medledger.ledger.state import State
 from medledger.node.config import load_node_config
 from medledger.node.replication import Replicator
 from medledger.node.services import load_services_config
+from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
-from medledger.store.releases import ReleaseLog
 from medledger.store.sqlite import SqliteStore
 
 log = logging.getLogger("medledger.node")
@@ -65,7 +65,7 @@ async def serve_app(home: Path) -> None:
     live, erased = live_packages(store)
     replicator.erase(erased)
     replicator.want(live)
-    releases = ReleaseLog(cfg.state_dir / "releases.db")
+    audit = NodeAuditLog(cfg.state_dir / "node-audit.db")
     http_app = build_http_app(ledger_app, cfg.cometbft_rpc)
     add_record_routes(
         http_app,
@@ -77,7 +77,7 @@ async def serve_app(home: Path) -> None:
             organization=cfg.organization,
             peers=services_cfg.peers,
             api_url=cfg.api_url,
-            releases=releases,
+            audit=audit,
             replays=ReplayCache(),
         ),
     )
@@ -108,7 +108,7 @@ async def serve_app(home: Path) -> None:
     await runner.cleanup()
     with contextlib.suppress(Exception):
         store.close()
-        releases.close()
+        audit.close()
     log.info("app stopped", extra={"height": ledger_app.ledger.height, "failed": failed})
     if failed:
         raise SystemExit(1)
