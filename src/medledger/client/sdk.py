@@ -4,6 +4,7 @@ and check answers against headers the validators signed."""
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from medledger.client.tx import sign_transaction
 from medledger.crypto.keys import KeyPair
 from medledger.ledger import codec
 from medledger.ledger.app import app_hash_of
+from medledger.ledger.errors import Code
 from medledger.ledger.statetree import DEFAULT_DEPTH, StateProof, verify_state_proof
 
 T = TypeVar("T")
@@ -72,6 +74,11 @@ class LedgerClient:
         self.rpc_url = rpc_url.rstrip("/")
         self._http = httpx.Client(timeout=timeout)
         self._chain_id = chain_id
+        # Nonces this client has signed and sent, per sender, so that concurrent submissions
+        # for one sender (a node acting for a custodial member) get consecutive nonces and
+        # reach the mempool in nonce order.
+        self._sent_nonces: dict[str, int] = {}
+        self._nonce_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -210,11 +217,21 @@ class LedgerClient:
     ) -> TxOutcome:
         """Sign, send and wait for a transaction; raise TxRejected if it failed (with check)."""
         sender_id = sender or keys.member_id
-        raw = sign_transaction(
-            keys, self.chain_id, self.next_nonce(sender_id), tx_type, body, sender=sender_id
-        )
-        tx_hash = self.broadcast(raw)
+        with self._nonce_lock:
+            nonce = max(self.next_nonce(sender_id), self._sent_nonces.get(sender_id, 0) + 1)
+            raw = sign_transaction(keys, self.chain_id, nonce, tx_type, body, sender=sender_id)
+            try:
+                tx_hash = self.broadcast(raw)
+            except ClientError:
+                self._sent_nonces.pop(sender_id, None)
+                raise
+            self._sent_nonces[sender_id] = nonce
         outcome = self.wait_for(tx_hash, timeout)
+        if not outcome.ok and outcome.code != Code.ACCESS_DENIED:
+            # A refused transaction leaves its nonce unused: start again from the chain's.
+            # (A denied access request is a recorded decision and did use its nonce.)
+            with self._nonce_lock:
+                self._sent_nonces.pop(sender_id, None)
         if check and not outcome.ok:
             raise TxRejected(outcome.code, outcome.log, tx_hash, outcome.height)
         return outcome

@@ -17,10 +17,14 @@ from medledger.api.auth import ReplayCache
 from medledger.api.http import build_http_app
 from medledger.api.metrics import Metrics
 from medledger.api.records import RecordServices, add_record_routes
+from medledger.fhir.context import FHIR_CONTEXT, FhirContext
+from medledger.fhir.smart import TokenService
 from medledger.ledger.app import BlockOutcome
 from medledger.ledger.records import RecordStatus, RecordVersion
 from medledger.ledger.state import State
 from medledger.node.config import load_node_config
+from medledger.node.custody import Custody
+from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
 from medledger.node.services import load_services_config
 from medledger.store.node_audit import NodeAuditLog
@@ -81,6 +85,18 @@ async def serve_app(home: Path) -> None:
             replays=ReplayCache(),
         ),
     )
+    fhir_context = FhirContext(
+        rpc_url=cfg.cometbft_rpc,
+        chain_id=cfg.chain_id,
+        api_url=cfg.api_url,
+        organization=cfg.organization,
+        custody=Custody(cfg.home / "custody", services_cfg.node_passphrase()),
+        patients=PatientIndex(cfg.state_dir / "patients.db"),
+        tokens=TokenService(store, f"{cfg.api_url}/fhir/auth/token", audit),
+        audit=audit,
+    )
+    held = fhir_context.custody.unlock_all()
+    http_app[FHIR_CONTEXT] = fhir_context
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
     runner = web.AppRunner(http_app, access_log=None, client_max_size=17 * 1024 * 1024)
@@ -90,7 +106,12 @@ async def serve_app(home: Path) -> None:
     replication = asyncio.create_task(replicator.run())
     log.info(
         "app started",
-        extra={"home": str(home), "height": ledger_app.ledger.height, "api": cfg.api_listen},
+        extra={
+            "home": str(home),
+            "height": ledger_app.ledger.height,
+            "api": cfg.api_listen,
+            "custodial_members": held,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,6 +128,8 @@ async def serve_app(home: Path) -> None:
     await abci_server.stop()
     await runner.cleanup()
     with contextlib.suppress(Exception):
+        fhir_context.close()
+        fhir_context.patients.close()
         store.close()
         audit.close()
     log.info("app stopped", extra={"height": ledger_app.ledger.height, "failed": failed})

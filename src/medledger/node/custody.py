@@ -41,14 +41,25 @@ class Custody:
             return keys
 
     def keys_for(self, member_id: str) -> KeyPair:
+        """The member's keys; keystores added to HOME/custody since start (by `medledger
+        custody new`) are picked up on first use."""
         with self._lock:
             keys = self._unlocked.get(member_id)
+            if keys is None:
+                for public in self.ring.list():
+                    if public.member_id == member_id:
+                        keys = self.ring.load(public.name, self._passphrase)
+                        self._unlocked[member_id] = keys
         if keys is None:
             raise CustodyError(f"this node holds no keys for member {member_id}")
         return keys
 
     def holds(self, member_id: str) -> bool:
-        return member_id in self._unlocked
+        try:
+            self.keys_for(member_id)
+        except CustodyError:
+            return False
+        return True
 
     def members(self) -> list[KeystorePublic]:
         return self.ring.list()

@@ -46,17 +46,21 @@ class ServicesConfig:
     def packages_path(self) -> Path:
         return self.path(self.packages_dir)
 
-    def unlock_node_keys(self) -> KeyPair:
+    def node_passphrase(self) -> str:
+        """The passphrase of the node's own keystore and of its custodial keystores."""
         passphrase = os.environ.get(PASSPHRASE_ENV)
-        if not passphrase:
-            try:
-                passphrase = self.path(self.passphrase_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read the node key passphrase ({self.passphrase_file}): {exc}"
-                    f"; set ${PASSPHRASE_ENV} or [services] passphrase_file"
-                ) from None
-        return load_keystore(self.home / NODE_KEYSTORE, passphrase)
+        if passphrase:
+            return passphrase
+        try:
+            return self.path(self.passphrase_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the node key passphrase ({self.passphrase_file}): {exc}"
+                f"; set ${PASSPHRASE_ENV} or [services] passphrase_file"
+            ) from None
+
+    def unlock_node_keys(self) -> KeyPair:
+        return load_keystore(self.home / NODE_KEYSTORE, self.node_passphrase())
 
 
 def load_services_config(home: Path) -> ServicesConfig:
