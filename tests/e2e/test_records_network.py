@@ -15,10 +15,11 @@ from e2e_network import Network, running_network, wait_until
 
 from medledger.api.auth import sign_request
 from medledger.client.records import AccessDenied, RecordErased, RecordsClient
+from medledger.client.sdk import LedgerClient, ProofError, trusted_validators_from_genesis
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.consent import GranteeKind, Purpose
-from medledger.ledger.model import Role
+from medledger.ledger.model import Role, member_key
 from medledger.ledger.transactions import EnrollMember
 from medledger.samples.fhir import generate_patient_record_set
 
@@ -230,3 +231,18 @@ def test_patient_exports_a_bundle(network: Network, cast: Cast) -> None:
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
     validate_resource(bundle)
     assert len(bundle["entry"]) >= 3  # type: ignore[arg-type]
+
+
+def test_proofs_check_against_a_trusted_validator_set(network: Network, cast: Cast) -> None:
+    rpc = network.configs[0].cometbft_rpc
+    key = member_key(cast.patient.member_id)
+    trusted = trusted_validators_from_genesis(str(network.configs[0].genesis_path))
+    with LedgerClient(rpc, network.chain_id, trusted_validators=trusted) as client:
+        verified = client.verified_state(key)
+        assert verified.value is not None and verified.header.signed_power * 3 > 80
+    strangers = {KeyPair.generate().verify_key: 10 for _ in range(4)}
+    with (
+        LedgerClient(rpc, network.chain_id, trusted_validators=strangers) as client,
+        pytest.raises(ProofError, match="trusted validators"),
+    ):
+        client.verified_state(key)

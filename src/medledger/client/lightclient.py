@@ -104,6 +104,8 @@ class VerifiedHeader:
     next_validators_hash: bytes
     signed_power: int
     total_power: int
+    # Public keys of the validators whose commit signatures verified.
+    signers: tuple[bytes, ...] = ()
 
 
 # --- generic helpers ---------------------------------------------------------------------------
@@ -433,6 +435,7 @@ def verify_commit(
     round_ = _int(commit, "round", "commit", INT32_MAX)
 
     signed_power = 0
+    signers: list[bytes] = []
     for index, (sig, validator) in enumerate(zip(signatures, validators, strict=True)):
         where = f"commit.signatures[{index}]"
         flag = _int(sig, "block_id_flag", where, 255)
@@ -455,6 +458,7 @@ def verify_commit(
         ):
             raise LightClientError(f"bad signature from validator {name} (index {index})")
         signed_power += validator.voting_power
+        signers.append(validator.pub_key)
 
     if 3 * signed_power <= 2 * total_power:
         raise LightClientError(
@@ -471,4 +475,5 @@ def verify_commit(
         next_validators_hash=_hex(header, "next_validators_hash", "header"),
         signed_power=signed_power,
         total_power=total_power,
+        signers=tuple(signers),
     )

@@ -4,6 +4,7 @@ and check answers against headers the validators signed."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from medledger.client.lightclient import VerifiedHeader, verify_commit
+from medledger.client.lightclient import LightClientError, VerifiedHeader, verify_commit
 from medledger.client.tx import sign_transaction
 from medledger.crypto.keys import KeyPair
 from medledger.ledger import codec
@@ -69,9 +70,31 @@ class VerifiedValue:
     header: VerifiedHeader
 
 
+def trusted_validators_from_genesis(path: str) -> dict[bytes, int]:
+    """The founding validator set in a genesis.json: the light client's root of trust."""
+    with open(path, encoding="utf-8") as handle:
+        document = json.load(handle)
+    return {
+        base64.b64decode(v["pub_key"]["value"]): int(v["power"]) for v in document["validators"]
+    }
+
+
 class LedgerClient:
-    def __init__(self, rpc_url: str, chain_id: str | None = None, timeout: float = 10.0) -> None:
+    """With `trusted_validators` (e.g. from the genesis file) headers are verified the way
+    CometBFT's light client skips ahead: more than 1/3 of the trusted set's power must have
+    signed the new header as well as more than 2/3 of the header's own validator set, after
+    which that set is trusted. Without it, the client trusts the validator set the node
+    reports."""
+
+    def __init__(
+        self,
+        rpc_url: str,
+        chain_id: str | None = None,
+        timeout: float = 10.0,
+        trusted_validators: dict[bytes, int] | None = None,
+    ) -> None:
         self.rpc_url = rpc_url.rstrip("/")
+        self.trusted_validators = trusted_validators
         self._http = httpx.Client(timeout=timeout)
         self._chain_id = chain_id
         # Nonces this client has signed and sent, per sender, so that concurrent submissions
@@ -150,7 +173,23 @@ class LedgerClient:
             time.sleep(0.1)
         commit = self.rpc("commit", height=height)
         validators = self.rpc("validators", height=height, per_page=100)
-        return verify_commit(self.chain_id, commit, validators)
+        try:
+            header = verify_commit(self.chain_id, commit, validators)
+        except LightClientError as exc:
+            raise ProofError(f"header {height} does not verify: {exc}") from None
+        if self.trusted_validators is not None:
+            trusted_total = sum(self.trusted_validators.values())
+            trusted_signed = sum(self.trusted_validators.get(k, 0) for k in header.signers)
+            if 3 * trusted_signed <= trusted_total:
+                raise ProofError(
+                    f"header {height}: only {trusted_signed}/{trusted_total} of the trusted"
+                    " validators' power signed it (more than 1/3 is needed)"
+                )
+            self.trusted_validators = {
+                base64.b64decode(v["pub_key"]["value"]): int(v["voting_power"])
+                for v in validators["validators"]
+            }
+        return header
 
     def verified_state(self, key: bytes) -> VerifiedValue:
         """Read one state key with a proof, and check it against the app hash in the next
