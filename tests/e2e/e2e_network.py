@@ -44,9 +44,7 @@ CHAIN_ID = "medledger-e2e"
 MAX_NODES = 5
 
 
-def check_ports_free(base_port: int, nodes: int = MAX_NODES) -> None:
-    """Fail clearly when the fixed port block of a module is taken (another run, another app)."""
-    taken = []
+def ports_free(base_port: int, nodes: int = MAX_NODES) -> bool:
     for port in range(base_port, base_port + nodes * PORT_STRIDE):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             # As CometBFT and aiohttp do: connections of a previous run in TIME_WAIT do not
@@ -55,9 +53,19 @@ def check_ports_free(base_port: int, nodes: int = MAX_NODES) -> None:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                taken.append(port)
-    if taken:
-        pytest.fail(f"ports {taken} of the e2e block {base_port}.. are in use; stop what uses them")
+                return False
+    return True
+
+
+def choose_ports(preferred: int, nodes: int = MAX_NODES) -> int:
+    """The module's own port block, or another free one when something else holds it (a
+    second test run on the same machine, say)."""
+    if ports_free(preferred, nodes):
+        return preferred
+    for base in range(30000, 60000, 500):
+        if ports_free(base, nodes):
+            return base
+    pytest.fail("no free block of ports on 127.0.0.1")
 
 
 def wait_until(
@@ -224,7 +232,7 @@ class TxStream:
 
 
 def start_network(home: Path, base_port: int, validators: int = 4) -> Network:
-    check_ports_free(base_port)
+    base_port = choose_ports(base_port)
     init_testnet(
         home, validators, CHAIN_ID, passphrase=PASSPHRASE, base_port=base_port, fast_kdf=True
     )
