@@ -1,4 +1,10 @@
-"""`make demo`: a 4-validator network on this machine with sample participants.
+"""`make demo`: a 4-validator network on this machine with sample participants and records.
+
+After enrolling practitioners and patients it writes a small synthetic chart for each patient
+(lab results by the lab technician, the rest by a clinician of the patient's organization),
+grants and revokes consents, has a clinician of another organization read a record under
+consent, and has an emergency physician break the glass on a record written at another
+organization — so that `record`, `consent`, `audit` and `export` have something to show.
 
 Idempotent: a second run reuses the network (starting it if it is down) and adds nothing twice.
 The keystores it writes are protected by a demo passphrase kept beside them in
@@ -8,16 +14,23 @@ The keystores it writes are protected by a demo passphrase kept beside them in
 from __future__ import annotations
 
 import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
+from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring, load_keystore
+from medledger.fhir.validation import validate_resource
+from medledger.ledger.access import EmergencyReason
+from medledger.ledger.consent import ConsentStatus, GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, Propose, SetParameter, Vote
-from medledger.node.config import load_node_config
+from medledger.node.config import NodeConfig, load_node_config
 from medledger.node.testnet import (
     init_testnet,
     node_homes,
@@ -25,6 +38,7 @@ from medledger.node.testnet import (
     testnet_up,
     wait_for_height,
 )
+from medledger.samples.fhir import generate_patient_record_set
 
 # (keystore name, organization node index, role): practitioners and patients of the pilot.
 PARTICIPANTS = [
@@ -41,6 +55,62 @@ PARTICIPANTS = [
 ]
 
 
+# (patient, seed of their synthetic chart, the clinicians of their organization who write it;
+# vital signs by the last of them). Laboratory results are written by LAB_AUTHOR.
+CHARTS = [
+    ("patient-maria-garcia", 1101, ("dr-alice-moreau",)),
+    ("patient-james-okafor", 1102, ("dr-priya-raman", "nurse-lee-chen")),
+    ("patient-emma-schulz", 1103, ("dr-alice-moreau",)),
+]
+LAB_AUTHOR = "lab-tech-sam-ortiz"
+RECORDS_PER_PATIENT = 6
+SECOND_NS = 1_000_000_000
+DAY_NS = 86_400 * SECOND_NS
+
+
+@dataclass
+class Person:
+    name: str
+    keys: KeyPair
+    node: int
+    role: Role
+
+    @property
+    def id(self) -> str:
+        return self.keys.member_id
+
+
+class Cast:
+    """The demo's participants, each with a records client on their organization's node."""
+
+    def __init__(self, configs: list[NodeConfig], people: dict[str, Person]) -> None:
+        self.configs = configs
+        self.people = people
+        self._ledgers: dict[int, LedgerClient] = {}
+        self._clients: dict[str, RecordsClient] = {}
+
+    def organization(self, name: str) -> str:
+        return self.configs[self.people[name].node].organization
+
+    def ledger(self, node: int) -> LedgerClient:
+        if node not in self._ledgers:
+            self._ledgers[node] = LedgerClient(self.configs[node].cometbft_rpc)
+        return self._ledgers[node]
+
+    def client(self, name: str) -> RecordsClient:
+        if name not in self._clients:
+            person = self.people[name]
+            cfg = self.configs[person.node]
+            self._clients[name] = RecordsClient(self.ledger(person.node), cfg.api_url, person.keys)
+        return self._clients[name]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        for ledger in self._ledgers.values():
+            ledger.close()
+
+
 def _passphrase(root: Path) -> str:
     path = root / "passphrase"
     if not path.exists():
@@ -52,15 +122,137 @@ def _passphrase(root: Path) -> str:
 
 def _ensure_member(
     client: LedgerClient, ring: Keyring, admin: KeyPair, name: str, role: Role, secret: str
-) -> tuple[str, bool]:
+) -> tuple[KeyPair, bool]:
     keys = ring.load(name, secret) if ring.exists(name) else ring.create(name, secret)
     try:
         client.query("/member", keys.member_id)
-        return keys.member_id, False
+        return keys, False
     except QueryError:
         pass
     client.submit(admin, "member.enroll", EnrollMember(keys.verify_key, keys.encryption_key, role))
-    return keys.member_id, True
+    return keys, True
+
+
+def _write_charts(cast: Cast) -> dict[str, list[str]]:
+    """Each patient's synthetic chart as records (ids are the resources' ids, so a second run
+    finds them and writes nothing twice). Returns each patient's record ids."""
+    when = datetime.now(UTC).replace(hour=9, minute=0, second=0, microsecond=0)
+    written: dict[str, list[str]] = {}
+    for patient_name, seed, clinicians in CHARTS:
+        patient = cast.people[patient_name]
+        client = cast.client(clinicians[0])
+        present = {s.head.record_id for s in client.records_of(patient.id)}
+        # The same chart drawn for each author differs only in the author references.
+        charts = {
+            name: generate_patient_record_set(
+                seed,
+                f"Patient/{patient.id}",
+                f"Practitioner/{cast.people[name].id}",
+                when=when,
+                count=RECORDS_PER_PATIENT,
+            )
+            for name in (*clinicians, LAB_AUTHOR)
+        }
+        ids = []
+        added = 0
+        for index, first_draw in enumerate(charts[clinicians[0]]):
+            category = validate_resource(first_draw).category
+            author = {"laboratory": LAB_AUTHOR, "vital-signs": clinicians[-1]}.get(
+                category, clinicians[0]
+            )
+            resource = charts[author][index]
+            record_id = str(resource["id"])
+            ids.append(record_id)
+            if record_id in present:
+                continue
+            cast.client(author).put(resource, patient.id, record_id)
+            added += 1
+        state = f"{added} written" if added else "present"
+        click.echo(f"  {patient_name:24} {len(ids)} records ({state})")
+        written[patient_name] = ids
+    return written
+
+
+def _share_and_revoke(cast: Cast) -> str:
+    """Maria consents to her second organization's clinicians treating her (90 days), and
+    revokes a consent she gave her insurer for her lab results. Returns the active consent."""
+    maria = cast.people["patient-maria-garcia"]
+    client = cast.client(maria.name)
+    clinic = cast.organization("dr-priya-raman")
+    insurer = cast.organization("claims-jo-baker")
+    consents = client.consents(maria.id)
+    now = time.time_ns()
+    active = next(
+        (
+            c
+            for c in consents
+            if c.grantee == clinic
+            and c.status is ConsentStatus.ACTIVE
+            and Purpose.TREATMENT in c.purposes
+            and c.end_ns > now + DAY_NS
+        ),
+        None,
+    )
+    if active is None:
+        consent_id = client.grant_consent(
+            maria.id,
+            GranteeKind.ORGANIZATION,
+            clinic,
+            (Purpose.TREATMENT,),
+            now - 60 * SECOND_NS,
+            now + 90 * DAY_NS,
+        )
+        click.echo(f"  consent {consent_id}: {clinic} may read Maria's records for treatment")
+    else:
+        consent_id = active.id
+        click.echo(f"  consent {consent_id}: {clinic}, treatment (present)")
+    to_insurer = [c for c in consents if c.grantee == insurer]
+    if not to_insurer:
+        revoked = client.grant_consent(
+            maria.id,
+            GranteeKind.ORGANIZATION,
+            insurer,
+            (Purpose.PAYMENT,),
+            now - 60 * SECOND_NS,
+            now + 30 * DAY_NS,
+            ScopeKind.CATEGORIES,
+            ("laboratory",),
+        )
+        client.revoke_consent(maria.id, revoked, "claim settled")
+        click.echo(f"  consent {revoked}: {insurer}, payment, lab results — granted and revoked")
+    else:
+        for consent in to_insurer:
+            if consent.status is ConsentStatus.ACTIVE:
+                client.revoke_consent(maria.id, consent.id, "claim settled")
+        click.echo(f"  consent {to_insurer[0].id}: {insurer}, payment (revoked, present)")
+    return consent_id
+
+
+def _read_once(
+    cast: Cast, reader: str, patient: str, record_id: str, emergency: EmergencyReason | None
+) -> None:
+    """`reader` reads the record unless the patient's audit trail already shows they did."""
+    client = cast.client(reader)
+    trail = cast.client(patient).audit_trail(cast.people[patient].id)
+    if any(e.granted_access and e.entry.sender == client.member_id for e in trail):
+        click.echo(f"  {reader} read {record_id} (present)")
+        return
+    reason = emergency.value if emergency else None
+    read = client.read(record_id, Purpose.TREATMENT, emergency_reason=reason)
+    flag = f" — EMERGENCY ({reason})" if reason else ""
+    click.echo(
+        f"  {reader} read {read.version.resource_type} {record_id} (grant {read.grant_id},"
+        f" key shares from {', '.join(read.shares_from)}){flag}"
+    )
+
+
+def _first_written_by(cast: Cast, patient: str, record_ids: list[str], organization: str) -> str:
+    client = cast.client(patient)
+    for record_id in record_ids:
+        history = client.history(record_id)
+        if history.versions[-1].author_organization == organization:
+            return record_id
+    return record_ids[0]
 
 
 @click.command()
@@ -78,19 +270,45 @@ def main(home: Path) -> None:
     configs = [load_node_config(h) for h in homes]
     admins = [load_keystore(h / "keys" / "admin.json", secret) for h in homes]
     ring = Keyring(root / "keys")
+    people: dict[str, Person] = {}
     with LedgerClient(configs[0].cometbft_rpc) as client:
         click.echo("enrolling practitioners and patients ...")
         for name, org_index, role in PARTICIPANTS:
-            member_id, new = _ensure_member(client, ring, admins[org_index], name, role, secret)
+            keys, new = _ensure_member(client, ring, admins[org_index], name, role, secret)
+            people[name] = Person(name, keys, org_index, role)
             state = "enrolled" if new else "present"
             org = configs[org_index].organization
-            click.echo(f"  {name:24} {role.value:10} {org:8} {member_id} {state}")
+            click.echo(f"  {name:24} {role.value:10} {org:8} {keys.member_id} {state}")
         if not client.query("/proposals"):
             click.echo("governance: proposing a 2000-block voting period, three votes ...")
             change = Propose(SetParameter("proposal_period_blocks", 2000), reason="pilot policy")
             client.submit(admins[0], "gov.propose", change)
             for admin in admins[1:3]:
                 client.submit(admin, "gov.vote", Vote(1, True))
+    cast = Cast(configs, people)
+    try:
+        click.echo("writing records (synthetic FHIR R4 charts, sealed off-chain) ...")
+        records = _write_charts(cast)
+        click.echo("consent ...")
+        consent_id = _share_and_revoke(cast)
+        click.echo("reading ...")
+        maria_record = _first_written_by(
+            cast, "patient-maria-garcia", records["patient-maria-garcia"], configs[0].organization
+        )
+        _read_once(cast, "dr-priya-raman", "patient-maria-garcia", maria_record, None)
+        james_record = _first_written_by(
+            cast, "patient-james-okafor", records["patient-james-okafor"], configs[1].organization
+        )
+        _read_once(
+            cast,
+            "dr-omar-haddad",
+            "patient-james-okafor",
+            james_record,
+            EmergencyReason.PATIENT_UNCONSCIOUS,
+        )
+    finally:
+        cast.close()
+    maria, james = people["patient-maria-garcia"].id, people["patient-james-okafor"].id
     statuses = testnet_status(home)
     click.echo("")
     for node in statuses:
@@ -106,13 +324,26 @@ Where to look:
   health / metrics      {configs[0].api_url}/health  {configs[0].api_url}/metrics
   logs                  {homes[0]}/logs/
 Try next (the demo passphrase is in {root / "passphrase"}):
-  export MEDLEDGER_NODE={rpc} MEDLEDGER_KEYS={root / "keys"}
+  export MEDLEDGER_NODE={rpc} MEDLEDGER_API={configs[0].api_url} MEDLEDGER_KEYS={root / "keys"}
   export MEDLEDGER_PASSPHRASE=$(cat {root / "passphrase"})
   .venv/bin/medledger member list
-  .venv/bin/medledger member show <member id> --prove
+  .venv/bin/medledger member show {maria} --prove
   .venv/bin/medledger gov list
   .venv/bin/medledger testnet status --home {home}
   .venv/bin/medledger verify --home {homes[0]} --node {rpc}
+Records, consent and audit (--key names a keystore in {root / "keys"}; guides in docs/):
+  .venv/bin/medledger record list --patient {maria}
+  .venv/bin/medledger record get --key patient-maria-garcia --own {maria_record}
+  .venv/bin/medledger record history {maria_record}
+  .venv/bin/medledger record get --key dr-priya-raman {maria_record}   # under consent
+  .venv/bin/medledger record get --key nurse-lee-chen --purpose research {maria_record}  # denied
+  .venv/bin/medledger consent list --patient {maria}
+  .venv/bin/medledger audit --key patient-maria-garcia --patient {maria}
+  .venv/bin/medledger audit --key patient-maria-garcia --patient {maria} --disclosures
+  .venv/bin/medledger audit --key patient-james-okafor --patient {james}   # emergency access
+  .venv/bin/medledger export --key patient-maria-garcia --patient {maria} --output maria.json
+  .venv/bin/medledger consent revoke --key patient-maria-garcia --patient {maria} {consent_id}
+      # ... and dr-priya-raman's read above is denied (exit code 3)
   make demo-down        # stops the network (make demo starts it again)"""
     )
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from medledger.cli.chain import gov, member, tx, verify
+from medledger.cli.custody import client, custody
 from medledger.cli.keys import keys
+from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
 
 
@@ -46,10 +48,17 @@ def node_app(home: Path) -> None:
 
 cli.add_command(testnet)
 cli.add_command(keys)
+cli.add_command(custody)
+cli.add_command(client)
 cli.add_command(member)
 cli.add_command(gov)
 cli.add_command(tx)
 cli.add_command(verify)
+cli.add_command(record)
+cli.add_command(consent)
+cli.add_command(access)
+cli.add_command(audit)
+cli.add_command(export)
 
 
 def main() -> None:

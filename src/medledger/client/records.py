@@ -20,12 +20,20 @@ import httpx
 import msgspec
 
 from medledger.api.auth import sign_request
-from medledger.client.sdk import ClientError, LedgerClient, ProofError, TxOutcome, TxRejected
+from medledger.client.lightclient import VerifiedHeader
+from medledger.client.sdk import (
+    ClientError,
+    LedgerClient,
+    ProofError,
+    QueryError,
+    TxOutcome,
+    TxRejected,
+)
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger import merkle
-from medledger.ledger.access import RequestAccess
+from medledger.ledger.access import Grant, RequestAccess
 from medledger.ledger.app import app_hash_of
 from medledger.ledger.consent import (
     Consent,
@@ -92,6 +100,38 @@ class ProvenAuditEntry:
     height: int
     time_ns: int
     entry: AuditEntry
+
+    @property
+    def granted_access(self) -> bool:
+        """A committed access request the ledger granted (its grant id is its tx hash)."""
+        return self.entry.type == "access.request" and self.entry.code == Code.OK
+
+    @property
+    def grant_id(self) -> str:
+        return self.entry.tx_hash.hex()[:32]
+
+
+@dataclass(frozen=True)
+class AuditTrail:
+    """A patient's audit entries, each proven by Merkle inclusion in the audit log whose root
+    and size the app hash in `header` commits to; `header` is the validators' signed header of
+    block `height` + 1."""
+
+    patient: str
+    entries: list[ProvenAuditEntry]
+    height: int
+    header: VerifiedHeader
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """One entry of the HIPAA §164.528 accounting of disclosures: a granted access request by
+    someone other than the patient, with the grant the ledger recorded for it (what was
+    disclosed, to whom, for what purpose, on what basis) and the recipient's identity."""
+
+    entry: ProvenAuditEntry
+    grant: Grant
+    recipient: Member | None
 
 
 class RecordsClient:
@@ -180,6 +220,36 @@ class RecordsClient:
             raise ClientError(
                 f"package upload refused: HTTP {response.status_code}: {response.text}"
             )
+
+    def seal_and_upload(
+        self,
+        resource: Any,
+        patient_id: str,
+        record_id: str | None = None,
+        version: int = 1,
+        previous: int = 0,
+    ) -> PutRecord:
+        """Validate, seal and upload one record version without committing it: the body of a
+        new record (`previous` 0) or of an amendment of version `previous`, for a `record.put`,
+        `record.amend` or an entry of a `record.put-many`."""
+        record_id = record_id or str(uuid.uuid4())
+        patient = self.ledger.query("/member", patient_id, Member)
+        sealed, resource_type, category, custodians, threshold = self._seal(
+            resource, record_id, version, patient
+        )
+        self._upload(sealed)
+        return PutRecord(
+            record_id,
+            patient_id,
+            resource_type,
+            category,
+            sealed.digest,
+            len(sealed.package),
+            sealed.commitment,
+            threshold,
+            custodians,
+            previous=previous,
+        )
 
     def put(self, resource: Any, patient_id: str, record_id: str | None = None) -> WrittenRecord:
         """Validate, seal, upload and commit a new record about a patient."""
@@ -384,6 +454,10 @@ class RecordsClient:
     def audit_trail(self, patient_id: str) -> list[ProvenAuditEntry]:
         """Every audit entry about a patient, each checked by its Merkle inclusion proof in the
         audit log whose root the validators signed (through the app hash)."""
+        return self.verified_audit_trail(patient_id).entries
+
+    def verified_audit_trail(self, patient_id: str) -> AuditTrail:
+        """The patient's audit entries together with the signed header that proves them."""
         height, raw = self.ledger.query_raw("/audit/patient", patient_id.encode())
         answer = msgspec.json.decode(raw)
         size = int(answer["audit_size"])
@@ -406,7 +480,43 @@ class RecordsClient:
                     int(item["index"]), int(item["height"]), int(item["time_ns"]), entry
                 )
             )
-        return proven
+        return AuditTrail(patient_id, proven, height, header)
+
+    def grant(self, grant_id: str) -> Grant:
+        """The grant the ledger recorded for a granted access request."""
+        return self.ledger.query("/grant", grant_id, Grant)  # type: ignore[no-any-return]
+
+    def member(self, member_id: str) -> Member | None:
+        try:
+            return self.ledger.query("/member", member_id, Member)  # type: ignore[no-any-return]
+        except QueryError:
+            return None
+
+    def disclosures(self, patient_id: str, trail: AuditTrail | None = None) -> list[Disclosure]:
+        """The accounting of disclosures (HIPAA §164.528): every access to the patient's
+        records that the ledger granted to someone other than the patient, oldest first.
+
+        The audit entries are proven against a signed header; each grant must agree with its
+        proven entry (same requester, patient and block), or the answer is refused."""
+        trail = trail or self.verified_audit_trail(patient_id)
+        recipients: dict[str, Member | None] = {}
+        found = []
+        for proven in trail.entries:
+            if not proven.granted_access or proven.entry.sender == patient_id:
+                continue
+            grant = self.grant(proven.grant_id)
+            if (
+                grant.requester != proven.entry.sender
+                or grant.patient != patient_id
+                or grant.height != proven.height
+            ):
+                raise ProofError(
+                    f"grant {grant.id} does not match its proven audit entry {proven.index}"
+                )
+            if grant.requester not in recipients:
+                recipients[grant.requester] = self.member(grant.requester)
+            found.append(Disclosure(proven, grant, recipients[grant.requester]))
+        return found
 
     def export_bundle(self, patient_id: str) -> dict[str, Any]:
         """The patient's records, decrypted here, as a FHIR `collection` Bundle."""
