@@ -4,23 +4,30 @@ refused and audited key releases, erasure from every disk, healing of a tampered
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 from e2e_network import Network, running_network, wait_until
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import sign_request, unverified_issuer
 from medledger.client.records import AccessDenied, RecordErased, RecordsClient
 from medledger.client.sdk import LedgerClient, ProofError, trusted_validators_from_genesis
+from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.consent import GranteeKind, Purpose
 from medledger.ledger.model import Role, member_key
 from medledger.ledger.transactions import EnrollMember
+from medledger.node.testnet import node_down, node_up
 from medledger.samples.fhir import generate_patient_record_set
 
 pytestmark = pytest.mark.e2e
@@ -42,9 +49,14 @@ class Cast:
 
     def _enroll(self, node: int, role: Role) -> KeyPair:
         keys = KeyPair.generate()
+        _MEMBERS[keys.member_id] = keys
         body = EnrollMember(keys.verify_key, keys.encryption_key, role)
         self.network.client(node).submit(self.network.admins[node], "member.enroll", body)
         return keys
+
+    def enroll_colleague(self) -> KeyPair:
+        """Another clinician at the author's organization (reads by author-organization)."""
+        return self._enroll(0, Role.CLINICIAN)
 
     def client(self, keys: KeyPair, node: int) -> RecordsClient:
         if keys.member_id not in self.clients:
@@ -57,6 +69,47 @@ class Cast:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+
+
+class _ForgingCustodian:
+    """A real HTTP server playing a faulty custodian: it seals 32 random bytes to the
+    requester's key as if they were its share."""
+
+    def __init__(self, requester_hint: KeyPair) -> None:
+        del requester_hint
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.url = ""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/keys/release", self._release)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _release(self, request: web.Request) -> web.Response:
+        issuer = unverified_issuer(request.headers.get("Authorization"))
+        member = _MEMBERS[issuer]
+        forged = packaging.Share(1, secrets.token_bytes(32))
+        sealed = packaging.reseal_share(forged, member.encryption_key)
+        return web.json_response({"sealed_share": base64.b64encode(sealed).decode(), "index": 1})
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+_MEMBERS: dict[str, KeyPair] = {}
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +299,29 @@ def test_proofs_check_against_a_trusted_validator_set(network: Network, cast: Ca
         pytest.raises(ProofError, match="trusted validators"),
     ):
         client.verified_state(key)
+
+
+def test_a_read_survives_a_custodian_that_is_down_or_lies(network: Network, cast: Cast) -> None:
+    """t = 2 of 4: with one custodian stopped and another answering with a forged share, the
+    reader detects the forgery by its commitment and still decrypts with two honest shares."""
+    written = cast.client(cast.doctor, 0).put(_lab_result(cast, 7), cast.patient.member_id)
+    paths = _package_paths(network, written.digest)
+    wait_until(lambda: all(p.exists() for p in paths), 30, "replication")
+    colleague = cast.client(cast.enroll_colleague(), 0)
+    apis = colleague.node_apis()
+    liar = _ForgingCustodian(cast.patient)  # answers with a well-formed share of random bytes
+    stopped = network.configs[1]
+    node_down(stopped.home)
+    try:
+        colleague._node_apis = {**apis, network.configs[0].organization: liar.url}
+        read = colleague.read(written.record_id)
+    finally:
+        liar.close()
+        node_up(stopped.home)
+    assert read.resource["resourceType"] == "Observation"
+    assert read.bad_shares_from == (network.configs[0].organization,)
+    assert set(read.shares_from) == {
+        network.configs[2].organization,
+        network.configs[3].organization,
+    }
+    network.wait_all_at(max(h or 0 for h in network.heights().values()) + 1)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,7 @@ from medledger.ledger.records import (
     EraseRecord,
     MarkEnteredInError,
     PutRecord,
+    PutRecords,
     RecordHead,
     RecordStatus,
     RecordVersion,
@@ -73,6 +76,17 @@ class WrittenRecord:
     version: int
     digest: str
     outcome: TxOutcome
+
+
+@dataclass(frozen=True)
+class RecordWrite:
+    """One entry of `put_many`: a new record (previous 0) or an amendment of the record's
+    version `previous`, which must be its latest."""
+
+    resource: Any
+    patient_id: str
+    record_id: str | None = None
+    previous: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,10 +287,11 @@ class RecordsClient:
         outcome = self.ledger.submit(self.keys, "record.put", body, sender=self.member_id)
         return WrittenRecord(record_id, 1, sealed.digest, outcome)
 
-    def amend(self, record_id: str, resource: Any) -> WrittenRecord:
-        """A new version linked to the latest one."""
+    def amend(self, record_id: str, resource: Any, previous: int | None = None) -> WrittenRecord:
+        """A new version linked to the latest one (or to `previous`, which the ledger then
+        requires to be the latest: an optimistic lock, as HTTP If-Match)."""
         history = self.history(record_id)
-        latest = history.head.latest
+        latest = history.head.latest if previous is None else previous
         patient = self.ledger.query("/member", history.head.patient, Member)
         sealed, resource_type, category, custodians, threshold = self._seal(
             resource, record_id, latest + 1, patient
@@ -296,6 +311,22 @@ class RecordsClient:
         )
         outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
         return WrittenRecord(record_id, latest + 1, sealed.digest, outcome)
+
+    def put_many(self, writes: Sequence[RecordWrite]) -> list[WrittenRecord]:
+        """Validate, seal and upload every record or amendment, then commit them all in one
+        `record.put-many` transaction: all are stored, or none is."""
+        bodies = [
+            self.seal_and_upload(
+                w.resource, w.patient_id, w.record_id, w.previous + 1, previous=w.previous
+            )
+            for w in writes
+        ]
+        outcome = self.ledger.submit(
+            self.keys, "record.put-many", PutRecords(tuple(bodies)), sender=self.member_id
+        )
+        return [
+            WrittenRecord(b.record_id, b.previous + 1, b.package_digest, outcome) for b in bodies
+        ]
 
     def mark_entered_in_error(self, record_id: str, version: int, reason: str) -> TxOutcome:
         body = MarkEnteredInError(record_id, version, reason)
@@ -368,42 +399,73 @@ class RecordsClient:
         grant = self.ledger.query("/grant", grant_id)
         record = self._version(record_id, int(grant["version"]))
         package = self._package(record, grant_id)
+        shares, good, bad, refused = self._gather_shares(record, package, grant_id)
+        if len(shares) < record.threshold:
+            raise ClientError(
+                f"only {len(shares)} of the {record.threshold} key shares needed could be"
+                f" obtained (wrong shares from: {bad or 'none'}; no share from: "
+                f"{'; '.join(refused) or 'none'})"
+            )
+        data_key = packaging.combine_shares(package, shares)
+        plaintext = packaging.decrypt_record(package, data_key, record.commitment)
+        return ReadRecord(json.loads(plaintext), record, grant_id, tuple(good), tuple(bad))
+
+    def _gather_shares(
+        self,
+        record: RecordVersion,
+        package: packaging.RecordPackage,
+        grant_id: str,
+        patience: float = 10.0,
+    ) -> tuple[list[packaging.Share], list[str], list[str], list[str]]:
+        """Ask custodians for their shares until t valid ones are in hand: (shares, from whom,
+        who sent a wrong share, who gave none and why). A custodian that has not yet committed
+        the grant's block or received the package answers 404/503 and is asked again, for up
+        to `patience` seconds; one that is down or refuses is passed over; a wrong share is
+        detected by its commitment and set aside."""
         shares: list[packaging.Share] = []
         good: list[str] = []
         bad: list[str] = []
         apis = self.node_apis()
         body = json.dumps({"grant": grant_id}).encode()
-        for custody in record.custodians:
-            if len(shares) >= record.threshold:
+        pending = [c for c in record.custodians if c.organization in apis]
+        refused: dict[str, str] = {}
+        deadline = time.monotonic() + patience
+        while pending and len(shares) < record.threshold:
+            retry = []
+            for custody in pending:
+                if len(shares) >= record.threshold:
+                    break
+                try:
+                    response = self._request(
+                        "POST", apis[custody.organization], "/v1/keys/release", body
+                    )
+                except ClientError as exc:
+                    refused[custody.organization] = str(exc)
+                    continue
+                if response.status_code in (404, 503):
+                    refused[custody.organization] = f"HTTP {response.status_code}"
+                    retry.append(custody)
+                    continue
+                if response.status_code != 200:
+                    refused[custody.organization] = f"HTTP {response.status_code}: {response.text}"
+                    continue
+                try:
+                    sealed = base64.b64decode(response.json()["sealed_share"])
+                    share = packaging.unseal_share(sealed, self.keys.encryption_secret)
+                except (KeyError, ValueError, packaging.PackageError):
+                    bad.append(custody.organization)
+                    continue
+                if share.index != custody.index or not packaging.share_is_valid(package, share):
+                    bad.append(custody.organization)
+                    continue
+                refused.pop(custody.organization, None)
+                shares.append(share)
+                good.append(custody.organization)
+            if len(shares) >= record.threshold or not retry or time.monotonic() > deadline:
                 break
-            base = apis.get(custody.organization)
-            if base is None:
-                continue
-            try:
-                response = self._request("POST", base, "/v1/keys/release", body)
-            except ClientError:
-                continue
-            if response.status_code != 200:
-                continue
-            try:
-                sealed = base64.b64decode(response.json()["sealed_share"])
-                share = packaging.unseal_share(sealed, self.keys.encryption_secret)
-            except (KeyError, ValueError, packaging.PackageError):
-                bad.append(custody.organization)
-                continue
-            if share.index != custody.index or not packaging.share_is_valid(package, share):
-                bad.append(custody.organization)
-                continue
-            shares.append(share)
-            good.append(custody.organization)
-        if len(shares) < record.threshold:
-            raise ClientError(
-                f"only {len(shares)} of the {record.threshold} key shares needed could be"
-                f" obtained (bad or refused: {bad or 'none'})"
-            )
-        data_key = packaging.combine_shares(package, shares)
-        plaintext = packaging.decrypt_record(package, data_key, record.commitment)
-        return ReadRecord(json.loads(plaintext), record, grant_id, tuple(good), tuple(bad))
+            pending = retry
+            time.sleep(0.3)
+        return shares, good, bad, [f"{org} ({why})" for org, why in sorted(refused.items())]
 
     def read_own(self, record_id: str, version: int = 0) -> ReadRecord:
         """The patient or the author opens their own key envelope (no shares needed)."""
