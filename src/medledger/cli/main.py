@@ -10,6 +10,7 @@ import click
 
 from medledger.cli.chain import gov, member, tx, verify
 from medledger.cli.custody import client, custody
+from medledger.cli.hl7 import import_group
 from medledger.cli.keys import keys
 from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
@@ -50,6 +51,7 @@ cli.add_command(testnet)
 cli.add_command(keys)
 cli.add_command(custody)
 cli.add_command(client)
+cli.add_command(import_group)
 cli.add_command(member)
 cli.add_command(gov)
 cli.add_command(tx)

@@ -19,6 +19,7 @@ from medledger.api.metrics import Metrics
 from medledger.api.records import RecordServices, add_record_routes
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.smart import TokenService
+from medledger.hl7.mllp import start_hl7_listener
 from medledger.ledger.app import BlockOutcome
 from medledger.ledger.records import RecordStatus, RecordVersion
 from medledger.ledger.state import State
@@ -103,6 +104,7 @@ async def serve_app(home: Path) -> None:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     await abci_server.start()
+    hl7_listener = await start_hl7_listener(cfg.home, fhir_context)
     replication = asyncio.create_task(replicator.run())
     log.info(
         "app started",
@@ -125,6 +127,8 @@ async def serve_app(home: Path) -> None:
     failed = fatal.done()
     stop_task.cancel()
     replication.cancel()
+    if hl7_listener is not None:
+        await hl7_listener.stop()
     await abci_server.stop()
     await runner.cleanup()
     with contextlib.suppress(Exception):

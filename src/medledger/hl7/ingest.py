@@ -1,0 +1,366 @@
+"""From an HL7 v2 message to the ledger and back to an acknowledgement.
+
+A message is parsed, checked, its patients resolved through the node's patient index, mapped
+to FHIR and validated; then its records are sealed, uploaded and committed in one
+`record.put-many` transaction authored by the laboratory system's custodial member, and the
+answer is AA. A record already on the ledger under its derived id is compared with the new
+content (the author can open its own key envelope): an unchanged one is not written again (a
+retransmitted message is acknowledged without a second write), a changed one — a corrected or
+final result after a preliminary one — is written as an amendment of that record.
+
+Any failure before the commit writes nothing: AR for a message that is not an acceptable
+ORU^R01, AE for content that cannot be recorded or a ledger that refuses the transaction (its
+reason in the NAK). Packages sealed and uploaded for a transaction the ledger then refuses stay
+unreferenced in the node's package store; no record points to them.
+
+Messages are processed one at a time per node: the upsert decision reads the ledger, and two
+messages about the same order must not decide on the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any, Protocol
+
+import hl7  # type: ignore[import-untyped]
+
+from medledger.client.records import RecordsClient
+from medledger.client.sdk import ClientError, QueryError, TxRejected
+from medledger.crypto.package import PackageError
+from medledger.fhir.validation import FhirValidationError, validate_resource
+from medledger.hl7.ack import build_ack, build_bare_ack
+from medledger.hl7.oru import (
+    AckCode,
+    ErrorLocation,
+    Header,
+    Hl7Error,
+    MappedRecord,
+    check_header,
+    map_message,
+    parse_message,
+    read_header,
+    read_oru,
+    resolve_patient,
+)
+from medledger.ledger.errors import Code
+from medledger.ledger.records import PutRecord, PutRecords, RecordStatus
+
+log = logging.getLogger("medledger.hl7")
+
+
+class PatientLookup(Protocol):
+    def resolve(self, system: str, value: str) -> str | None: ...
+
+    def resolve_any(self, value: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """The latest version of a record already on the ledger."""
+
+    patient: str
+    version: int
+    erased: bool
+    current: bool = True  # False when the latest version was marked entered-in-error
+
+
+class RecordWriter(Protocol):
+    """What the processor needs of the ledger, as one custodial member."""
+
+    def stored(self, record_id: str) -> StoredRecord | None: ...
+
+    def content(self, record_id: str) -> dict[str, Any] | None: ...
+
+    def seal(
+        self, resource: dict[str, Any], patient: str, record_id: str, previous: int
+    ) -> PutRecord: ...
+
+    def commit(self, records: list[PutRecord]) -> str: ...
+
+
+class LedgerRecordWriter:
+    """A RecordWriter through the SDK: sealed packages uploaded to the node, one
+    `record.put-many` transaction."""
+
+    def __init__(self, client: RecordsClient) -> None:
+        self.client = client
+
+    def stored(self, record_id: str) -> StoredRecord | None:
+        try:
+            history = self.client.history(record_id)
+        except QueryError as exc:
+            if exc.code == Code.NOT_FOUND:
+                return None
+            raise
+        latest = next((v for v in history.versions if v.version == history.head.latest), None)
+        current = latest is None or latest.status is not RecordStatus.ENTERED_IN_ERROR
+        return StoredRecord(history.head.patient, history.head.latest, history.head.erased, current)
+
+    def content(self, record_id: str) -> dict[str, Any] | None:
+        """The latest version's resource when this member can open it (it wrote it)."""
+        try:
+            return self.client.read_own(record_id).resource
+        except (ClientError, PackageError, ValueError):
+            return None
+
+    def seal(
+        self, resource: dict[str, Any], patient: str, record_id: str, previous: int
+    ) -> PutRecord:
+        return self.client.seal_and_upload(
+            resource, patient, record_id, version=previous + 1, previous=previous
+        )
+
+    def commit(self, records: list[PutRecord]) -> str:
+        outcome = self.client.ledger.submit(
+            self.client.keys,
+            "record.put-many",
+            PutRecords(tuple(records)),
+            sender=self.client.member_id,
+        )
+        return outcome.tx_hash
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message: its acknowledgement and, when committed, what was
+    written (record ids) and in which transaction."""
+
+    code: AckCode
+    control_id: str
+    reason: str
+    ack: str
+    written: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    tx_hash: str = ""
+    patients: tuple[str, ...] = field(default=())
+
+    @property
+    def accepted(self) -> bool:
+        return self.code is AckCode.ACCEPT
+
+
+class Hl7Processor:
+    """Processes ORU^R01 messages for one node, acting as its laboratory system's member."""
+
+    def __init__(
+        self,
+        writer: Callable[[], RecordWriter],
+        patients: PatientLookup,
+        *,
+        zone: tzinfo = UTC,
+        application: str = "MEDLEDGER",
+        facility: str = "",
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._patients = patients
+        self.zone = zone
+        self.application = application
+        self.facility = facility
+        self._clock = clock or (lambda: datetime.now(UTC).astimezone())
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _control_id() -> str:
+        return str(hl7.generate_message_control_id())
+
+    def reject_unreadable(self, text: str, error: Hl7Error) -> str:
+        """The AR for bytes that are not a message this node can read (e.g. too large)."""
+        return self._bare_ack(text, error, self._control_id(), self._clock())
+
+    def _bare_ack(self, text: str, error: Hl7Error, control_id: str, now: datetime) -> str:
+        return build_bare_ack(
+            text,
+            error.ack,
+            error,
+            control_id=control_id,
+            now=now,
+            application=self.application,
+            facility=self.facility,
+        )
+
+    def process(self, text: str) -> Outcome:
+        """Parse, map, commit and acknowledge one message (never raises)."""
+        try:
+            return self._process(text)
+        except Exception as exc:  # a defect here must still answer the sender
+            log.exception("hl7 message processing failed")
+            error = Hl7Error(AckCode.ERROR, f"internal error: {type(exc).__name__}", "207")
+            ack = self._bare_ack(text, error, self._control_id(), self._clock())
+            return Outcome(AckCode.ERROR, "", error.reason, ack)
+
+    def _process(self, text: str) -> Outcome:
+        with self._lock:
+            now = self._clock()
+            control_id = self._control_id()
+            try:
+                message = parse_message(text)
+            except Hl7Error as error:
+                log.info("hl7 message not parsed", extra=_log_fields(error))
+                ack = self._bare_ack(text, error, control_id, now)
+                return Outcome(AckCode.REJECT, "", error.reason, ack)
+            header = read_header(message)
+            try:
+                outcome = self._commit(message, header)
+            except Hl7Error as error:
+                log.info(
+                    "hl7 message not accepted",
+                    extra={"control_id": header.control_id, **_log_fields(error)},
+                )
+                ack = build_ack(
+                    message,
+                    error.ack,
+                    control_id=control_id,
+                    now=now,
+                    application=self.application,
+                    facility=self.facility,
+                    error=error,
+                )
+                return Outcome(error.ack, header.control_id, error.reason, ack)
+            written, unchanged, tx_hash, patients = outcome
+            reason = (
+                f"{len(written)} records written"
+                if written
+                else "already recorded: the results are unchanged"
+            )
+            ack = build_ack(
+                message,
+                AckCode.ACCEPT,
+                control_id=control_id,
+                now=now,
+                application=self.application,
+                facility=self.facility,
+                text="" if written else reason,
+            )
+            log.info(
+                "hl7 message accepted",
+                extra={"control_id": header.control_id, "written": len(written), "tx": tx_hash},
+            )
+            return Outcome(
+                AckCode.ACCEPT,
+                header.control_id,
+                reason,
+                ack,
+                written,
+                unchanged,
+                tx_hash,
+                patients,
+            )
+
+    def _commit(
+        self, message: Any, header: Header
+    ) -> tuple[tuple[str, ...], tuple[str, ...], str, tuple[str, ...]]:
+        check_header(header)
+        oru = read_oru(message, header)
+        patients = [
+            resolve_patient(
+                group.identifiers,
+                self._patients.resolve,
+                self._patients.resolve_any,
+                group.sequence,
+            )
+            for group in oru.patients
+        ]
+        records = map_message(oru, patients, self.zone)
+        resources = [(record, _validated(record)) for record in records]
+        try:
+            writer = self._writer()
+            bodies: list[PutRecord] = []
+            written: list[str] = []
+            unchanged: list[str] = []
+            for record, resource in resources:
+                previous = self._previous_version(writer, record, resource)
+                if previous is None:
+                    unchanged.append(record.record_id)
+                    continue
+                bodies.append(writer.seal(resource, record.patient, record.record_id, previous))
+                written.append(record.record_id)
+            tx_hash = writer.commit(bodies) if bodies else ""
+        except Hl7Error:
+            raise
+        except TxRejected as exc:
+            raise Hl7Error(AckCode.ERROR, f"the ledger refused the results: {exc.log}") from None
+        except (ClientError, PackageError, FhirValidationError) as exc:
+            raise Hl7Error(AckCode.ERROR, f"the results could not be recorded: {exc}") from None
+        except Exception as exc:  # a custody or configuration problem of this node
+            log.exception("hl7 message failed")
+            raise Hl7Error(
+                AckCode.ERROR, f"the results could not be recorded: {type(exc).__name__}: {exc}"
+            ) from None
+        return tuple(written), tuple(unchanged), tx_hash, tuple(dict.fromkeys(patients))
+
+    def _previous_version(
+        self, writer: RecordWriter, record: MappedRecord, resource: dict[str, Any]
+    ) -> int | None:
+        """0 for a new record, the latest version for a changed one (or one marked
+        entered-in-error, which the same result sent again restores), None if unchanged."""
+        stored = writer.stored(record.record_id)
+        if stored is None:
+            return 0
+        if stored.erased:
+            raise Hl7Error(
+                AckCode.ERROR,
+                f"record {record.record_id} of this result was erased and cannot be written again",
+                "207",
+            )
+        if stored.patient != record.patient:
+            raise Hl7Error(
+                AckCode.ERROR,
+                "this order's results are recorded for another patient",
+                "205",
+                ErrorLocation("PID", 1, 3),
+            )
+        if stored.current and writer.content(record.record_id) == resource:
+            return None
+        return stored.version
+
+
+def _log_fields(error: Hl7Error) -> dict[str, str]:
+    """What the node log says of a refusal: codes and where, never the reason's text (it
+    may quote a result value or an identifier)."""
+    where = ""
+    if error.location is not None:
+        where = f"{error.location.segment}:{error.location.sequence}"
+        if error.location.field:
+            where += f"-{error.location.field}"
+    return {"ack": str(error.ack), "error_code": error.error_code, "location": where}
+
+
+def _validated(record: MappedRecord) -> dict[str, Any]:
+    try:
+        return validate_resource(record.resource).resource
+    except FhirValidationError as exc:
+        problems = "; ".join(exc.problems) or exc.message
+        raise Hl7Error(
+            AckCode.ERROR,
+            f"{record.resource['resourceType']} is not valid FHIR R4: {problems}",
+            "102",
+        ) from None
+
+
+def decode_payload(payload: bytes) -> tuple[str, str]:
+    """The text of a message and the codec to answer in: MSH-18 8859/1 is Latin-1, anything
+    else (ASCII, UNICODE UTF-8 or none) UTF-8; bytes that are not valid UTF-8 are read as
+    Latin-1 so that the message can still be parsed and answered."""
+    head = payload.split(b"\r", 1)[0]
+    if b"8859/1" in head:
+        return payload.decode("latin-1"), "latin-1"
+    try:
+        return payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return payload.decode("latin-1"), "latin-1"
+
+
+__all__ = [
+    "Hl7Processor",
+    "LedgerRecordWriter",
+    "Outcome",
+    "PatientLookup",
+    "RecordWriter",
+    "StoredRecord",
+    "decode_payload",
+]
