@@ -18,6 +18,7 @@ from medledger.api.http import build_http_app
 from medledger.api.metrics import Metrics
 from medledger.api.records import RecordServices, add_record_routes
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
+from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
 from medledger.hl7.mllp import start_hl7_listener
 from medledger.ledger.app import BlockOutcome
@@ -98,6 +99,7 @@ async def serve_app(home: Path) -> None:
     )
     held = fhir_context.custody.unlock_all()
     http_app[FHIR_CONTEXT] = fhir_context
+    add_fhir_routes(http_app)
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
     runner = web.AppRunner(http_app, access_log=None, client_max_size=17 * 1024 * 1024)

@@ -1,0 +1,241 @@
+"""The CapabilityStatement of a node's FHIR API, built from the tables the gateway serves from:
+what it says is supported is what the gateway does, and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from medledger.fhir.search import CONTENT, METADATA, PATIENT, SEARCH_PARAMS
+
+FHIR_VERSION = "4.0.1"
+SOFTWARE_VERSION = "0.1.0"
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+EVERYTHING = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+
+# Interactions of resources stored as ledger records.
+RECORD_INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
+
+
+@dataclass(frozen=True)
+class ResourceSupport:
+    """What the API offers for one resource type."""
+
+    interactions: tuple[str, ...]
+    documentation: str
+    record: bool = True  # stored as an encrypted ledger record
+    conditional_create: bool = False
+    operations: tuple[tuple[str, str], ...] = ()
+
+
+_RECORD_DOC = (
+    "Stored as an encrypted ledger record about the patient its subject/patient names (an"
+    " enrolled patient, Patient/<ledger id>). Reads go through a ledger access request, key"
+    " release and decryption."
+)
+
+RESOURCES: Mapping[str, ResourceSupport] = {
+    "Patient": ResourceSupport(
+        RECORD_INTERACTIONS,
+        "Patient.id is the patient's ledger member id. Create enrolls the patient (keys held in"
+        " this node's custody), links each identifier in this node's patient index (never on"
+        " the ledger) and stores the demographics as an encrypted record. Conditional create"
+        " (If-None-Exist: identifier=system|value) returns the patient the identifier names.",
+        conditional_create=True,
+        operations=(("everything", EVERYTHING),),
+    ),
+    **{
+        name: ResourceSupport(RECORD_INTERACTIONS, _RECORD_DOC)
+        for name in (
+            "Observation",
+            "Condition",
+            "MedicationRequest",
+            "AllergyIntolerance",
+            "Procedure",
+            "Encounter",
+            "DiagnosticReport",
+            "Immunization",
+            "DocumentReference",
+            "CarePlan",
+            "CareTeam",
+            "Goal",
+            "MedicationStatement",
+            "ServiceRequest",
+            "FamilyMemberHistory",
+        )
+    },
+    "Consent": ResourceSupport(
+        ("read", "create", "update", "search-type"),
+        "The ledger's consents. Create becomes a consent.grant signed with the patient's key,"
+        " which this node must hold in custody: provision.type permit, one provision.actor"
+        " (Organization/, Practitioner/, Device/, RelatedPerson/ or Patient/ <ledger id>, or an"
+        " identifier urn:medledger:role|<role>), provision.purpose from v3-ActReason (TREAT,"
+        " HPAYMT, HOPERAT, HRESCH; default TREAT), provision.period (default one year from"
+        " now), and at most one scope kind: provision.class (resource types), provision.code"
+        " (urn:medledger:record-category) or provision.data (records). Update may only set"
+        " status inactive, which revokes the consent.",
+        record=False,
+    ),
+    "AuditEvent": ResourceSupport(
+        ("search-type",),
+        "The ledger's audit log for a patient (transactions and access decisions, no PHI),"
+        " each entry proven by Merkle inclusion against the validators' signed header. A"
+        " granted access names the record version and the purpose of use.",
+        record=False,
+    ),
+    "Provenance": ResourceSupport(
+        ("read", "search-type"),
+        "One Provenance per record version: author, organization, block time and height,"
+        " package digest and commitment, with the version's state proof checked against the"
+        " validators' signed header.",
+        record=False,
+    ),
+}
+
+RECORD_TYPES = frozenset(name for name, support in RESOURCES.items() if support.record)
+
+SYSTEM_DOC = (
+    "FHIR R4 (4.0.1) over a permissioned ledger. Resources are validated with R4B (4.3.0)"
+    " models, identical to R4 for these resources. JSON only (application/fhir+json or"
+    " application/json). Authentication: SMART Backend Services (private_key_jwt client"
+    " assertion at the token endpoint; system/ scopes). Every read is a ledger access request"
+    " decided by consent and audited; the purpose of use is the X-Purpose-Of-Use header"
+    " (v3-ActReason TREAT, HPAYMT, HOPERAT, HRESCH; default TREAT). Unknown search parameters"
+    " are refused unless Prefer: handling=lenient. Search results leave out records the caller"
+    " may not read and say how many in an OperationOutcome entry. Type-level _history takes"
+    " patient (or _id), _since, _count; without them it lists the records the caller's"
+    " organization authored about patients it enrolled, as search does. Not supported: delete (use"
+    " erasure), update as create, patch, conditional update/delete, _include/_revinclude,"
+    " chained parameters, _elements, XML."
+)
+
+
+def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, Any]:
+    resources = []
+    for name, support in RESOURCES.items():
+        entry: dict[str, Any] = {
+            "type": name,
+            "documentation": support.documentation,
+            "interaction": [{"code": code} for code in support.interactions],
+        }
+        if support.record:
+            entry.update(
+                {
+                    "versioning": "versioned-update",
+                    "readHistory": True,
+                    "updateCreate": False,
+                    "conditionalCreate": support.conditional_create,
+                    "conditionalRead": "not-supported",
+                    "conditionalUpdate": False,
+                    "conditionalDelete": "not-supported",
+                }
+            )
+        params = SEARCH_PARAMS.get(name, {})
+        if "search-type" in support.interactions and params:
+            entry["searchParam"] = [
+                {
+                    "name": p.name,
+                    "definition": p.definition,
+                    "type": p.type,
+                    "documentation": f"{p.documentation} [{_where(p.where)}]",
+                }
+                for p in params.values()
+            ]
+        if support.operations:
+            entry["operation"] = [
+                {"name": op, "definition": definition} for op, definition in support.operations
+            ]
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "medledger",
+        "url": f"{base_url}/metadata",
+        "version": SOFTWARE_VERSION,
+        "name": "MedledgerNodeFhirApi",
+        "title": "medledger node FHIR R4 API",
+        "status": "active",
+        "experimental": False,
+        "date": date,
+        "publisher": "medledger",
+        "kind": "instance",
+        "software": {"name": "medledger", "version": SOFTWARE_VERSION},
+        "implementation": {"description": "medledger node FHIR API", "url": base_url},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": SYSTEM_DOC,
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/"
+                                    "restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "SMART Backend Services: POST a client_credentials grant"
+                    " with a JWT client assertion to the token endpoint.",
+                    "extension": [
+                        {"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": token_url}]}
+                    ],
+                },
+                "resource": resources,
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                "searchParam": [
+                    {
+                        "name": "_count",
+                        "type": "number",
+                        "documentation": "Page size (default 20, at most 100; 0 gives the total).",
+                    },
+                    {
+                        "name": "_page",
+                        "type": "number",
+                        "documentation": "Paging position; follow the Bundle's next/previous"
+                        " links rather than building it.",
+                    },
+                    {
+                        "name": "_sort",
+                        "type": "string",
+                        "documentation": "_lastUpdated, _id or a date parameter of the type"
+                        " (date means the type's clinical date); - for descending.",
+                    },
+                ],
+                "operation": [{"name": "everything", "definition": EVERYTHING}],
+            }
+        ],
+    }
+
+
+def smart_configuration(token_url: str) -> dict[str, Any]:
+    """`.well-known/smart-configuration` for backend services."""
+    return {
+        "token_endpoint": token_url,
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256", "ES384"],
+        "scopes_supported": ["system/*.cruds", "system/*.rs"],
+        "capabilities": ["client-confidential-asymmetric"],
+    }
+
+
+def _where(where: str) -> str:
+    return {
+        PATIENT: "selects candidates from the ledger's index",
+        METADATA: "decided from ledger metadata",
+        CONTENT: "decided on the decrypted content",
+    }[where]
