@@ -14,7 +14,14 @@ import msgspec
 
 from medledger.ledger import codec
 from medledger.ledger.access import load_grant
-from medledger.ledger.consent import consents_of
+from medledger.ledger.claims import (
+    PARTIES,
+    all_claims,
+    claim_stats,
+    claims_of,
+    load_claim,
+)
+from medledger.ledger.consent import Consent, ConsentStatus, GranteeKind, consents_of
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import AuditEntry
 from medledger.ledger.governance import Proposal, load_params, validators
@@ -128,6 +135,31 @@ def _consents(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return consents_of(State(store), data.decode())
 
 
+def _consents_granted_to(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """The consents naming a member — as that member, their organization or their role —
+    that are active and unexpired at the latest block's time ("patients who shared with me").
+
+    Data: JSON {"member", "organization", "role"} (each optional). A full scan of `consent/`:
+    fine for a pilot's few thousand consents; an index by grantee is the step after that."""
+    grantee = msgspec.json.decode(data or b"{}", type=dict[str, str])
+    wanted = {
+        (GranteeKind.MEMBER, grantee.get("member", "")),
+        (GranteeKind.ORGANIZATION, grantee.get("organization", "")),
+        (GranteeKind.ROLE, grantee.get("role", "")),
+    }
+    height, _, _ = store.committed()
+    block = store.block(height)
+    now_ns = block.time_ns if block is not None else 0
+    return [
+        consent
+        for consent in State(store).read_all(b"consent/", Consent)
+        if (consent.grantee_kind, consent.grantee) in wanted
+        and consent.grantee
+        and consent.status is ConsentStatus.ACTIVE
+        and consent.start_ns <= now_ns < consent.end_ns
+    ]
+
+
 def _grant(store: SqliteStore, data: bytes, prove: bool) -> Any:
     grant = load_grant(State(store), data.decode())
     if grant is None:
@@ -153,6 +185,39 @@ def _patient_audit(store: SqliteStore, data: bytes, prove: bool) -> Any:
             }
         )
     return {"entries": entries, "audit_size": log.size, "audit_root": log.root(), **_anchor(store)}
+
+
+def _claim(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """One claim with its whole history (metadata only: its content is sealed off-chain)."""
+    return load_claim(State(store), data.decode())
+
+
+def _claim_filter(data: bytes) -> tuple[str, str]:
+    """Query data "patient:<member id>", "provider:<org id>" or "insurer:<org id>"; empty
+    for every claim."""
+    text = data.decode()
+    if not text:
+        return "", ""
+    party, _, party_id = text.partition(":")
+    if party not in PARTIES or not party_id:
+        raise LedgerError(
+            Code.INVALID_BODY, f"claims are listed by {' or '.join(f'{p}:<id>' for p in PARTIES)}"
+        )
+    return party, party_id
+
+
+def _claims(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    party, party_id = _claim_filter(data)
+    state = State(store)
+    return claims_of(state, party, party_id) if party else all_claims(state)
+
+
+def _claim_stats(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """Per provider and insurer totals computed from the committed claims; with a filter,
+    only that party's claims are counted."""
+    party, party_id = _claim_filter(data)
+    state = State(store)
+    return claim_stats(claims_of(state, party, party_id) if party else all_claims(state))
 
 
 def _block(store: SqliteStore, data: bytes, prove: bool) -> Any:
@@ -202,8 +267,12 @@ QUERIES: dict[str, QueryFn] = {
     "/record": _record,
     "/records": _records,
     "/consents": _consents,
+    "/consents/granted-to": _consents_granted_to,
     "/grant": _grant,
     "/audit/patient": _patient_audit,
+    "/claim": _claim,
+    "/claims": _claims,
+    "/claims/stats": _claim_stats,
 }
 
 

@@ -20,6 +20,7 @@ from medledger.api.auth import AuthError, Caller, ReplayCache, unverified_issuer
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import Basis, Grant, consent_problem, load_grant
+from medledger.ledger.claims import CLAIM_AUTHOR_ROLES
 from medledger.ledger.consent import Consent, consent_key
 from medledger.ledger.identity import is_active
 from medledger.ledger.model import Member, Organization, Role, member_key, organization_key
@@ -55,6 +56,10 @@ class RecordServices:
 
 
 SERVICES = web.AppKey("record_services", RecordServices)
+
+# Who may upload a sealed package: record authors, and the members who write a claim's Claim
+# (provider billing and clinicians) or ClaimResponse (insurer billing and admins).
+UPLOADER_ROLES = frozenset(AUTHOR_ROLES | CLAIM_AUTHOR_ROLES)
 
 
 def _problem(status: int, reason: str) -> web.Response:
@@ -92,8 +97,8 @@ async def put_package(request: web.Request) -> web.Response:
         _, member = await _authenticate(request, services)
     except AuthError as exc:
         return _problem(401, str(exc))
-    if member is None or member.role not in AUTHOR_ROLES:
-        return _problem(403, "only practitioners and system clients that write records upload")
+    if member is None or member.role not in UPLOADER_ROLES:
+        return _problem(403, "only members who write records or claims upload packages")
     data = await request.read()
     if len(data) > MAX_PACKAGE_BYTES:
         return _problem(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")

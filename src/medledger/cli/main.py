@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from medledger.cli.chain import gov, member, tx, verify
+from medledger.cli.claims import claim
 from medledger.cli.custody import client, custody
 from medledger.cli.hl7 import import_group
 from medledger.cli.keys import keys
@@ -52,6 +53,7 @@ cli.add_command(keys)
 cli.add_command(custody)
 cli.add_command(client)
 cli.add_command(import_group)
+cli.add_command(claim)
 cli.add_command(member)
 cli.add_command(gov)
 cli.add_command(tx)

@@ -3,8 +3,10 @@
 The patient and the organization that authored a record have access. Anyone else needs an
 active consent that covers the record and the purpose at the block's time. A practitioner in
 the emergency role may break the glass with a stated reason: the grant is short-lived and
-flagged for the patient to see. Granted and denied requests are both in the audit log, each
-with its reason; only a committed, unexpired grant lets custodian nodes release key shares.
+flagged for the patient to see. The parties to a claim read its Claim and ClaimResponse records
+for payment (see `claim_party_basis`); the records supporting a claim still need consent.
+Granted and denied requests are both in the audit log, each with its reason; only a committed,
+unexpired grant lets custodian nodes release key shares.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from enum import StrEnum
 
 import msgspec
 
+from medledger.ledger.claims import CLAIM_CATEGORY, PROVIDER_ROLES, claim_for_record
 from medledger.ledger.consent import (
     SECOND_NS,
     Consent,
@@ -42,6 +45,8 @@ class Basis(StrEnum):
     AUTHOR_ORGANIZATION = "author-organization"
     CONSENT = "consent"
     EMERGENCY = "emergency"
+    CLAIM_INSURER = "claim-insurer"
+    CLAIM_PROVIDER = "claim-provider"
 
 
 class RequestAccess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -145,6 +150,9 @@ def decide(
         return Basis.PATIENT, "", params.access_grant_seconds
     if sender.organization == version.author_organization:
         return Basis.AUTHOR_ORGANIZATION, "", params.access_grant_seconds
+    claim_basis = claim_party_basis(state, sender, version, body.purpose)
+    if claim_basis is not None:
+        return claim_basis, "", params.access_grant_seconds
     reasons: list[str] = []
     for consent in consents_of(state, patient):
         problem = consent_problem(consent, sender, version, body.purpose, ctx.block.time_ns)
@@ -156,6 +164,27 @@ def decide(
     raise _denied(
         patient, f"no active consent covers {version.record_id} for {body.purpose}: {detail}"
     )
+
+
+def claim_party_basis(
+    state: State, sender: Member, version: RecordVersion, purpose: Purpose
+) -> Basis | None:
+    """The insurer of a claim reads the claim's FHIR Claim and ClaimResponse records, and the
+    provider that submitted it reads the insurer's ClaimResponses, for payment only and only
+    by a billing or clinician member (a claims examiner or medical reviewer). Nothing else is
+    covered: the records supporting a claim need the patient's consent for payment."""
+    if purpose is not Purpose.PAYMENT or version.category != CLAIM_CATEGORY:
+        return None
+    if sender.role not in PROVIDER_ROLES:
+        return None
+    claim = claim_for_record(state, version.record_id)
+    if claim is None:
+        return None
+    if sender.organization == claim.insurer:
+        return Basis.CLAIM_INSURER
+    if sender.organization == claim.provider:
+        return Basis.CLAIM_PROVIDER
+    return None
 
 
 def consent_problem(

@@ -256,6 +256,9 @@ def amend_record(state: State, ctx: TxContext, body: PutRecord) -> str:
         raise LedgerError(Code.INVALID_BODY, f"record {body.record_id} is about another patient")
     latest = load_version(state, body.record_id, head.latest)
     _require_author_organization(ctx, latest)
+    from medledger.ledger.claims import check_claim_record_unchanged
+
+    check_claim_record_unchanged(state, body.record_id)
     if body.previous != head.latest:
         raise LedgerError(
             Code.CONFLICT,

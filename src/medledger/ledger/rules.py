@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from medledger.ledger import access, clients, consent, governance, identity, records
+from medledger.ledger import access, claims, clients, consent, governance, identity, records
 from medledger.ledger.access import RequestAccess
+from medledger.ledger.claims import (
+    APPEAL_ROLES,
+    PAYER_ROLES,
+    PROVIDER_ROLES,
+    AdjudicateClaim,
+    AppealClaim,
+    PayClaim,
+    SubmitClaim,
+)
 from medledger.ledger.clients import RegisterClient, RevokeClient
 from medledger.ledger.consent import GrantConsent, RevokeConsent, SetDelegate
 from medledger.ledger.context import TransactionRule
@@ -57,4 +66,9 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "access.request": TransactionRule(RequestAccess, READERS, access.request_access),
     "client.register": TransactionRule(RegisterClient, ADMINS, clients.register_client),
     "client.revoke": TransactionRule(RevokeClient, ADMINS, clients.revoke_client),
+    # Claims: the rule functions check the organization (provider or the claim's insurer).
+    "claim.submit": TransactionRule(SubmitClaim, PROVIDER_ROLES, claims.submit_claim),
+    "claim.adjudicate": TransactionRule(AdjudicateClaim, PAYER_ROLES, claims.adjudicate_claim),
+    "claim.pay": TransactionRule(PayClaim, PAYER_ROLES, claims.pay_claim),
+    "claim.appeal": TransactionRule(AppealClaim, APPEAL_ROLES, claims.appeal_claim),
 }

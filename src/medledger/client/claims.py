@@ -1,0 +1,466 @@
+"""Claims from the client side: a provider submits a FHIR Claim, the insurer adjudicates with a
+FHIR ClaimResponse and records payment, the provider or patient appeals; anyone reads a claim's
+history and the per-organization statistics.
+
+The FHIR Claim and each ClaimResponse are sealed and stored as records (resource types Claim and
+ClaimResponse, category "claim") in the same transaction as the ledger step they belong to, so
+they are read like any record: the patient and the author open their own key envelopes; the
+claim's insurer and provider obtain key shares through an access request for payment (see
+`medledger.ledger.access.claim_party_basis`); everyone else needs the patient's consent.
+
+The ledger keeps only the billing summary that this module extracts from the FHIR resources:
+codes, dates of service, amounts in minor units, organizations and the patient's member id.
+The functions `extract_claim`, `extract_decisions` and `build_claim_response` are pure, for
+other front ends (FHIR API, portal) to reuse.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+from medledger.client.records import RecordsClient
+from medledger.client.sdk import ClientError, TxOutcome
+from medledger.fhir.validation import validate_resource
+from medledger.ledger.claims import (
+    CARC_SYSTEM,
+    CDT_SYSTEM,
+    CLAIM_CATEGORY,
+    CLAIM_RESOURCE,
+    CPT_SYSTEM,
+    HCPCS_SYSTEM,
+    PARTIES,
+    REASON_CODES,
+    RESPONSE_RESOURCE,
+    AdjudicateClaim,
+    AppealClaim,
+    AppealReason,
+    Claim,
+    ClaimItem,
+    ClaimStats,
+    ItemDecision,
+    Outcome,
+    PayClaim,
+    SubmitClaim,
+    outcome_of,
+)
+from medledger.ledger.consent import Purpose
+from medledger.ledger.model import Member
+from medledger.ledger.records import PutRecord
+
+SERVICE_SYSTEMS = frozenset(
+    {CPT_SYSTEM, HCPCS_SYSTEM, CDT_SYSTEM, "https://bluebutton.cms.gov/resources/codesystem/hcpcs"}
+)
+ADJUDICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/adjudication"
+# CARIN Blue Button's discriminator for adjudication entries that carry an adjustment reason.
+DISCRIMINATOR_SYSTEM = "http://hl7.org/fhir/us/carin-bb/CodeSystem/C4BBAdjudicationDiscriminator"
+CLAIM_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/claim-type"
+
+DISPOSITIONS = {
+    Outcome.APPROVED: "Claim approved",
+    Outcome.PARTIAL: "Claim partially approved",
+    Outcome.DENIED: "Claim denied",
+}
+
+
+class ClaimError(ClientError):
+    """A FHIR Claim or ClaimResponse cannot become a ledger claim step; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClaimContent:
+    """What the ledger keeps of a FHIR Claim: no clinical content, only the billing summary."""
+
+    patient: str
+    provider: str
+    insurer: str
+    coverage: str
+    currency: str
+    items: tuple[ClaimItem, ...]
+    total: int
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """A committed claim step: the claim as it stands after it, and the record it stored
+    (the Claim for a submission, the ClaimResponse for an adjudication; else "")."""
+
+    claim: Claim
+    outcome: TxOutcome
+    record_id: str = ""
+
+
+# --- FHIR <-> ledger -------------------------------------------------------------------------
+
+
+def to_minor_units(value: Any, what: str) -> int:
+    """A FHIR decimal money value as an integer number of cents; more precision is refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ClaimError(f"{what}: not a number")
+    try:
+        cents = Decimal(str(value)) * 100
+    except InvalidOperation:
+        raise ClaimError(f"{what}: {value!r} is not a number") from None
+    if not cents.is_finite() or cents != cents.to_integral_value():
+        raise ClaimError(f"{what}: {value} has more than two decimal places")
+    return int(cents)
+
+
+def money(amount: int, currency: str) -> dict[str, Any]:
+    """A FHIR Money from cents."""
+    whole, cents = divmod(amount, 100)
+    value: int | float = whole if cents == 0 else float(Decimal(amount) / 100)
+    return {"value": value, "currency": currency}
+
+
+def reference_id(element: Any, resource_type: str, what: str) -> str:
+    """The id in a Reference "<resource_type>/<id>", or its identifier's value."""
+    if not isinstance(element, Mapping):
+        raise ClaimError(f"{what}: a reference to a {resource_type} is required")
+    reference = element.get("reference")
+    if isinstance(reference, str) and reference:
+        kind, _, ident = reference.rpartition("/")
+        if kind.rsplit("/", 1)[-1] != resource_type or not ident:
+            raise ClaimError(f"{what}: {reference!r} is not a {resource_type} reference")
+        return ident
+    identifier = element.get("identifier")
+    if isinstance(identifier, Mapping) and isinstance(identifier.get("value"), str):
+        return str(identifier["value"])
+    raise ClaimError(f"{what}: a reference to a {resource_type} is required")
+
+
+def _service_code(item: Mapping[str, Any], what: str) -> str:
+    codings = [
+        c
+        for c in (item.get("productOrService") or {}).get("coding", [])
+        if isinstance(c, Mapping) and isinstance(c.get("code"), str)
+    ]
+    if not codings:
+        raise ClaimError(f"{what}: productOrService needs a coded billing code (CPT/HCPCS/CDT)")
+    billing = [c for c in codings if c.get("system") in SERVICE_SYSTEMS]
+    return str((billing or codings)[0]["code"])
+
+
+def _service_date(item: Mapping[str, Any], claim: Mapping[str, Any], what: str) -> str:
+    for value in (
+        item.get("servicedDate"),
+        (item.get("servicedPeriod") or {}).get("start"),
+        (claim.get("billablePeriod") or {}).get("start"),
+    ):
+        if isinstance(value, str) and len(value) >= 10:
+            return value[:10]
+    raise ClaimError(f"{what}: a date of service (servicedDate or servicedPeriod) is required")
+
+
+def _item_amount(item: Mapping[str, Any], what: str) -> tuple[int, str | None]:
+    net = item.get("net")
+    if isinstance(net, Mapping) and "value" in net:
+        return to_minor_units(net["value"], f"{what}.net"), net.get("currency")
+    price = item.get("unitPrice")
+    if not isinstance(price, Mapping) or "value" not in price:
+        raise ClaimError(f"{what}: net or unitPrice is required")
+    quantity = Decimal(str((item.get("quantity") or {}).get("value", 1)))
+    factor = Decimal(str(item.get("factor", 1)))
+    value = Decimal(str(price["value"])) * quantity * factor
+    return to_minor_units(value, f"{what}.unitPrice x quantity"), price.get("currency")
+
+
+def extract_claim(resource: Mapping[str, Any]) -> ClaimContent:
+    """The billing summary of a valid FHIR R4 Claim (use "claim"): patient, provider and insurer
+    organizations, focal coverage, and per item its billing code, date of service and net
+    amount in cents (net, else unitPrice x quantity x factor). The currency must be given and be
+    the same throughout; the total is Claim.total when present (the ledger checks the sum)."""
+    if resource.get("resourceType") != CLAIM_RESOURCE:
+        raise ClaimError(f"expected a FHIR Claim, got {resource.get('resourceType')!r}")
+    if resource.get("use") != "claim":
+        raise ClaimError(f"Claim.use is {resource.get('use')!r}; only 'claim' is submitted")
+    patient = reference_id(resource.get("patient"), "Patient", "Claim.patient")
+    provider = reference_id(resource.get("provider"), "Organization", "Claim.provider")
+    insurer = reference_id(resource.get("insurer"), "Organization", "Claim.insurer")
+    insurance = [i for i in resource.get("insurance", []) if isinstance(i, Mapping)]
+    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else None)
+    if focal is None:
+        raise ClaimError("Claim.insurance: the coverage is required")
+    coverage = reference_id(focal.get("coverage"), "Coverage", "Claim.insurance.coverage")
+    currencies: set[str] = set()
+    items = []
+    for position, item in enumerate(resource.get("item", []), start=1):
+        what = f"Claim.item[{position}]"
+        amount, currency = _item_amount(item, what)
+        if currency:
+            currencies.add(str(currency))
+        items.append(
+            ClaimItem(
+                sequence=int(item.get("sequence", position)),
+                code=_service_code(item, what),
+                service_date=_service_date(item, resource, what),
+                amount=amount,
+            )
+        )
+    if not items:
+        raise ClaimError("Claim.item: at least one item is required")
+    total_element = resource.get("total")
+    if isinstance(total_element, Mapping) and "value" in total_element:
+        total = to_minor_units(total_element["value"], "Claim.total")
+        if total_element.get("currency"):
+            currencies.add(str(total_element["currency"]))
+    else:
+        total = sum(i.amount for i in items)
+    if len(currencies) != 1:
+        found = ", ".join(sorted(currencies)) or "none"
+        raise ClaimError(f"a claim has exactly one currency on its amounts (found: {found})")
+    return ClaimContent(
+        patient=patient,
+        provider=provider,
+        insurer=insurer,
+        coverage=coverage,
+        currency=currencies.pop(),
+        items=tuple(items),
+        total=total,
+    )
+
+
+def _concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    coding: dict[str, Any] = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
+def build_claim_response(
+    claim: Claim,
+    decisions: Sequence[ItemDecision],
+    *,
+    created: str | None = None,
+    claim_type: Mapping[str, Any] | None = None,
+    response_id: str | None = None,
+) -> dict[str, Any]:
+    """A FHIR R4 ClaimResponse for a decision on every item of `claim`: per item the submitted
+    and benefit (approved) amounts and an adjudication entry per CARC reason code; totals; the
+    disposition in words. `claim_type` defaults to professional."""
+    outcome = outcome_of(claim.items, decisions)
+    items = []
+    for item, decision in zip(claim.items, decisions, strict=True):
+        adjudication: list[dict[str, Any]] = [
+            {
+                "category": _concept(ADJUDICATION_SYSTEM, "submitted"),
+                "amount": money(item.amount, claim.currency),
+            },
+            {
+                "category": _concept(ADJUDICATION_SYSTEM, "benefit"),
+                "amount": money(decision.approved, claim.currency),
+            },
+        ]
+        adjudication.extend(
+            {
+                "category": _concept(DISCRIMINATOR_SYSTEM, "adjustmentreason"),
+                "reason": _concept(CARC_SYSTEM, reason, REASON_CODES.get(reason)),
+            }
+            for reason in decision.reasons
+        )
+        items.append({"itemSequence": item.sequence, "adjudication": adjudication})
+    resource: dict[str, Any] = {
+        "resourceType": RESPONSE_RESOURCE,
+        "status": "active",
+        "type": dict(claim_type) if claim_type else _concept(CLAIM_TYPE_SYSTEM, "professional"),
+        "use": "claim",
+        "patient": {"reference": f"Patient/{claim.patient}"},
+        "created": created or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "insurer": {"reference": f"Organization/{claim.insurer}"},
+        "requestor": {"reference": f"Organization/{claim.provider}"},
+        "request": {"reference": f"Claim/{claim.id}"},
+        "outcome": "complete",
+        "disposition": DISPOSITIONS[outcome],
+        "item": items,
+        "total": [
+            {
+                "category": _concept(ADJUDICATION_SYSTEM, "submitted"),
+                "amount": money(claim.total, claim.currency),
+            },
+            {
+                "category": _concept(ADJUDICATION_SYSTEM, "benefit"),
+                "amount": money(sum(d.approved for d in decisions), claim.currency),
+            },
+        ],
+    }
+    if response_id:
+        resource["id"] = response_id
+    return resource
+
+
+def extract_decisions(resource: Mapping[str, Any]) -> tuple[ItemDecision, ...]:
+    """The per-item decisions of a FHIR ClaimResponse: the "benefit" adjudication amount of
+    each item (0 when absent) and the CARC codes of its adjudication reasons."""
+    if resource.get("resourceType") != RESPONSE_RESOURCE:
+        raise ClaimError(f"expected a FHIR ClaimResponse, got {resource.get('resourceType')!r}")
+    decisions = []
+    for position, item in enumerate(resource.get("item", []), start=1):
+        what = f"ClaimResponse.item[{position}]"
+        approved = 0
+        reasons: list[str] = []
+        for entry in item.get("adjudication", []):
+            codes = {c.get("code") for c in (entry.get("category") or {}).get("coding", [])}
+            if "benefit" in codes and isinstance(entry.get("amount"), Mapping):
+                approved = to_minor_units(entry["amount"].get("value"), f"{what} benefit")
+            for coding in (entry.get("reason") or {}).get("coding", []):
+                code = coding.get("code")
+                if isinstance(code, str) and code not in reasons:
+                    reasons.append(code)
+        decisions.append(
+            ItemDecision(int(item.get("itemSequence", position)), approved, tuple(reasons))
+        )
+    return tuple(decisions)
+
+
+def approve_in_full(claim: Claim) -> tuple[ItemDecision, ...]:
+    return tuple(ItemDecision(i.sequence, i.amount) for i in claim.items)
+
+
+def deny_all(claim: Claim, reasons: Sequence[str]) -> tuple[ItemDecision, ...]:
+    return tuple(ItemDecision(i.sequence, 0, tuple(reasons)) for i in claim.items)
+
+
+def claim_filter(
+    patient: str | None = None, provider: str | None = None, insurer: str | None = None
+) -> bytes:
+    """Query data for /claims and /claims/stats: at most one party."""
+    chosen = [(p, v) for p, v in zip(PARTIES, (patient, provider, insurer), strict=True) if v]
+    if len(chosen) > 1:
+        raise ClaimError("filter claims by one of patient, provider and insurer")
+    return f"{chosen[0][0]}:{chosen[0][1]}".encode() if chosen else b""
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class ClaimsClient:
+    """One member's claims: built on their records client (same keys, node and API)."""
+
+    def __init__(self, records: RecordsClient) -> None:
+        self.records = records
+        self.ledger = records.ledger
+
+    def _submit(self, tx_type: str, body: object) -> TxOutcome:
+        return self.ledger.submit(self.records.keys, tx_type, body, sender=self.records.member_id)
+
+    def _seal(self, resource: Mapping[str, Any], patient_id: str) -> PutRecord:
+        put = self.records.seal_and_upload(dict(resource), patient_id, str(uuid.uuid4()))
+        return msgspec.structs.replace(put, category=CLAIM_CATEGORY)
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        resource: Mapping[str, Any],
+        supporting: Sequence[str] = (),
+        claim_id: str | None = None,
+    ) -> ClaimResult:
+        """Validate a FHIR Claim, seal and store it as a record and submit the claim, in one
+        transaction. The Claim's provider must be the submitter's organization."""
+        validated = validate_resource(resource)
+        content = extract_claim(validated.resource)
+        me = self.ledger.query("/member", self.records.member_id, Member)
+        if content.provider != me.organization:
+            raise ClaimError(
+                f"Claim.provider is Organization/{content.provider}, but you act for"
+                f" {me.organization}"
+            )
+        put = self._seal(validated.resource, content.patient)
+        body = SubmitClaim(
+            claim_id=claim_id or str(uuid.uuid4()),
+            insurer=content.insurer,
+            coverage=content.coverage,
+            currency=content.currency,
+            items=content.items,
+            total=content.total,
+            supporting=tuple(supporting),
+            record=put,
+        )
+        outcome = self._submit("claim.submit", body)
+        return ClaimResult(self.show(body.claim_id), outcome, put.record_id)
+
+    def adjudicate(
+        self,
+        claim_id: str,
+        decisions: Sequence[ItemDecision] | None = None,
+        response: Mapping[str, Any] | None = None,
+    ) -> ClaimResult:
+        """Decide a claim: from item decisions (a ClaimResponse is built from them), from a
+        FHIR ClaimResponse (the decisions are read from it), or, with neither, approve every
+        item in full. The ClaimResponse is sealed and stored with the decision."""
+        claim = self.show(claim_id)
+        if response is not None:
+            validated = validate_resource(response).resource
+            if reference_id(validated.get("patient"), "Patient", "ClaimResponse.patient") != (
+                claim.patient
+            ):
+                raise ClaimError("ClaimResponse.patient is not the claim's patient")
+            chosen = tuple(decisions) if decisions is not None else extract_decisions(validated)
+        else:
+            chosen = tuple(decisions) if decisions is not None else approve_in_full(claim)
+        if len(chosen) != len(claim.items):
+            raise ClaimError(f"claim {claim_id} has {len(claim.items)} items; decide each once")
+        if response is None:
+            validated = validate_resource(build_claim_response(claim, chosen)).resource
+        put = self._seal(validated, claim.patient)
+        body = AdjudicateClaim(claim_id, outcome_of(claim.items, chosen), chosen, put)
+        outcome = self._submit("claim.adjudicate", body)
+        return ClaimResult(self.show(claim_id), outcome, put.record_id)
+
+    def pay(self, claim_id: str, reference: str, amount: int | None = None) -> ClaimResult:
+        """Record payment of the outstanding approved amount (or `amount`, which the ledger
+        then requires to be exactly that)."""
+        claim = self.show(claim_id)
+        body = PayClaim(
+            claim_id, claim.outstanding if amount is None else amount, claim.currency, reference
+        )
+        outcome = self._submit("claim.pay", body)
+        return ClaimResult(self.show(claim_id), outcome)
+
+    def appeal(
+        self, claim_id: str, reason: AppealReason, supporting: Sequence[str] = ()
+    ) -> ClaimResult:
+        outcome = self._submit("claim.appeal", AppealClaim(claim_id, reason, tuple(supporting)))
+        return ClaimResult(self.show(claim_id), outcome)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def show(self, claim_id: str) -> Claim:
+        """A claim with its whole history, from the ledger."""
+        return self.ledger.query("/claim", claim_id, Claim)  # type: ignore[no-any-return]
+
+    def list_claims(
+        self, patient: str | None = None, provider: str | None = None, insurer: str | None = None
+    ) -> list[Claim]:
+        data = claim_filter(patient, provider, insurer)
+        return self.ledger.query("/claims", data, list[Claim])  # type: ignore[no-any-return]
+
+    def stats(
+        self, patient: str | None = None, provider: str | None = None, insurer: str | None = None
+    ) -> ClaimStats:
+        """Per provider and insurer totals, computed by the ledger from committed claims."""
+        data = claim_filter(patient, provider, insurer)
+        return self.ledger.query("/claims/stats", data, ClaimStats)  # type: ignore[no-any-return]
+
+    def read_record(self, record_id: str) -> dict[str, Any]:
+        """A Claim or ClaimResponse record: through one's own key envelope (patient, author),
+        else through an access request for payment and key shares."""
+        history = self.records.history(record_id)
+        latest = next(v for v in history.versions if v.version == history.head.latest)
+        if self.records.member_id in (latest.patient, latest.author):
+            return self.records.read_own(record_id).resource
+        return self.records.read(record_id, Purpose.PAYMENT).resource
+
+    def read_claim(self, claim_id: str) -> dict[str, Any]:
+        """The FHIR Claim of a claim."""
+        return self.read_record(self.show(claim_id).claim_record)
+
+    def read_responses(self, claim_id: str) -> list[dict[str, Any]]:
+        """Every FHIR ClaimResponse of a claim, oldest first."""
+        return [self.read_record(r) for r in self.show(claim_id).responses]
