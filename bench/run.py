@@ -5,18 +5,19 @@ its own; each goal is a ratio to a baseline measured by this very run:
 
 1. in-process: the ledger's execution rate (InProcessChain, blocks of signed valid transactions,
    with the signature cache cold and warmed the way CheckTx warms it) as a fraction of this
-   machine's raw Ed25519 verification rate (PyNaCl), sampled before, between and after.
+   machine's raw Ed25519 verification rate (PyNaCl), sampled just before and after each block.
 2. network: a 4-validator local testnet of ours (init_testnet, fast_kdf) under sustained load:
-   committed transactions per second with a closed-loop window of transactions in flight
-   (saturation), then commit latency at a fixed fraction of that rate (paced). Latency is the
-   time from broadcast_tx_sync's answer to the NewBlock event (RPC websocket) of the block that
-   holds the transaction, on the node it was sent to.
+   committed transactions per second, the best of closed loops with growing windows of
+   transactions in flight, then commit latency in an open loop paced at a fraction of that
+   rate. Latency is the time from broadcast_tx_sync's answer to the NewBlock event (RPC
+   websocket) of the block that holds the transaction, on the node it was sent to.
 3. baseline: CometBFT's built-in kvstore on a 4-validator testnet with the same homes' config,
    the same load shape and transactions of the same size.
 
-Run it as `.venv/bin/python bench/run.py` (or `make bench`); `--help` lists the knobs. Results
-go to bench/results/ as JSON (latest.json and a timestamped copy). Every process it starts is
-stopped at the end, also on error or Ctrl-C.
+Run it as `.venv/bin/python bench/run.py` (or `make bench`); `--help` lists the knobs and
+BENCHMARKS.md explains the results. They go to bench/results/ as JSON (latest.json and a
+timestamped copy). Every process it starts is stopped at the end, also on an error, Ctrl-C,
+SIGTERM or SIGHUP.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import hashlib
@@ -41,16 +43,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import httpx
 import msgspec
 import nacl.signing
+import tomlkit
 
 from medledger.client.sdk import LedgerClient
 from medledger.client.tx import sign_transaction
@@ -73,6 +76,7 @@ from medledger.node.testnet import (
     wait_for_height,
 )
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 CHAIN_ID = "medledger-bench"
@@ -140,6 +144,12 @@ def show_log_tails(home: Path, names: tuple[str, ...], lines: int = 8) -> None:
                 if path.is_file():
                     tail = path.read_text(errors="replace").splitlines()[-lines:]
                     log(f"--- {path}\n" + "\n".join(line[:300] for line in tail))
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM when this benchmark dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def machine_info() -> dict[str, Any]:
@@ -241,7 +251,7 @@ class InProcessResult:
     samples: dict[str, list[float]]
     checktx_per_s: float  # first CheckTx of a transaction (verifies its signature)
     recheck_per_s: float  # CheckTx again with the signature cached (mempool recheck)
-    ratios: dict[str, float]
+    ratios: dict[str, float]  # median over blocks of rate / adjacent verify rate
     tx_bytes: float
 
 
@@ -291,13 +301,16 @@ def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -
     ]
     sizes = [len(tx) for block in enroll_blocks + rotate_blocks for tx in block]
 
-    verify_samples = [verify_rate(verify_seconds)]
+    verify_samples: list[float] = []
     samples: dict[str, list[float]] = collections.defaultdict(list)
+    paired: dict[str, list[float]] = collections.defaultdict(list)
     checks: list[float] = []
     rechecks: list[float] = []
     with tempfile.TemporaryDirectory(prefix="mlb-inproc-") as tmp:
         chain = InProcessChain(Path(tmp) / "state.db", CHAIN_ID, genesis_app_state())
         try:
+            before = verify_rate(verify_seconds)
+            verify_samples.append(before)
             for kind, blocks in (("enroll", enroll_blocks), ("rotate", rotate_blocks)):
                 for index, txs in enumerate(blocks):
                     warm = index % 2 == 1
@@ -318,22 +331,26 @@ def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -
                     bad = [r for r in outcome.results if not r.ok]
                     if bad:
                         raise RuntimeError(f"{len(bad)} {kind} txs failed: {bad[0].log}")
-                    samples[f"{kind}_{'warm' if warm else 'cold'}"].append(len(txs) / elapsed)
-                verify_samples.append(verify_rate(verify_seconds))
+                    # Each block is paired with the verify rates sampled just before and after
+                    # it, so that a machine slowed down for a while slows both sides.
+                    after = verify_rate(verify_seconds)
+                    verify_samples.append(after)
+                    name = f"{kind}_{'warm' if warm else 'cold'}"
+                    samples[name].append(len(txs) / elapsed)
+                    paired[name].append(len(txs) / elapsed / ((before + after) / 2))
+                    before = after
         finally:
             chain.close()
-    verify = statistics.median(verify_samples)
-    rates = {kind: statistics.median(values) for kind, values in samples.items()}
     return InProcessResult(
         block_txs=block_txs,
         blocks_per_kind=blocks_per_kind,
         verify_samples=verify_samples,
-        verify_per_s=verify,
-        rates=rates,
+        verify_per_s=statistics.median(verify_samples),
+        rates={kind: statistics.median(values) for kind, values in samples.items()},
         samples=dict(samples),
         checktx_per_s=statistics.median(checks),
         recheck_per_s=statistics.median(rechecks),
-        ratios={kind: rate / verify for kind, rate in rates.items()},
+        ratios={kind: statistics.median(values) for kind, values in paired.items()},
         tx_bytes=statistics.mean(sizes),
     )
 
@@ -434,7 +451,8 @@ class EnrollWorkload:
         for txs, node_members in zip(per_node, members, strict=True):
             self.owner.update(zip(txs, node_members, strict=True))
         self.enrolled: list[list[_Member]] = [[] for _ in per_node]
-        self.failed: list[str] = []
+        self.failed: list[list[_Member]] = [[] for _ in per_node]
+        self.codes: collections.Counter[str] = collections.Counter()
         self.retries: list[list[str]] = [[] for _ in per_node]
 
     def take(self, node: int, count: int) -> list[str]:
@@ -448,16 +466,37 @@ class EnrollWorkload:
         if code == 0:
             self.enrolled[node].append(self.owner[tx])
         else:
-            self.failed.append(f"enroll failed in block with code {code}")
+            self.failed[node].append(self.owner[tx])
+            self.codes[f"code {code} in block"] += 1
 
     def refused(self, node: int, tx: str, code: int, log: str) -> None:
-        self.failed.append(f"enroll refused by CheckTx: {code} {log}")
+        self.failed[node].append(self.owner[tx])
+        self.codes[f"CheckTx code {code}: {log[:80]}"] += 1
 
     def retry(self, node: int, tx: str) -> None:
         self.retries[node].append(tx)
 
     def done(self) -> bool:
         return not any(self.queues) and not any(self.retries)
+
+
+def sign_enrollments(
+    admins: list[KeyPair], rpc_urls: list[str], members: list[list[_Member]]
+) -> EnrollWorkload:
+    """member.enroll for every member, by its node's admin, from the admin's next nonce on."""
+    per_node: list[list[str]] = []
+    for admin, url, node_members in zip(admins, rpc_urls, members, strict=True):
+        with LedgerClient(url, CHAIN_ID) as client:
+            nonce = client.next_nonce(admin.member_id)
+        txs = []
+        for j, member in enumerate(node_members):
+            body = EnrollMember(member.verify_key, seed(f"enc/{member.label}"), Role.CLINICIAN)
+            raw = sign_transaction(
+                admin, CHAIN_ID, nonce + j, "member.enroll", body, sender=admin.member_id
+            )
+            txs.append(base64.b64encode(raw).decode())
+        per_node.append(txs)
+    return EnrollWorkload(per_node, members)
 
 
 class RotateWorkload:
@@ -531,6 +570,8 @@ class LoadDriver:
         self.early: list[dict[str, tuple[float, int]]] = [{} for _ in rpc_ports]
         self.latencies: list[tuple[float, float]] = []  # (accepted at, latency)
         self.accepted_at: list[float] = []
+        self.rtts: list[tuple[float, float]] = []  # (answered at, broadcast batch round trip)
+        self.in_flight_samples: list[tuple[float, int]] = []
         self.blocks: list[BlockSeen] = []  # as node 0 saw them
         self.in_flight = 0
         self.refused = 0
@@ -621,8 +662,11 @@ class LoadDriver:
 
     async def wait_commit(self, timeout: float) -> None:
         self.commit_event.clear()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as its timeout expires.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.commit_event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.commit_event.wait()
 
     async def send(self, node: int, workload: Workload, txs: list[str]) -> None:
         """One JSON-RPC batch of broadcast_tx_sync; each answer is recorded."""
@@ -649,6 +693,7 @@ class LoadDriver:
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             self.last_rpc_error = repr(exc)
         now = time.monotonic()
+        self.rtts.append((now, now - sent_at))
         by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
         for i, tx in enumerate(txs):
             unacked.pop(tx, None)
@@ -695,6 +740,8 @@ class LoadDriver:
             interval = BATCH * total_senders / rate if rate else 0.0
             next_at = time.monotonic() + interval * index / total_senders
             while time.monotonic() < deadline and not (until is not None and until()):
+                if any(TERMINATING.values()):
+                    raise Terminated()
                 if rate:
                     delay = next_at - time.monotonic()
                     if delay > 0:
@@ -710,9 +757,22 @@ class LoadDriver:
                     continue
                 await self.send(node, workload, txs)
 
-        await asyncio.gather(
-            *(sender(node, i) for node in range(len(self.ports)) for i in range(senders_per_node))
-        )
+        async def sample() -> None:
+            while True:
+                self.in_flight_samples.append((time.monotonic(), self.in_flight))
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            await asyncio.gather(
+                *(
+                    sender(node, i)
+                    for node in range(len(self.ports))
+                    for i in range(senders_per_node)
+                )
+            )
+        finally:
+            sampler.cancel()
 
     async def drain(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -732,6 +792,8 @@ class LoadDriver:
         ok = sum(b.ok for b in blocks)
         txs = sum(b.txs for b in blocks)
         intervals = [b.received - a.received for a, b in itertools.pairwise(blocks)]
+        rtts = [rtt for at, rtt in self.rtts if start <= at < end]
+        in_flight = [n for at, n in self.in_flight_samples if start <= at < end]
         return {
             "seconds": round(seconds, 2),
             "committed_ok": ok,
@@ -748,30 +810,35 @@ class LoadDriver:
             "latency_p99_s": percentile(latencies, 0.99),
             "latency_max_s": max(latencies, default=float("nan")),
             "latency_mean_s": statistics.mean(latencies) if latencies else float("nan"),
+            "mean_in_flight": statistics.mean(in_flight) if in_flight else 0.0,
+            "broadcast_batch_p50_s": percentile(rtts, 0.5),
+            "broadcast_batch_p99_s": percentile(rtts, 0.99),
         }
 
 
 @dataclass
 class NetworkOptions:
-    warmup: float
-    saturate: float
+    warmup: float  # before the first saturation step
+    step: float  # measured seconds of each saturation step
+    settle: float  # unmeasured seconds before every later step and the paced window
+    windows: list[int]  # closed-loop windows (transactions in flight), one step each
     paced: float
-    settle: float
     paced_fraction: float
-    window: int
     senders_per_node: int
     members: int
     tx_bytes: int  # kvstore transactions are padded to this size
+    profile_dir: Path | None = None  # take CometBFT CPU profiles (pprof) of node0 here
 
 
 @dataclass
 class NetworkResult:
     app: str
     tuning: dict[str, Any]
+    config_overrides: dict[str, str]
+    steps: list[dict[str, Any]]
     saturation: dict[str, Any]
     paced: dict[str, Any]
     paced_rate: float
-    cpu_cores_used: dict[str, float]  # during the saturation window
     refused: int
     rpc_errors: int
     last_rpc_error: str
@@ -810,70 +877,122 @@ class CpuMeter:
         return {name: round((end[name] - self._start[name]) / seconds, 3) for name in end}
 
 
+@dataclass
+class LoadOutcome:
+    steps: list[dict[str, Any]]  # one per closed-loop window, in order
+    saturation: dict[str, Any]  # the step with the highest committed rate
+    paced: dict[str, Any]
+    paced_rate: float
+    uncommitted_at_end: int
+
+
 async def drive_load(
     ports: list[int],
     workload: Workload,
     options: NetworkOptions,
     meter: CpuMeter,
     prepare: Callable[[LoadDriver], Awaitable[None]] | None = None,
-) -> tuple[LoadDriver, dict[str, Any], dict[str, Any], float, dict[str, float], int]:
+) -> tuple[LoadDriver, LoadOutcome]:
+    """Saturation: closed loops with growing windows of transactions in flight; the best
+    committed rate is the network's throughput. Then, after the backlog drains, an open loop
+    paced at a fraction of that rate gives the commit latency under sustained load."""
     driver = LoadDriver(ports)
     await driver.start()
     try:
         if prepare is not None:
             await prepare(driver)
-        # Saturation: a closed loop of `window` transactions in flight.
-        log(f"saturation: window {options.window}, {options.warmup + options.saturate:.0f}s")
-        await driver.run(
-            workload,
-            seconds=options.warmup,
-            senders_per_node=options.senders_per_node,
-            window=options.window,
-        )
-        t0 = time.monotonic()
-        meter.start()
-        await driver.run(
-            workload,
-            seconds=options.saturate,
-            senders_per_node=options.senders_per_node,
-            window=options.window,
-        )
-        t1 = time.monotonic()
-        cpu = meter.stop()
-        saturation = driver.window_stats(t0, t1)
-        log(
-            f"saturation: {saturation['tps']:.0f} tx/s committed, p50 "
-            f"{saturation['latency_p50_s']:.2f}s p99 {saturation['latency_p99_s']:.2f}s"
-        )
-        await driver.drain(30)
-        # Paced: open loop at a fraction of the saturation rate, for latency.
+        steps: list[dict[str, Any]] = []
+        for number, window in enumerate(options.windows):
+            settle = options.warmup if number == 0 else options.settle
+            await driver.run(
+                workload,
+                seconds=settle,
+                senders_per_node=options.senders_per_node,
+                window=window,
+            )
+            t0 = time.monotonic()
+            meter.start()
+            profile = None
+            if options.profile_dir is not None and number == len(options.windows) - 1:
+                profile = asyncio.create_task(
+                    take_pprof(ports[0] + PPROF_OFFSET, options.step * 0.8, options.profile_dir)
+                )
+            await driver.run(
+                workload,
+                seconds=options.step,
+                senders_per_node=options.senders_per_node,
+                window=window,
+            )
+            t1 = time.monotonic()
+            cpu = meter.stop()
+            if profile is not None:
+                await profile
+            stats = driver.window_stats(t0, t1) | {"window": window, "cpu_cores_used": cpu}
+            steps.append(stats)
+            log(
+                f"window {window}: {stats['tps']:.0f} tx/s committed, latency p50 "
+                f"{stats['latency_p50_s']:.2f}s p99 {stats['latency_p99_s']:.2f}s, "
+                f"{stats['mean_in_flight']:.0f} in flight, {stats['mean_block_txs']:.0f} "
+                f"txs/block, block every {stats['mean_block_interval_s'] or 0:.2f}s, "
+                f"broadcast batch p50 {stats['broadcast_batch_p50_s']:.3f}s, cores {cpu}"
+            )
+        saturation = max(steps, key=lambda step: float(step["tps"]))
+        await driver.drain(40)
         rate = max(20.0, options.paced_fraction * saturation["tps"])
         log(f"paced: {rate:.0f} tx/s for {options.settle + options.paced:.0f}s")
         await driver.run(
             workload,
             seconds=options.settle,
             senders_per_node=options.senders_per_node,
-            window=options.window,
+            window=max(options.windows),
             rate=rate,
         )
         t2 = time.monotonic()
+        meter.start()
         await driver.run(
             workload,
             seconds=options.paced,
             senders_per_node=options.senders_per_node,
-            window=options.window,
+            window=max(options.windows),
             rate=rate,
         )
         t3 = time.monotonic()
+        cpu = meter.stop()
         await driver.drain(15)
-        paced = driver.window_stats(t2, t3)
+        paced = driver.window_stats(t2, t3) | {"cpu_cores_used": cpu}
         log(
-            f"paced: {paced['tps']:.0f} tx/s committed, p50 {paced['latency_p50_s']:.2f}s "
-            f"p99 {paced['latency_p99_s']:.2f}s"
+            f"paced: {paced['tps']:.0f} tx/s committed, latency p50 "
+            f"{paced['latency_p50_s']:.2f}s p99 {paced['latency_p99_s']:.2f}s, cores {cpu}"
         )
-        return driver, saturation, paced, rate, cpu, driver.in_flight
+        return driver, LoadOutcome(steps, saturation, paced, rate, driver.in_flight)
     finally:
         await driver.close()
+
+
+PPROF_OFFSET = 4 - RPC_OFFSET  # node0's pprof port: base_port + 4 (inside its block)
+
+
+def enable_pprof(node_home: Path, port: int) -> None:
+    """Diagnostics only: let node0's CometBFT serve pprof on 127.0.0.1."""
+    path = node_home / "config" / "config.toml"
+    document = tomlkit.parse(path.read_text())
+    rpc = document["rpc"]
+    assert isinstance(rpc, dict)
+    rpc["pprof_laddr"] = f"127.0.0.1:{port}"
+    path.write_text(tomlkit.dumps(document))
+
+
+async def take_pprof(port: int, seconds: float, directory: Path) -> None:
+    url = f"http://127.0.0.1:{port}/debug/pprof/profile?seconds={max(1, int(seconds))}"
+    try:
+        async with httpx.AsyncClient(timeout=seconds + 30) as client:
+            response = await client.get(url)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"cometbft-node0-{port}.pprof"
+        path.write_bytes(response.content)
+        log(f"CometBFT CPU profile of node0: {path} (go tool pprof -top {path})")
+    except httpx.HTTPError as exc:
+        log(f"pprof failed: {exc!r}")
 
 
 def _rpc_ports(base_port: int) -> list[int]:
@@ -902,7 +1021,27 @@ def tuning_dict(tuning: CometTuning) -> dict[str, Any]:
     return dataclasses.asdict(tuning)
 
 
-def run_medledger(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
+def apply_overrides(node_home: Path, overrides: dict[str, str]) -> None:
+    """Raw config.toml settings outside CometTuning (section.key -> TOML value text)."""
+    if not overrides:
+        return
+    path = node_home / "config" / "config.toml"
+    document = tomlkit.parse(path.read_text())
+    for dotted, raw in overrides.items():
+        section, _, key = dotted.rpartition(".")
+        table: Any = document[section] if section else document
+        if key not in table:
+            raise ValueError(f"config.toml has no {dotted}")
+        try:
+            table[key] = tomlkit.parse(f"v = {raw}")["v"]
+        except Exception:
+            table[key] = raw
+    path.write_text(tomlkit.dumps(document))
+
+
+def run_medledger(
+    tuning: CometTuning, overrides: dict[str, str], options: NetworkOptions
+) -> NetworkResult:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))
     home = tmp / "net"
@@ -918,6 +1057,10 @@ def run_medledger(tuning: CometTuning, options: NetworkOptions) -> NetworkResult
             fast_kdf=True,
             tuning=tuning,
         )
+        for cfg in configs:
+            apply_overrides(cfg.home, overrides)
+        if options.profile_dir is not None:
+            enable_pprof(configs[0].home, base_port + 4)
         admins = [load_keystore(cfg.keys_dir / "admin.json", PASSPHRASE) for cfg in configs]
         testnet_up(home)
         wait_for_height(home, 2, timeout=120)
@@ -932,59 +1075,57 @@ def run_medledger(tuning: CometTuning, options: NetworkOptions) -> NetworkResult
                 groups["cometbft"].append(comet_pid)
         groups["load generator"].append(os.getpid())
 
-        # Members to rotate their keys: enrolled first by the four admins, each to its node.
+        # Members to rotate their keys: enrolled first by the four admins, each streaming its
+        # enrollments (sequential nonces, pipelined) to its own node. A stream can lose its
+        # order on the way to the proposer (see BENCHMARKS.md), which fails the rest of it
+        # with BAD_NONCE; those members are enrolled again in a further round.
         per_node = max(1, options.members // NODES)
-        members = [[_Member(f"n{node}/{j}") for j in range(per_node)] for node in range(NODES)]
-        enroll_txs: list[list[str]] = []
-        for node, admin in enumerate(admins):
-            with LedgerClient(configs[node].cometbft_rpc, CHAIN_ID) as client:
-                nonce = client.next_nonce(admin.member_id)
-            txs = []
-            for j, member in enumerate(members[node]):
-                body = EnrollMember(member.verify_key, seed(f"enc/n{node}/{j}"), Role.CLINICIAN)
-                raw = sign_transaction(
-                    admin, CHAIN_ID, nonce + j, "member.enroll", body, sender=admin.member_id
-                )
-                txs.append(base64.b64encode(raw).decode())
-            enroll_txs.append(txs)
-        enroll = EnrollWorkload(enroll_txs, members)
+        pending = [[_Member(f"n{node}/{j}") for j in range(per_node)] for node in range(NODES)]
+        rpc_urls = [cfg.cometbft_rpc for cfg in configs]
         rotate = RotateWorkload(NODES)
+        enroll_rounds: list[dict[str, Any]] = []
 
         async def prepare(driver: LoadDriver) -> None:
-            log(f"enrolling {per_node * NODES} members (4 admins, one stream each)")
-            t = time.monotonic()
-            await driver.run(
-                enroll, seconds=120, senders_per_node=1, window=10**9, until=enroll.done
-            )
-            await driver.drain(60)
-            count = sum(len(m) for m in enroll.enrolled)
-            log(
-                f"enrolled {count} in {time.monotonic() - t:.1f}s "
-                f"({len(enroll.failed)} failed{': ' + enroll.failed[0] if enroll.failed else ''})"
-            )
-            rotate.add(enroll.enrolled)
+            nonlocal pending
+            for _ in range(4):
+                count = sum(len(m) for m in pending)
+                if not count:
+                    break
+                t = time.monotonic()
+                enroll = sign_enrollments(admins, rpc_urls, pending)
+                await driver.run(
+                    enroll, seconds=120, senders_per_node=1, window=10**9, until=enroll.done
+                )
+                await driver.drain(60)
+                rotate.add(enroll.enrolled)
+                pending = enroll.failed
+                failed = sum(len(m) for m in pending)
+                enroll_rounds.append(
+                    {"sent": count, "failed": failed, "failures": dict(enroll.codes)}
+                )
+                log(
+                    f"enrolled {count - failed} of {count} members in "
+                    f"{time.monotonic() - t:.1f}s; failed: {dict(enroll.codes) or 0}"
+                )
 
         setup = time.monotonic() - started
         meter = CpuMeter(groups)
-        driver, saturation, paced, rate, cpu, left = asyncio.run(
-            drive_load(ports, rotate, options, meter, prepare)
-        )
-        notes = []
-        if enroll.failed:
-            notes.append(f"{len(enroll.failed)} enrollments failed: {enroll.failed[0]}")
+        driver, outcome = run_async(drive_load(ports, rotate, options, meter, prepare))
+        notes = [f"enrollment rounds: {enroll_rounds}"]
         return NetworkResult(
             app="medledger",
             tuning=tuning_dict(tuning),
-            saturation=saturation,
-            paced=paced,
-            paced_rate=rate,
-            cpu_cores_used=cpu,
+            config_overrides=overrides,
+            steps=outcome.steps,
+            saturation=outcome.saturation,
+            paced=outcome.paced,
+            paced_rate=outcome.paced_rate,
             refused=driver.refused,
             rpc_errors=driver.rpc_errors,
             last_rpc_error=driver.last_rpc_error,
             workload_failures=rotate.failed,
             last_failure=rotate.last_failure,
-            uncommitted_at_end=left,
+            uncommitted_at_end=outcome.uncommitted_at_end,
             setup_s=round(setup, 1),
             notes=notes,
         )
@@ -998,7 +1139,9 @@ def run_medledger(tuning: CometTuning, options: NetworkOptions) -> NetworkResult
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
+def run_kvstore(
+    tuning: CometTuning, overrides: dict[str, str], options: NetworkOptions
+) -> NetworkResult:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="mlb-kv-", dir="/tmp"))
     home = tmp / "net"
@@ -1015,6 +1158,10 @@ def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
             fast_kdf=True,
             tuning=tuning,
         )
+        for cfg in configs:
+            apply_overrides(cfg.home, overrides)
+        if options.profile_dir is not None:
+            enable_pprof(configs[0].home, base_port + 4)
         cometbft = str(find_cometbft())
         for cfg in configs:
             with open(cfg.home / "kvstore.log", "ab") as out:
@@ -1025,6 +1172,7 @@ def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=die_with_parent,
                     )
                 )
         ports = _rpc_ports(base_port)
@@ -1033,22 +1181,21 @@ def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
         groups = {"cometbft+kvstore": [p.pid for p in procs], "load generator": [os.getpid()]}
         workload = KvWorkload(options.tx_bytes)
         meter = CpuMeter(groups)
-        driver, saturation, paced, rate, cpu, left = asyncio.run(
-            drive_load(ports, workload, options, meter)
-        )
+        driver, outcome = run_async(drive_load(ports, workload, options, meter))
         return NetworkResult(
             app="kvstore",
             tuning=tuning_dict(tuning),
-            saturation=saturation,
-            paced=paced,
-            paced_rate=rate,
-            cpu_cores_used=cpu,
+            config_overrides=overrides,
+            steps=outcome.steps,
+            saturation=outcome.saturation,
+            paced=outcome.paced,
+            paced_rate=outcome.paced_rate,
             refused=driver.refused,
             rpc_errors=driver.rpc_errors,
             last_rpc_error=driver.last_rpc_error,
             workload_failures=workload.failed,
             last_failure="",
-            uncommitted_at_end=left,
+            uncommitted_at_end=outcome.uncommitted_at_end,
             setup_s=round(setup, 1),
         )
     except BaseException:
@@ -1071,15 +1218,27 @@ def run_kvstore(tuning: CometTuning, options: NetworkOptions) -> NetworkResult:
 # -- command line and report -----------------------------------------------------------------
 
 
-def parse_variant(text: str) -> tuple[str, CometTuning]:
-    """NAME=field:value[,field:value...] over the CometTuning defaults."""
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tuning: CometTuning
+    overrides: dict[str, str]  # raw config.toml settings, section.key -> TOML value
+
+
+def parse_variant(text: str) -> Variant:
+    """NAME=field:value[,field:value...]: a CometTuning field, or section.key of config.toml
+    for a setting CometTuning does not cover (value as TOML, bare words taken as strings)."""
     name, _, spec = text.partition("=")
     if not name or not spec:
         raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=field:value,...")
     known = {f.name: f for f in dataclasses.fields(CometTuning)}
     changes: dict[str, Any] = {}
+    overrides: dict[str, str] = {}
     for item in spec.split(","):
         key, _, raw = item.partition(":")
+        if "." in key:
+            overrides[key] = raw
+            continue
         if key not in known:
             raise argparse.ArgumentTypeError(f"variant {name}: unknown CometTuning field {key!r}")
         kind = str(known[key].type)
@@ -1089,7 +1248,7 @@ def parse_variant(text: str) -> tuple[str, CometTuning]:
             changes[key] = int(raw)
         else:
             changes[key] = raw
-    return name, dataclasses.replace(CometTuning(), **changes)
+    return Variant(name, dataclasses.replace(CometTuning(), **changes), overrides)
 
 
 def fmt(value: Any, digits: int = 0) -> str:
@@ -1106,19 +1265,59 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+TERMINATING = {sig: False for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP arrived during an asyncio phase."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    TERMINATING[signal.Signals(signum)] = True
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def terminate_cleanly() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` stops its network."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` stops its network (inside
+    asyncio, run_async cancels the run instead of raising from an arbitrary frame)."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in TERMINATING}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, where SIGTERM or SIGHUP cancels the whole run and then raises
+    KeyboardInterrupt, after every `finally` of the run has been through."""
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop(sig: signal.Signals) -> None:
+            TERMINATING[sig] = True
+            task.cancel()
+
+        for sig in TERMINATING:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await coro
+        finally:
+            for sig in TERMINATING:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, _interrupt)
+
+    try:
+        result = asyncio.run(guarded())
+    except (asyncio.CancelledError, Terminated):
+        raise KeyboardInterrupt("terminated") from None
+    if any(TERMINATING.values()):
+        raise KeyboardInterrupt("terminated")
+    return result
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -1127,6 +1326,11 @@ def report(results: dict[str, Any]) -> list[str]:
     machine = results["machine"]
     add(f"medledger benchmark  {results['started']}  ({results['wall_seconds']:.0f}s)")
     add(f"machine: {machine['cores']} cores, {machine['cpu']}, Python {machine['python']}")
+    loads = [machine.get("load_average_at_start"), machine.get("load_average_at_end")]
+    add(
+        "load average (1 min) at start / end: "
+        + " / ".join(fmt(v[0], 1) if v else "-" for v in loads)
+    )
     inproc = results.get("inprocess")
     if inproc:
         add("")
@@ -1147,25 +1351,27 @@ def report(results: dict[str, Any]) -> list[str]:
     nets: list[dict[str, Any]] = results.get("network", [])
     if nets:
         add("")
-        add("4-validator local testnets (saturation = closed loop; paced = open loop)")
-        header = (
-            f"  {'run':<24} {'sat tx/s':>9} {'sat p50':>8} {'sat p99':>8} {'blk txs':>8} "
-            f"{'blk s':>6} {'paced':>7} {'p50':>6} {'p99':>6} {'fail':>5}"
+        add("4-validator local testnets: closed-loop steps (window = txs in flight), then paced")
+        add(
+            f"  {'run':<26} {'window':>6} {'tx/s':>7} {'p50 s':>6} {'p99 s':>6} "
+            f"{'txs/blk':>7} {'blk s':>5}  cores used"
         )
-        add(header)
         for net in nets:
-            sat, paced = net["saturation"], net["paced"]
-            add(
-                f"  {net['label']:<24} {fmt(sat['tps']):>9} {fmt(sat['latency_p50_s'], 2):>8} "
-                f"{fmt(sat['latency_p99_s'], 2):>8} {fmt(sat['mean_block_txs']):>8} "
-                f"{fmt(sat['mean_block_interval_s'], 2):>6} {fmt(paced['tps']):>7} "
-                f"{fmt(paced['latency_p50_s'], 2):>6} {fmt(paced['latency_p99_s'], 2):>6} "
-                f"{net['workload_failures'] + net['refused']:>5}"
-            )
-        add("  CPU cores used during saturation (of " + str(machine["cores"]) + "):")
-        for net in nets:
-            used = ", ".join(f"{k} {v:.2f}" for k, v in net["cpu_cores_used"].items())
-            add(f"    {net['label']:<22} {used}")
+            best = net["saturation"]["window"]
+            rows = [*net["steps"], net["paced"] | {"window": "paced"}]
+            for step in rows:
+                mark = "*" if step["window"] == best else " "
+                used = " ".join(f"{v:.2f}" for v in step["cpu_cores_used"].values())
+                add(
+                    f"  {net['label']:<26} {step['window']:>6}{mark}{fmt(step['tps']):>6} "
+                    f"{fmt(step['latency_p50_s'], 2):>6} {fmt(step['latency_p99_s'], 2):>6} "
+                    f"{fmt(step['mean_block_txs']):>7} {fmt(step['mean_block_interval_s'], 2):>5}"
+                    f"  {used}"
+                )
+            groups = " / ".join(net["saturation"]["cpu_cores_used"])
+            failures = net["workload_failures"] + net["refused"]
+            add(f"  {'':<26} cores: {groups}; failed or refused txs: {failures}")
+        add("  * = best step (the run's throughput); paced = open loop at 0.7 × that rate")
     for comparison in results.get("comparisons", []):
         add("")
         add(f"Goals ({comparison['label']})")
@@ -1180,11 +1386,12 @@ def report(results: dict[str, Any]) -> list[str]:
             f"{verdict(comparison['medledger_paced_p99_s'] <= GOAL_P99_S)}"
         )
     if inproc:
-        warm = inproc["ratios"].get("rotate_warm", 0.0)
-        add(
-            f"  in-process warm execution ÷ verify  {warm:.2f}   goal ≥ {GOAL_INPROCESS}  "
-            f"{verdict(warm >= GOAL_INPROCESS)}"
-        )
+        for kind in ("enroll_warm", "rotate_warm"):
+            ratio = inproc["ratios"].get(kind, 0.0)
+            add(
+                f"  in-process {kind} execution ÷ raw verify  {ratio:.2f}   goal ≥ "
+                f"{GOAL_INPROCESS}  {verdict(ratio >= GOAL_INPROCESS)}"
+            )
     return lines
 
 
@@ -1193,26 +1400,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-network", action="store_true", help="no testnets at all")
     parser.add_argument("--skip-kvstore", action="store_true")
+    parser.add_argument("--skip-medledger", action="store_true")
     parser.add_argument("--block-txs", type=int, default=500)
-    parser.add_argument("--blocks", type=int, default=4, help="in-process blocks per kind")
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--saturate", type=float, default=25.0, help="saturation window, s")
+    parser.add_argument("--blocks", type=int, default=8, help="in-process blocks per kind")
+    parser.add_argument("--warmup", type=float, default=5.0, help="s before the first step")
+    parser.add_argument("--step", type=float, default=8.0, help="measured s per window step")
+    parser.add_argument("--settle", type=float, default=3.0, help="s before later steps")
+    parser.add_argument(
+        "--windows",
+        type=lambda text: [int(w) for w in text.split(",")],
+        default=[1000, 2000, 4000],
+        help="closed-loop windows (txs in flight), comma-separated",
+    )
     parser.add_argument("--paced", type=float, default=20.0, help="paced window, s")
-    parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--paced-fraction", type=float, default=0.7)
-    parser.add_argument("--window", type=int, default=3000, help="txs in flight at saturation")
-    parser.add_argument("--senders", type=int, default=2, help="concurrent senders per node")
-    parser.add_argument("--members", type=int, default=4000, help="medledger senders (rotate)")
+    parser.add_argument("--senders", type=int, default=8, help="concurrent senders per node")
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
         type=parse_variant,
         metavar="NAME=field:value,...",
-        help="also run both networks with these CometTuning changes (repeatable)",
+        help="also run both networks with these changes (repeatable): a CometTuning field, "
+        "or section.key of config.toml for settings CometTuning lacks, e.g. "
+        "fast=timeout_commit:200ms,p2p.flush_throttle_timeout:10ms",
     )
     parser.add_argument("--no-default", action="store_true", help="run only the variants")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--pprof", action="store_true", help="diagnostics: CPU-profile node0's CometBFT"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -1228,7 +1445,7 @@ def main(argv: list[str] | None = None) -> int:
         tx_bytes = len(_Member("size-probe").rotate_tx())
         if not args.skip_inprocess:
             log("in-process: signing blocks, then raw verify vs. ledger execution")
-            inproc = run_inprocess(args.block_txs, args.blocks, verify_seconds=1.0)
+            inproc = run_inprocess(args.block_txs, args.blocks, verify_seconds=0.3)
             results["inprocess"] = dataclasses.asdict(inproc)
             log(
                 f"in-process: verify {inproc.verify_per_s:,.0f}/s; "
@@ -1237,29 +1454,33 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_network:
             options = NetworkOptions(
                 warmup=args.warmup,
-                saturate=args.saturate,
-                paced=args.paced,
+                step=args.step,
                 settle=args.settle,
+                windows=args.windows,
+                paced=args.paced,
                 paced_fraction=args.paced_fraction,
-                window=args.window,
                 senders_per_node=args.senders,
-                members=max(args.members, args.window + 400),
+                # one rotate in flight per member: enough members for the largest window
+                members=max(args.windows) + 400,
                 tx_bytes=tx_bytes,
+                profile_dir=args.out / "pprof" if args.pprof else None,
             )
             results["network_options"] = dataclasses.asdict(options)
-            runs: list[tuple[str, CometTuning]] = (
-                [] if args.no_default else [("default", CometTuning())]
-            )
+            runs: list[Variant] = [] if args.no_default else [Variant("default", CometTuning(), {})]
             runs += list(args.variant)
-            for name, tuning in runs:
-                ours = run_medledger(tuning, options)
-                entry = dataclasses.asdict(ours) | {"label": f"medledger/{name}"}
-                results["network"].append(entry)
-                if args.skip_kvstore:
+            for variant in runs:
+                name = variant.name
+                ours = kv = None
+                if not args.skip_medledger:
+                    ours = run_medledger(variant.tuning, variant.overrides, options)
+                    entry = dataclasses.asdict(ours) | {"label": f"medledger/{name}"}
+                    results["network"].append(entry)
+                if not args.skip_kvstore:
+                    kv = run_kvstore(variant.tuning, variant.overrides, options)
+                    kv_entry = dataclasses.asdict(kv) | {"label": f"kvstore/{name}"}
+                    results["network"].append(kv_entry)
+                if ours is None or kv is None:
                     continue
-                kv = run_kvstore(tuning, options)
-                kv_entry = dataclasses.asdict(kv) | {"label": f"kvstore/{name}"}
-                results["network"].append(kv_entry)
                 kv_tps = kv.saturation["tps"] or float("nan")
                 results["comparisons"].append(
                     {
@@ -1272,6 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
     results["wall_seconds"] = time.monotonic() - started
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     lines = report(results)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1284,4 +1506,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc}); every testnet this run started has been stopped")
+        sys.exit(130)

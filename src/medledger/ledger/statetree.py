@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.ledger.merkle import LEAF_PREFIX, node_hash
+from medledger.ledger.merkle import LEAF_PREFIX, NODE_PREFIX, node_hash
 
 HASH_SIZE = 32
 DEFAULT_DEPTH = 16
@@ -103,7 +103,12 @@ class BucketTree:
         self._nodes[index * HASH_SIZE : (index + 1) * HASH_SIZE] = digest
 
     def _rehash(self, node: int) -> None:
-        self._set_node(node, node_hash(self._node(2 * node), self._node(2 * node + 1)))
+        # Children 2j and 2j + 1 are adjacent in the heap, so left || right is one 64-byte slice
+        # and this is node_hash(left, right) without copying the halves apart.
+        start = 2 * node * HASH_SIZE
+        self._nodes[node * HASH_SIZE : (node + 1) * HASH_SIZE] = hashlib.sha256(
+            NODE_PREFIX + self._nodes[start : start + 2 * HASH_SIZE]
+        ).digest()
 
     def _check_bucket(self, bucket: int) -> None:
         if not isinstance(bucket, int) or not 0 <= bucket < self.bucket_count:
@@ -127,16 +132,25 @@ class BucketTree:
         """The state root, after recomputing every node above a leaf set since the last call."""
         level = sorted(self._dirty)
         self._dirty.clear()
+        nodes, sha256, width = self._nodes, hashlib.sha256, 2 * HASH_SIZE
         while level and level[0] > 1:
-            parents: list[int] = []
-            for node in level:
-                parent = node >> 1
-                if parents and parents[-1] == parent:
-                    continue
-                parents.append(parent)
-                self._rehash(parent)
+            # The parents of a sorted level, each once and still sorted.
+            parents = list(dict.fromkeys(node >> 1 for node in level))
+            for parent in parents:
+                at, children = parent * HASH_SIZE, parent * width  # see _rehash
+                nodes[at : at + HASH_SIZE] = sha256(
+                    NODE_PREFIX + nodes[children : children + width]
+                ).digest()
             level = parents
         return self._node(1)
+
+    def copy(self) -> BucketTree:
+        """An independent tree with the same node hashes (and the same leaves pending)."""
+        clone = BucketTree.__new__(BucketTree)
+        clone.depth = self.depth
+        clone._nodes = bytearray(self._nodes)
+        clone._dirty = set(self._dirty)
+        return clone
 
     def siblings(self, bucket: int) -> list[bytes]:
         """The sibling hashes on the path from a bucket to the root, the bucket's own first."""

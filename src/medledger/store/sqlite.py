@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 
+READ_CACHE_ENTRIES = 100_000
+BUCKETS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
+
+
 class StoredResult(msgspec.Struct, frozen=True, array_like=True):
     code: int
     log: str
@@ -74,6 +78,29 @@ class _NodeTable:
         )
 
 
+class _BufferedNodeTable(_NodeTable):
+    """Holds a block's new audit nodes until flush(), writing them in one batch; reads see
+    them meanwhile."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(conn)
+        self._pending: dict[tuple[int, int], bytes] = {}
+
+    def get_node(self, level: int, index: int) -> bytes | None:
+        digest = self._pending.get((level, index))
+        return digest if digest is not None else super().get_node(level, index)
+
+    def put_node(self, level: int, index: int, digest: bytes) -> None:
+        self._pending[(level, index)] = digest
+
+    def flush(self) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO audit_nodes (level, idx, digest) VALUES (?, ?, ?)",
+            [(level, index, digest) for (level, index), digest in self._pending.items()],
+        )
+        self._pending.clear()
+
+
 class SqliteStore:
     def __init__(self, path: Path, depth: int = statetree.DEFAULT_DEPTH) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +112,11 @@ class SqliteStore:
         self._writer.executescript(SCHEMA)
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._staged: list[tuple[int, bytes]] | None = None
+        self._staged_audit_size = 0
+        self._staged_changes: list[tuple[bytes, bytes | None]] = []
+        # Committed values by key (None: absent), filled by get() and brought up to date at
+        # every commit; kv is written nowhere but stage_block/commit_staged.
+        self._cache: dict[bytes, bytes | None] = {}
         self._committed_tree = self._load_tree()
         self._working_tree = self._load_tree()
 
@@ -96,8 +128,16 @@ class SqliteStore:
     # --- reads of committed state -------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
         row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+        value = None if row is None else bytes(row[0])
+        if len(self._cache) >= READ_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = value
+        return value
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         rows = self._reader.execute(
@@ -190,37 +230,54 @@ class SqliteStore:
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         self._staged = []
+        self._staged_changes = changes
         dirty: set[int] = set()
+        upserts: list[tuple[bytes, bytes, bytes, int]] = []
+        deletes: list[tuple[bytes]] = []
         for key, value in changes:
             bucket = statetree.bucket_of(key, self.depth)
             dirty.add(bucket)
             if value is None:
-                conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+                deletes.append((key,))
             else:
-                conn.execute(
-                    "INSERT OR REPLACE INTO kv (key, value, value_hash, bucket) VALUES (?,?,?,?)",
-                    (key, value, statetree.value_hash(value), bucket),
-                )
-        for bucket in sorted(dirty):
-            entries = conn.execute(
-                "SELECT key, value_hash FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
-            ).fetchall()
-            leaf = statetree.bucket_leaf((bytes(k), bytes(h)) for k, h in entries)
+                upserts.append((key, value, statetree.value_hash(value), bucket))
+        conn.executemany("DELETE FROM kv WHERE key = ?", deletes)
+        conn.executemany(
+            "INSERT OR REPLACE INTO kv (key, value, value_hash, bucket) VALUES (?,?,?,?)", upserts
+        )
+        # Every dirty bucket's full listing, read back in a few queries rather than one each.
+        ordered = sorted(dirty)
+        listings: dict[int, list[tuple[bytes, bytes]]] = {bucket: [] for bucket in ordered}
+        for start in range(0, len(ordered), BUCKETS_PER_QUERY):
+            chunk = ordered[start : start + BUCKETS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            for bucket, key, vhash in conn.execute(
+                f"SELECT bucket, key, value_hash FROM kv WHERE bucket IN ({marks})", chunk
+            ):
+                listings[bucket].append((bytes(key), bytes(vhash)))
+        filled: list[tuple[int, bytes]] = []
+        emptied: list[tuple[int]] = []
+        for bucket in ordered:
+            entries = listings[bucket]
+            leaf = statetree.bucket_leaf(entries)  # orders the entries by key itself
             if entries:
-                conn.execute(
-                    "INSERT OR REPLACE INTO buckets (bucket, leaf) VALUES (?, ?)", (bucket, leaf)
-                )
+                filled.append((bucket, leaf))
             else:
-                conn.execute("DELETE FROM buckets WHERE bucket = ?", (bucket,))
+                emptied.append((bucket,))
             self._staged.append((bucket, self._working_tree.bucket_leaf(bucket)))
             self._working_tree.set_bucket_leaf(bucket, leaf)
-        log = merkle.MerkleLog(_NodeTable(conn), self._writer_audit_size())
-        for data, result in zip(audit_leaves, results, strict=True):
-            index = log.append(data)
-            conn.execute(
-                "INSERT INTO audit_leaves (idx, height, subject, data) VALUES (?, ?, ?, ?)",
-                (index, height, result.subject, data),
-            )
+        conn.executemany("INSERT OR REPLACE INTO buckets (bucket, leaf) VALUES (?, ?)", filled)
+        conn.executemany("DELETE FROM buckets WHERE bucket = ?", emptied)
+        nodes = _BufferedNodeTable(conn)
+        log = merkle.MerkleLog(nodes, self._writer_audit_size())
+        leaf_rows = [
+            (log.append(data), height, result.subject, data)
+            for data, result in zip(audit_leaves, results, strict=True)
+        ]
+        conn.executemany(
+            "INSERT INTO audit_leaves (idx, height, subject, data) VALUES (?, ?, ?, ?)", leaf_rows
+        )
+        nodes.flush()
         stored = [StoredResult(int(r.code), r.log, r.type, r.sender) for r in results]
         conn.execute(
             "INSERT OR REPLACE INTO blocks (height, time_ns, txs, results, audit_size)"
@@ -233,6 +290,7 @@ class SqliteStore:
                 log.size,
             ),
         )
+        self._staged_audit_size = log.size
         return self._working_tree.root(), log.root(), log.size
 
     def _writer_audit_size(self) -> int:
@@ -243,7 +301,9 @@ class SqliteStore:
         if self._staged is None:
             raise RuntimeError("nothing staged to commit")
         conn = self._writer
-        size = conn.execute("SELECT COUNT(*) FROM audit_leaves").fetchone()[0]
+        # The staged log's size is the number of audit leaves (indices 0..size-1) once this
+        # commits; counting the table instead would scan the whole log at every block.
+        size = self._staged_audit_size
         conn.executemany(
             "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
             [
@@ -255,15 +315,19 @@ class SqliteStore:
         )
         conn.execute("UPDATE blocks SET app_hash = ? WHERE height = ?", (app_hash, height))
         conn.execute("COMMIT")
-        for bucket, _ in self._staged:
-            self._committed_tree.set_bucket_leaf(bucket, self._working_tree.bucket_leaf(bucket))
-        self._committed_tree.root()
+        # The committed tree now equals the working tree, whose root stage_block computed.
+        self._committed_tree = self._working_tree.copy()
+        for key, value in self._staged_changes:
+            if key in self._cache:
+                self._cache[key] = value
+        self._staged_changes = []
         self._staged = None
 
     def discard_staged(self) -> None:
         if self._staged is None:
             return
         self._writer.execute("ROLLBACK")
+        self._staged_changes = []
         for bucket, old_leaf in reversed(self._staged):
             self._working_tree.set_bucket_leaf(bucket, old_leaf)
         self._working_tree.root()
