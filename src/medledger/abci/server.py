@@ -113,6 +113,9 @@ class AbciServer:
         decoder = FrameDecoder()
         try:
             while data := await reader.read(1 << 20):
+                # Answers to every request that arrived in one read go out in one write.
+                answers: list[bytes] = []
+                flush = False
                 for frame in decoder.feed(data):
                     request = abci.Request.FromString(frame)
                     try:
@@ -125,9 +128,12 @@ class AbciServer:
                         if self.fatal is not None and not self.fatal.done():
                             self.fatal.set_result(exc)
                     payload = response.SerializeToString()
-                    writer.write(encode_uvarint(len(payload)) + payload)
-                    if request.WhichOneof("value") == "flush":
-                        await writer.drain()
+                    answers.append(encode_uvarint(len(payload)) + payload)
+                    flush = flush or request.WhichOneof("value") == "flush"
+                if answers:
+                    writer.write(b"".join(answers))
+                if flush:
+                    await writer.drain()
         except (ConnectionResetError, BrokenPipeError, ValueError) as exc:
             log.warning("abci connection closed", extra={"reason": str(exc)})
         finally:
