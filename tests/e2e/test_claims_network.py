@@ -15,10 +15,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from e2e_network import Network, running_network, wait_until
 
+from medledger.api.auth import sign_request
 from medledger.cli.claims import claim as claim_cli
 from medledger.client.claims import ClaimsClient, build_claim_response
 from medledger.client.records import AccessDenied, Disclosure, RecordsClient
@@ -509,3 +511,29 @@ def test_cli_submit_deny_appeal_show_list_stats(
     assert table.exit_code == 0 and cast.hospital in table.stdout and "%" in table.stdout
     both = _cli(network, 0, keys_dir, "list", "--patient", pid, "--insurer", cast.insurer)
     assert both.exit_code == 2
+
+
+def test_native_api_shows_claims_to_their_parties_only(network: Network, cast: Cast) -> None:
+    """GET /v1/claims…: the patient, the provider's and the insurer's members see a claim and
+    its history; a member of another organization does not; network-wide totals need an
+    auditor."""
+    api = network.configs[0].api_url
+
+    def get(keys: KeyPair, path: str) -> httpx.Response:
+        header = sign_request(keys, keys.member_id, "GET", path)
+        return httpx.get(api + path, headers={"Authorization": header}, timeout=10)
+
+    mine = get(cast.patient, f"/v1/claims?party=patient:{cast.patient.member_id}")
+    assert mine.status_code == 200 and mine.json(), mine.text
+    claim_id = mine.json()[0]["id"]
+    shown = get(cast.examiner, f"/v1/claims/{claim_id}")
+    assert shown.status_code == 200 and shown.json()["history"]
+    stats = get(cast.billing, f"/v1/claims/stats?party=provider:{cast.hospital}")
+    assert stats.status_code == 200 and stats.json()["providers"]
+    outsider = cast._enroll(2, Role.BILLING)
+    assert get(outsider, f"/v1/claims/{claim_id}").status_code == 403
+    assert get(outsider, f"/v1/claims?party=patient:{cast.patient.member_id}").status_code == 403
+    assert get(outsider, "/v1/claims").status_code == 403
+    assert httpx.get(api + "/v1/claims", timeout=10).status_code == 401
+    auditor = cast._enroll(3, Role.AUDITOR)
+    assert get(auditor, "/v1/claims").status_code == 200

@@ -16,6 +16,7 @@ from medledger.abci.server import AbciServer
 from medledger.api.auth import ReplayCache
 from medledger.api.http import build_http_app
 from medledger.api.metrics import Metrics
+from medledger.api.claims import add_claim_routes
 from medledger.api.records import RecordServices, add_record_routes
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
@@ -87,6 +88,7 @@ async def serve_app(home: Path) -> None:
             replays=ReplayCache(),
         ),
     )
+    add_claim_routes(http_app)
     fhir_context = FhirContext(
         rpc_url=cfg.cometbft_rpc,
         chain_id=cfg.chain_id,
