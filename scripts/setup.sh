@@ -51,3 +51,17 @@ if [ ! -f "$GEN/tendermint/abci/types_pb2.py" ] || [ "$(cat "$STAMP_DIR/proto" 2
   echo "$GEN" > "$site/medledger_generated_proto.pth"
   echo "$gen_hash" > "$STAMP_DIR/proto"
 fi
+
+# 4. Debian's Chromium for the portal's browser tests (Playwright drives it; we never run
+#    `playwright install`, which would download a browser build of its own).
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium (Debian) for the browser tests" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || { echo "setup: apt-get could not install chromium (needed by the browser tests)" >&2; exit 1; }
+  else
+    echo "setup: /usr/bin/chromium is missing and apt-get (as root) is not available:" \
+      "the browser tests (tests/web/test_portal_browser.py) will be skipped" >&2
+  fi
+fi

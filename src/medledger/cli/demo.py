@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from medledger.cli.portal import install_keystore
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
 from medledger.crypto.keys import KeyPair
@@ -279,6 +280,8 @@ def main(home: Path) -> None:
             state = "enrolled" if new else "present"
             org = configs[org_index].organization
             click.echo(f"  {name:24} {role.value:10} {org:8} {keys.member_id} {state}")
+            # The web portal: each person signs in at their organization's node.
+            install_keystore(homes[org_index], ring.path_for(name), replace=True)
         if not client.query("/proposals"):
             click.echo("governance: proposing a 2000-block voting period, three votes ...")
             change = Propose(SetParameter("proposal_period_blocks", 2000), reason="pilot policy")
@@ -317,6 +320,10 @@ def main(home: Path) -> None:
             f" peers {node.peers} {'healthy' if node.healthy else 'NOT healthy'}"
         )
     rpc = configs[0].cometbft_rpc
+    portal_lines = "\n".join(
+        f"  {cfg.api_url}/portal/  " + ", ".join(n for n, i, _ in PARTICIPANTS if i == index)
+        for index, cfg in enumerate(configs)
+    )
     click.echo(
         f"""
 Where to look:
@@ -344,7 +351,10 @@ Records, consent and audit (--key names a keystore in {root / "keys"}; guides in
   .venv/bin/medledger export --key patient-maria-garcia --patient {maria} --output maria.json
   .venv/bin/medledger consent revoke --key patient-maria-garcia --patient {maria} {consent_id}
       # ... and dr-priya-raman's read above is denied (exit code 3)
-  make demo-down        # stops the network (make demo starts it again)"""
+  make demo-down        # stops the network (make demo starts it again)
+Web portal (each person signs in at their organization's node, with the demo passphrase):
+{portal_lines}
+  (docs/getting-started.md; add a member: medledger portal add-key --home NODE_HOME FILE)"""
     )
 
 

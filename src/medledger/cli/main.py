@@ -13,6 +13,7 @@ from medledger.cli.claims import claim
 from medledger.cli.custody import client, custody
 from medledger.cli.hl7 import import_group
 from medledger.cli.keys import keys
+from medledger.cli.portal import portal
 from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
 
@@ -54,6 +55,7 @@ cli.add_command(custody)
 cli.add_command(client)
 cli.add_command(import_group)
 cli.add_command(claim)
+cli.add_command(portal)
 cli.add_command(member)
 cli.add_command(gov)
 cli.add_command(tx)

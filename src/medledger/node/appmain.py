@@ -14,9 +14,9 @@ from aiohttp import web
 from medledger.abci.application import LedgerApplication
 from medledger.abci.server import AbciServer
 from medledger.api.auth import ReplayCache
+from medledger.api.claims import add_claim_routes
 from medledger.api.http import build_http_app
 from medledger.api.metrics import Metrics
-from medledger.api.claims import add_claim_routes
 from medledger.api.records import RecordServices, add_record_routes
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
@@ -33,6 +33,7 @@ from medledger.node.services import load_services_config
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
 from medledger.store.sqlite import SqliteStore
+from medledger.web.app import add_portal_routes
 
 log = logging.getLogger("medledger.node")
 
@@ -102,6 +103,7 @@ async def serve_app(home: Path) -> None:
     held = fhir_context.custody.unlock_all()
     http_app[FHIR_CONTEXT] = fhir_context
     add_fhir_routes(http_app)
+    add_portal_routes(http_app, cfg, services_cfg.peers)
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
     runner = web.AppRunner(http_app, access_log=None, client_max_size=17 * 1024 * 1024)

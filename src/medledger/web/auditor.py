@@ -1,0 +1,106 @@
+"""The auditor's view: a patient's accounting of disclosures, denied requests and emergency
+accesses over a period — every entry with its proof, which the page checks against the block
+header the validators signed (static/verify.js)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from medledger.client.records import RecordsClient
+from medledger.ledger.model import Member, Role
+from medledger.web.common import (
+    Audience,
+    PageError,
+    client_of,
+    context_of,
+    render,
+    require,
+    run,
+)
+from medledger.web.context import PortalContext
+from medledger.web.proofs import AuditEvidence, audit_evidence
+from medledger.web.trail import TrailRow, trail_rows
+
+SECOND_NS = 1_000_000_000
+
+
+def _day_ns(text: str, *, end: bool) -> int | None:
+    if not text:
+        return None
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise PageError(400, "Check the period", "Give dates as YYYY-MM-DD.") from None
+    if end:
+        day += timedelta(days=1)
+    return int(day.timestamp()) * SECOND_NS
+
+
+@dataclass(frozen=True)
+class Accounting:
+    evidence: AuditEvidence
+    disclosures: list[TrailRow]
+    denied: list[TrailRow]
+    emergencies: list[TrailRow]
+
+
+def _accounting(
+    context: PortalContext,
+    session_client: RecordsClient,
+    patient: str,
+    start_ns: int | None,
+    end_ns: int | None,
+) -> Accounting:
+    evidence = audit_evidence(session_client, patient)
+    rows = [
+        row
+        for row in trail_rows(context, session_client, evidence, frozenset({"access.request"}))
+        if (start_ns is None or row.time_ns >= start_ns)
+        and (end_ns is None or row.time_ns < end_ns)
+    ]
+    return Accounting(
+        evidence,
+        disclosures=[r for r in rows if r.granted and r.sender != patient],
+        denied=[r for r in rows if r.denied],
+        emergencies=[r for r in rows if r.emergency],
+    )
+
+
+def _patients(context: PortalContext) -> list[Member]:
+    return sorted(
+        (m for m in context.members() if m.role is Role.PATIENT),
+        key=lambda m: (m.organization, m.id),
+    )
+
+
+async def home(request: web.Request) -> web.StreamResponse:
+    session = require(request, Audience.AUDITOR)
+    context = context_of(request)
+    patient = request.query.get("patient", "").strip()
+    start_text = request.query.get("from", "").strip()
+    end_text = request.query.get("until", "").strip()
+    start_ns = _day_ns(start_text, end=False)
+    end_ns = _day_ns(end_text, end=True)
+    patients = await run(_patients, context)
+    accounting = None
+    if patient:
+        if await run(context.member, patient) is None:
+            raise PageError(404, "No such patient", f"No member has the id {patient!r}.")
+        accounting = await run(_accounting, context, client_of(session), patient, start_ns, end_ns)
+    return render(
+        request,
+        "auditor/home.html",
+        patients=patients,
+        patient=patient,
+        start=start_text,
+        until=end_text,
+        accounting=accounting,
+        anchor=accounting.evidence.anchor if accounting else None,
+    )
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/auditor", home)
