@@ -29,9 +29,9 @@ def _may_see_party(state: State, member: Member, party: str, party_id: str) -> b
 
 
 def _may_see_claim(state: State, member: Member, claim: Claim) -> bool:
-    return (
-        _may_see_party(state, member, "patient", claim.patient)
-        or member.organization in (claim.provider, claim.insurer)
+    return _may_see_party(state, member, "patient", claim.patient) or member.organization in (
+        claim.provider,
+        claim.insurer,
     )
 
 
