@@ -79,6 +79,17 @@ def trusted_validators_from_genesis(path: str) -> dict[bytes, int]:
     }
 
 
+def _rpc_result(method: str, response: httpx.Response) -> Any:
+    try:
+        document = response.json()
+    except ValueError:
+        raise ClientError(f"{method}: HTTP {response.status_code}, not JSON") from None
+    if "error" in document:
+        error = document["error"]
+        raise ClientError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
+    return document["result"]
+
+
 class LedgerClient:
     """With `trusted_validators` (e.g. from the genesis file) headers are verified the way
     CometBFT's light client skips ahead: more than 1/3 of the trusted set's power must have
@@ -119,14 +130,16 @@ class LedgerClient:
             response = self._http.get(f"{self.rpc_url}/{method}", params=params)
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach {self.rpc_url}: {exc}") from None
+        return _rpc_result(method, response)
+
+    def rpc_post(self, method: str, **params: Any) -> Any:
+        """JSON-RPC over POST, for calls whose arguments do not fit in a URL."""
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
         try:
-            document = response.json()
-        except ValueError:
-            raise ClientError(f"{method}: HTTP {response.status_code}, not JSON") from None
-        if "error" in document:
-            error = document["error"]
-            raise ClientError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
-        return document["result"]
+            response = self._http.post(self.rpc_url, json=body)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.rpc_url}: {exc}") from None
+        return _rpc_result(method, response)
 
     @property
     def chain_id(self) -> str:
@@ -215,7 +228,8 @@ class LedgerClient:
 
     def broadcast(self, raw: bytes) -> str:
         """Send a signed transaction; returns its hash once the mempool accepted it."""
-        result = self.rpc("broadcast_tx_sync", tx="0x" + raw.hex())
+        # JSON-RPC over POST: a large transaction does not fit in a URL's query string.
+        result = self.rpc_post("broadcast_tx_sync", tx=base64.b64encode(raw).decode())
         tx_hash = codec.tx_hash(raw).hex().upper()
         if int(result["code"]) != 0:
             raise TxRejected(int(result["code"]), result.get("log", ""), tx_hash)
