@@ -8,6 +8,7 @@ import httpx
 from aiohttp import web
 
 from medledger.abci.application import LedgerApplication
+from medledger.api.openapi import add_openapi_routes
 
 APP_KEY = web.AppKey("ledger_app", LedgerApplication)
 RPC_KEY = web.AppKey("cometbft_rpc", str)
@@ -66,4 +67,5 @@ def build_http_app(ledger_app: LedgerApplication, cometbft_rpc: str) -> web.Appl
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    add_openapi_routes(app)
     return app

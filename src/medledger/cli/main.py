@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+import medledger.cli.bulk  # noqa: F401  (adds `fhir` to the `import` group)
 from medledger.cli.chain import gov, member, tx, verify
 from medledger.cli.claims import claim
 from medledger.cli.custody import client, custody

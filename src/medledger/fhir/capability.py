@@ -7,12 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.fhir.search import CONTENT, METADATA, PATIENT, SEARCH_PARAMS
+from medledger.fhir.search import CONTENT, METADATA, PATIENT, SEARCH_PARAMS, SP, SearchParam
 
 FHIR_VERSION = "4.0.1"
 SOFTWARE_VERSION = "0.1.0"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 EVERYTHING = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+BULK = "http://hl7.org/fhir/uv/bulkdata"
+EXPORT = f"{BULK}/OperationDefinition/export"
+PATIENT_EXPORT = f"{BULK}/OperationDefinition/patient-export"
 
 # Interactions of resources stored as ledger records.
 RECORD_INTERACTIONS = (
@@ -35,12 +38,36 @@ class ResourceSupport:
     record: bool = True  # stored as an encrypted ledger record
     conditional_create: bool = False
     operations: tuple[tuple[str, str], ...] = ()
+    search: tuple[SearchParam, ...] = ()  # for types outside the records' search table
 
 
 _RECORD_DOC = (
     "Stored as an encrypted ledger record about the patient its subject/patient names (an"
     " enrolled patient, Patient/<ledger id>). Reads go through a ledger access request, key"
     " release and decryption."
+)
+
+
+def _claim_param(name: str, kind: str, definition: str, documentation: str) -> SearchParam:
+    where = PATIENT if name == "patient" else METADATA
+    return SearchParam(name, kind, (name,), SP + definition, documentation, where)
+
+
+_CLAIM_PATIENT = (
+    "Patient/<id>. Without patient (or _id, claim, request) a search lists the claims of the"
+    " caller's organization, as provider or as insurer."
+)
+_CLAIM_STATUS = (
+    "The FHIR financial status (every claim on the ledger is active) or the ledger's status"
+    " (submitted, adjudicated, paid, appealed; system urn:medledger:claim-status)."
+)
+_CLAIM_DOC = (
+    " Claims are on-chain objects without PHI (codes, dates, amounts, organizations, every step"
+    " with its block); their FHIR Claim and ClaimResponse documents are encrypted records. Only"
+    " the claim's patient, provider and insurer see a claim; a document is read through a ledger"
+    " access request (purpose of use HPAYMT unless X-Purpose-Of-Use says otherwise) decided by"
+    " the ledger's rules; a Claim or ClaimResponse search leaves out, and counts, the documents"
+    " the caller may not read. Not available in batch or transaction Bundles."
 )
 
 RESOURCES: Mapping[str, ResourceSupport] = {
@@ -51,7 +78,7 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         " the ledger) and stores the demographics as an encrypted record. Conditional create"
         " (If-None-Exist: identifier=system|value) returns the patient the identifier names.",
         conditional_create=True,
-        operations=(("everything", EVERYTHING),),
+        operations=(("everything", EVERYTHING), ("export", PATIENT_EXPORT)),
     ),
     **{
         name: ResourceSupport(RECORD_INTERACTIONS, _RECORD_DOC)
@@ -99,6 +126,53 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         " validators' signed header.",
         record=False,
     ),
+    "Claim": ResourceSupport(
+        ("read", "search-type"),
+        "Claim.id is the ledger's claim id; meta.tag carries the claim's ledger status."
+        + _CLAIM_DOC
+        + " A claim is submitted by a billing or clinician member of the provider"
+        " (claim.submit); SMART clients act as system members, so POST answers 403 saying so:"
+        " submit with the SDK or `medledger claim submit`.",
+        record=False,
+        search=(
+            _claim_param("_id", "token", "Resource-id", "The claim id."),
+            _claim_param("patient", "reference", "Claim-patient", _CLAIM_PATIENT),
+            _claim_param("provider", "reference", "Claim-provider", "Organization/<id>."),
+            _claim_param("insurer", "reference", "Claim-insurer", "Organization/<id>."),
+            _claim_param("status", "token", "Claim-status", _CLAIM_STATUS),
+        ),
+    ),
+    "ClaimResponse": ResourceSupport(
+        ("read", "search-type"),
+        "One per decision (ClaimResponse.id is its record id); meta.tag says whether it is the"
+        " claim's current decision or was superseded after an appeal." + _CLAIM_DOC,
+        record=False,
+        search=(
+            _claim_param("_id", "token", "Resource-id", "The ClaimResponse's record id."),
+            _claim_param("patient", "reference", "ClaimResponse-patient", _CLAIM_PATIENT),
+            _claim_param("request", "reference", "ClaimResponse-request", "Claim/<claim id>."),
+            _claim_param("insurer", "reference", "ClaimResponse-insurer", "Organization/<id>."),
+            _claim_param("requestor", "reference", "ClaimResponse-requestor", "Organization/<id>."),
+            _claim_param("status", "token", "ClaimResponse-status", "active."),
+        ),
+    ),
+    "ExplanationOfBenefit": ResourceSupport(
+        ("read", "search-type"),
+        "One per claim (id = the claim id), built from the claim's on-chain state — items with"
+        " their submitted, eligible and benefit amounts and adjustment reasons, payment, and the"
+        " whole processing history as processNote and extension — and from its Claim and latest"
+        " ClaimResponse documents where the ledger lets the caller read them." + _CLAIM_DOC,
+        record=False,
+        search=(
+            _claim_param("_id", "token", "Resource-id", "The claim id."),
+            _claim_param("patient", "reference", "ExplanationOfBenefit-patient", _CLAIM_PATIENT),
+            _claim_param("claim", "reference", "ExplanationOfBenefit-claim", "Claim/<claim id>."),
+            _claim_param(
+                "provider", "reference", "ExplanationOfBenefit-provider", "Organization/<id>."
+            ),
+            _claim_param("status", "token", "ExplanationOfBenefit-status", _CLAIM_STATUS),
+        ),
+    ),
 }
 
 RECORD_TYPES = frozenset(name for name, support in RESOURCES.items() if support.record)
@@ -139,7 +213,7 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
                     "conditionalDelete": "not-supported",
                 }
             )
-        params = SEARCH_PARAMS.get(name, {})
+        params = SEARCH_PARAMS.get(name) or {p.name: p for p in support.search}
         if "search-type" in support.interactions and params:
             entry["searchParam"] = [
                 {
@@ -167,6 +241,7 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
         "date": date,
         "publisher": "medledger",
         "kind": "instance",
+        "instantiates": [f"{BULK}/CapabilityStatement/bulk-data"],
         "software": {"name": "medledger", "version": SOFTWARE_VERSION},
         "implementation": {"description": "medledger node FHIR API", "url": base_url},
         "fhirVersion": FHIR_VERSION,
@@ -215,7 +290,10 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
                         " (date means the type's clinical date); - for descending.",
                     },
                 ],
-                "operation": [{"name": "everything", "definition": EVERYTHING}],
+                "operation": [
+                    {"name": "everything", "definition": EVERYTHING},
+                    {"name": "export", "definition": EXPORT},
+                ],
             }
         ],
     }

@@ -143,7 +143,7 @@ VERIFY_EXTENSION = "urn:medledger:fhir:how-to-verify"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 DEFAULT_CONSENT_DAYS = 365
-READ_WORKERS = 16
+READ_WORKERS = 32
 CACHE_LIMIT = 4096
 
 TX_ACTIONS: Mapping[str, str] = {
@@ -2284,6 +2284,9 @@ def add_fhir_routes(app: web.Application) -> None:
     """Mount the FHIR API under /fhir (reads `app[FHIR_CONTEXT]`)."""
     gateway = FhirGateway(app[FHIR_CONTEXT])
     app[GATEWAY] = gateway
+    from medledger.fhir.bulk import add_bulk_routes  # imports this module
+
+    add_bulk_routes(app)  # $export: ahead of the generic routes below and of this middleware
     app.middlewares.append(fhir_middleware)
     router = app.router
     router.add_get("/fhir/metadata", metadata)
@@ -2306,3 +2309,6 @@ def add_fhir_routes(app: web.Application) -> None:
         gateway.close()
 
     app.on_cleanup.append(close)
+    from medledger.fhir.claims import add_claim_fhir_routes  # imports this module
+
+    add_claim_fhir_routes(app)  # Claim, ClaimResponse, ExplanationOfBenefit: before {type}

@@ -1,6 +1,8 @@
 """The auditor's view: a patient's accounting of disclosures, denied requests and emergency
 accesses over a period — every entry with its proof, which the page checks against the block
-header the validators signed (static/verify.js)."""
+header the validators signed (static/verify.js) — and the network's claims: totals per provider
+and insurer (counts, amounts, mean time to adjudication, denial rate) and every claim with its
+history, from the ledger."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from aiohttp import web
 
 from medledger.client.records import RecordsClient
 from medledger.ledger.model import Member, Role
+from medledger.web.claims import ClaimsOverview, claims_overview
 from medledger.web.common import (
     Audience,
     PageError,
@@ -90,6 +93,7 @@ async def home(request: web.Request) -> web.StreamResponse:
         if await run(context.member, patient) is None:
             raise PageError(404, "No such patient", f"No member has the id {patient!r}.")
         accounting = await run(_accounting, context, client_of(session), patient, start_ns, end_ns)
+    claims: ClaimsOverview = await run(claims_overview, context, session.member)
     return render(
         request,
         "auditor/home.html",
@@ -99,6 +103,7 @@ async def home(request: web.Request) -> web.StreamResponse:
         until=end_text,
         accounting=accounting,
         anchor=accounting.evidence.anchor if accounting else None,
+        claims=claims,
     )
 
 

@@ -1,5 +1,6 @@
 """The patient's view: my records as a timeline, their versions, my consents, who accessed my
-data, export and erasure — each through the patient's own keys and the ledger's own rules."""
+data, my claims and their appeals, export and erasure — each through the patient's own keys and
+the ledger's own rules."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from medledger.client.claims import ClaimsClient
 from medledger.client.records import RecordErased, RecordsClient, RecordSummary
-from medledger.client.sdk import ClientError
+from medledger.client.sdk import ClientError, QueryError
+from medledger.ledger.claims import AppealReason
 from medledger.ledger.consent import Consent, ConsentStatus, GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import PRACTITIONER_ROLES, Member, Organization, Role
 from medledger.ledger.records import RecordStatus, RecordVersion
+from medledger.web.claims import APPEAL_REASONS, patient_claims
 from medledger.web.common import (
     Audience,
     PageError,
@@ -311,8 +315,41 @@ async def accesses(request: web.Request) -> web.StreamResponse:
 
 
 async def claims(request: web.Request) -> web.StreamResponse:
-    require(request, Audience.PATIENT)
-    return render(request, "patient/claims.html")
+    session = require(request, Audience.PATIENT)
+    cards = await run(patient_claims, context_of(request), session.member.id)
+    return render(
+        request,
+        "patient/claims.html",
+        cards=cards,
+        reasons=APPEAL_REASONS,
+    )
+
+
+async def appeal(request: web.Request) -> web.StreamResponse:
+    """The patient appeals a partial or denied decision, signed with their own keys; the
+    claim goes back to the insurer."""
+    session = require(request, Audience.PATIENT)
+    form = await request.post()
+    claim_id = request.match_info["claim_id"]
+    try:
+        reason = AppealReason(form_text(form, "reason"))
+    except ValueError:
+        raise PageError(400, "Check the form", "Choose why you appeal the decision.") from None
+    claims_client = ClaimsClient(client_of(session))
+    try:
+        claim = await run(claims_client.show, claim_id)
+    except QueryError:
+        claim = None
+    if claim is None or claim.patient != session.member.id:
+        raise PageError(404, "Not one of your claims", f"You have no claim {claim_id!r}.")
+    result = await run(claims_client.appeal, claim_id, reason)
+    insurer = context_of(request).organization_name(claim.insurer)
+    session.notify(
+        "info",
+        f"Claim {claim_id} appealed in block {result.outcome.height}: it is back with"
+        f" {insurer} for a new decision.",
+    )
+    raise redirect("/patient/claims")
 
 
 async def export(request: web.Request) -> web.StreamResponse:
@@ -335,4 +372,5 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/patient/consents/{consent_id}/revoke", revoke)
     router.add_get("/patient/access", accesses)
     router.add_get("/patient/claims", claims)
+    router.add_post("/patient/claims/{claim_id}/appeal", appeal)
     router.add_get("/patient/export", export)
