@@ -699,6 +699,10 @@ def _basis_text(item: Grant) -> str:
             return "the author's organization"
         case Basis.PATIENT:
             return "the patient"
+        case Basis.CLAIM_INSURER:
+            return "the insurer of the claim this document belongs to"
+        case Basis.CLAIM_PROVIDER:
+            return "the provider of the claim this document belongs to"
     return str(item.basis)
 
 
