@@ -20,54 +20,75 @@ timestamped copy). Every process it starts is stopped at the end, also on an err
 SIGTERM or SIGHUP.
 """
 
+# ruff: noqa: E402  (imports follow the sys.path set-up below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ comes first on sys.path: put the repository root there instead, so that
+# the shared helpers import as bench.common (and bench/fhir.py cannot shadow the fhir package).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
 
 import argparse
 import asyncio
 import base64
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import datetime as dt
-import hashlib
-import itertools
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import aiohttp
 import httpx
-import msgspec
 import nacl.signing
 import tomlkit
 
-from medledger.client.sdk import LedgerClient
-from medledger.client.tx import sign_transaction
-from medledger.crypto.keys import KeyPair, member_id_for
+from bench.common import (
+    CHAIN_ID,
+    NODES,
+    PASSPHRASE,
+    RESULTS_DIR,
+    RPC_OFFSET,
+    BenchMember,
+    CpuMeter,
+    LoadDriver,
+    RotateWorkload,
+    Workload,
+    die_with_parent,
+    fmt,
+    free_base_port,
+    log,
+    machine_info,
+    rpc_ports,
+    run_async,
+    seed,
+    show_log_tails,
+    sign_enrollments,
+    signed,
+    terminate_cleanly,
+    wait_rpc_height,
+)
+from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
-from medledger.ledger import codec
-from medledger.ledger.codec import Envelope
 from medledger.ledger.model import Role
-from medledger.ledger.transactions import EnrollMember, RotateKey
+from medledger.ledger.transactions import EnrollMember
 from medledger.node.config import find_cometbft
 from medledger.node.inprocess import InProcessChain
 from medledger.node.procs import read_pid_file
 from medledger.node.testnet import (
-    PORT_STRIDE,
     CometTuning,
     _organization_entry,
     init_testnet,
@@ -76,113 +97,9 @@ from medledger.node.testnet import (
     wait_for_height,
 )
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
-CHAIN_ID = "medledger-bench"
-PASSPHRASE = "bench passphrase"
-NODES = 4
-RPC_OFFSET = 1
-BATCH = 10  # CometBFT's default [rpc] max_request_batch_size
 GOAL_INPROCESS = 0.6
 GOAL_THROUGHPUT = 0.5
 GOAL_P99_S = 2.0
-
-
-# -- small helpers -----------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by the nearest-rank method; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def seed(label: str) -> bytes:
-    return hashlib.sha256(b"medledger-bench/" + label.encode()).digest()
-
-
-def free_base_port(nodes: int, start: int) -> int:
-    """A base port whose whole block of ports is free on 127.0.0.1 right now."""
-    for base in range(start, 60000, 500):
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + nodes * PORT_STRIDE):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range on 127.0.0.1")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def show_log_tails(home: Path, names: tuple[str, ...], lines: int = 8) -> None:
-    """On failure, the end of every node's logs (the directory is removed afterwards)."""
-    for node_dir in sorted(home.glob("node*")):
-        for name in names:
-            for path in (node_dir / "logs" / name, node_dir / name):
-                if path.is_file():
-                    tail = path.read_text(errors="replace").splitlines()[-lines:]
-                    log(f"--- {path}\n" + "\n".join(line[:300] for line in tail))
-
-
-def die_with_parent() -> None:
-    """In a child before exec (Linux): SIGTERM when this benchmark dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        comet = subprocess.run(
-            [str(find_cometbft()), "version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        comet = "?"
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except Exception:
-        rev = "?"
-    return {
-        "cores": os.cpu_count(),
-        "cpu": model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cometbft_version": comet,
-        "git_rev": rev,
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 # -- 1. in-process ---------------------------------------------------------------------------
@@ -212,16 +129,6 @@ def genesis_app_state() -> bytes:
             )
         )
     return json.dumps({"organizations": entries, "params": {}}).encode()
-
-
-def signed(
-    key: nacl.signing.SigningKey, sender: str, nonce: int, tx_type: str, body: object
-) -> bytes:
-    """A transaction signed with an already-expanded key (what sign_transaction does, minus
-    re-deriving the key from its seed for every signature)."""
-    unsigned = Envelope(CHAIN_ID, sender, nonce, tx_type, codec.encode(body), b"")
-    signature = key.sign(unsigned.sign_bytes()).signature
-    return codec.encode(msgspec.structs.replace(unsigned, signature=signature))
 
 
 def verify_rate(seconds: float) -> float:
@@ -255,24 +162,6 @@ class InProcessResult:
     tx_bytes: float
 
 
-class _Member:
-    def __init__(self, label: str) -> None:
-        self.key = nacl.signing.SigningKey(seed(f"member/{label}"))
-        self.verify_key = bytes(self.key.verify_key)
-        self.member_id = member_id_for(self.verify_key)
-        self.label = label
-        self.nonce = 0
-
-    def rotate_tx(self) -> bytes:
-        """The member rotates its own key: signed by the current key, to the next one."""
-        self.nonce += 1
-        new = nacl.signing.SigningKey(seed(f"member/{self.label}/{self.nonce}"))
-        body = RotateKey(self.member_id, bytes(new.verify_key), seed(f"enc/{self.label}"))
-        raw = signed(self.key, self.member_id, self.nonce, "member.rotate", body)
-        self.key = new
-        return raw
-
-
 def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -> InProcessResult:
     """Blocks of `block_txs` valid transactions: member.enroll by the four admins (round robin,
     sequential nonces), then member.rotate by distinct enrolled members. Cold and warm blocks
@@ -282,7 +171,7 @@ def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -
     admin_keys = [nacl.signing.SigningKey(a.signing_seed) for a in admins]
     admin_ids = [a.member_id for a in admins]
     nonces = [0] * len(admins)
-    members: list[_Member] = []
+    members: list[BenchMember] = []
 
     enroll_blocks: list[list[bytes]] = []
     for b in range(2 * blocks_per_kind):
@@ -290,7 +179,7 @@ def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -
         for j in range(block_txs):
             a = j % len(admins)
             nonces[a] += 1
-            member = _Member(f"{b}/{j}")
+            member = BenchMember(f"{b}/{j}")
             members.append(member)
             body = EnrollMember(member.verify_key, seed(f"enc/{b}/{j}"), Role.CLINICIAN)
             txs.append(signed(admin_keys[a], admin_ids[a], nonces[a], "member.enroll", body))
@@ -358,60 +247,6 @@ def run_inprocess(block_txs: int, blocks_per_kind: int, verify_seconds: float) -
 # -- 2./3. network load ----------------------------------------------------------------------
 
 
-class _TxResult(msgspec.Struct):
-    code: int = 0
-
-
-class _FinalizeResult(msgspec.Struct):
-    tx_results: list[_TxResult] | None = None
-
-
-class _Header(msgspec.Struct):
-    height: str
-    time: str
-
-
-class _Data(msgspec.Struct):
-    txs: list[str] | None = None
-
-
-class _Block(msgspec.Struct):
-    header: _Header
-    data: _Data
-
-
-class _NewBlock(msgspec.Struct):
-    block: _Block
-    result_finalize_block: _FinalizeResult
-
-
-class _EventData(msgspec.Struct):
-    type: str
-    value: _NewBlock
-
-
-class _EventResult(msgspec.Struct):
-    data: _EventData | None = None
-
-
-class _EventMessage(msgspec.Struct):
-    result: _EventResult | None = None
-    error: dict[str, Any] | None = None
-
-
-_event_decoder = msgspec.json.Decoder(_EventMessage)
-
-
-class Workload(Protocol):
-    """Where transactions come from and what happens to them (txs are base64 strings, as the
-    JSON-RPC carries them and as NewBlock events list them)."""
-
-    def take(self, node: int, count: int) -> list[str]: ...
-    def committed(self, node: int, tx: str, code: int) -> None: ...
-    def refused(self, node: int, tx: str, code: int, log: str) -> None: ...
-    def retry(self, node: int, tx: str) -> None: ...
-
-
 class KvWorkload:
     """kvstore transactions: unique `key=value` bytes padded to `size`."""
 
@@ -439,381 +274,6 @@ class KvWorkload:
 
     def retry(self, node: int, tx: str) -> None:
         self.retries.append(tx)
-
-
-class EnrollWorkload:
-    """Each node's admin enrolls its share of the members, nonces in order, all to its own node
-    (one sender per node keeps them in order)."""
-
-    def __init__(self, per_node: list[list[str]], members: list[list[_Member]]) -> None:
-        self.queues = [collections.deque(txs) for txs in per_node]
-        self.owner: dict[str, _Member] = {}
-        for txs, node_members in zip(per_node, members, strict=True):
-            self.owner.update(zip(txs, node_members, strict=True))
-        self.enrolled: list[list[_Member]] = [[] for _ in per_node]
-        self.failed: list[list[_Member]] = [[] for _ in per_node]
-        self.codes: collections.Counter[str] = collections.Counter()
-        self.retries: list[list[str]] = [[] for _ in per_node]
-
-    def take(self, node: int, count: int) -> list[str]:
-        out = self.retries[node][:count]
-        del self.retries[node][:count]
-        queue = self.queues[node]
-        out += [queue.popleft() for _ in range(min(count - len(out), len(queue)))]
-        return out
-
-    def committed(self, node: int, tx: str, code: int) -> None:
-        if code == 0:
-            self.enrolled[node].append(self.owner[tx])
-        else:
-            self.failed[node].append(self.owner[tx])
-            self.codes[f"code {code} in block"] += 1
-
-    def refused(self, node: int, tx: str, code: int, log: str) -> None:
-        self.failed[node].append(self.owner[tx])
-        self.codes[f"CheckTx code {code}: {log[:80]}"] += 1
-
-    def retry(self, node: int, tx: str) -> None:
-        self.retries[node].append(tx)
-
-    def done(self) -> bool:
-        return not any(self.queues) and not any(self.retries)
-
-
-def sign_enrollments(
-    admins: list[KeyPair], rpc_urls: list[str], members: list[list[_Member]]
-) -> EnrollWorkload:
-    """member.enroll for every member, by its node's admin, from the admin's next nonce on."""
-    per_node: list[list[str]] = []
-    for admin, url, node_members in zip(admins, rpc_urls, members, strict=True):
-        with LedgerClient(url, CHAIN_ID) as client:
-            nonce = client.next_nonce(admin.member_id)
-        txs = []
-        for j, member in enumerate(node_members):
-            body = EnrollMember(member.verify_key, seed(f"enc/{member.label}"), Role.CLINICIAN)
-            raw = sign_transaction(
-                admin, CHAIN_ID, nonce + j, "member.enroll", body, sender=admin.member_id
-            )
-            txs.append(base64.b64encode(raw).decode())
-        per_node.append(txs)
-    return EnrollWorkload(per_node, members)
-
-
-class RotateWorkload:
-    """Every member rotates its own key again and again: one transaction in flight per member
-    (the next one is signed by the key the previous one installed), always to the same node."""
-
-    def __init__(self, nodes: int) -> None:
-        self.idle: list[collections.deque[_Member]] = [collections.deque() for _ in range(nodes)]
-        self.owner: dict[str, _Member] = {}
-        self.unsent: dict[int, str] = {}  # id(member) -> signed tx not yet accepted
-        self.failed = 0
-        self.last_failure = ""
-
-    def add(self, members: list[list[_Member]]) -> None:
-        for queue, node_members in zip(self.idle, members, strict=True):
-            queue.extend(node_members)
-
-    def take(self, node: int, count: int) -> list[str]:
-        idle = self.idle[node]
-        out = []
-        for _ in range(min(count, len(idle))):
-            member = idle.popleft()
-            tx = self.unsent.pop(id(member), None)
-            if tx is None:
-                tx = base64.b64encode(member.rotate_tx()).decode()
-            self.owner[tx] = member
-            out.append(tx)
-        return out
-
-    def committed(self, node: int, tx: str, code: int) -> None:
-        member = self.owner.pop(tx)
-        if code == 0:
-            self.idle[node].append(member)
-        else:
-            self.failed += 1
-            self.last_failure = f"code {code} in block"
-
-    def refused(self, node: int, tx: str, code: int, log: str) -> None:
-        self.owner.pop(tx)
-        self.failed += 1
-        self.last_failure = f"CheckTx code {code}: {log}"
-
-    def retry(self, node: int, tx: str) -> None:
-        member = self.owner.pop(tx)
-        self.unsent[id(member)] = tx
-        self.idle[node].appendleft(member)
-
-
-@dataclass
-class BlockSeen:
-    received: float
-    height: int
-    txs: int
-    ok: int
-    time: str
-
-
-@dataclass
-class Accepted:
-    at: float
-    workload: Workload
-
-
-class LoadDriver:
-    """Senders (JSON-RPC batches of broadcast_tx_sync) and NewBlock listeners on every node."""
-
-    def __init__(self, rpc_ports: list[int]) -> None:
-        self.ports = rpc_ports
-        self.pending: list[dict[str, Accepted]] = [{} for _ in rpc_ports]
-        self.unacked: list[dict[str, float]] = [{} for _ in rpc_ports]
-        self.early: list[dict[str, tuple[float, int]]] = [{} for _ in rpc_ports]
-        self.latencies: list[tuple[float, float]] = []  # (accepted at, latency)
-        self.accepted_at: list[float] = []
-        self.rtts: list[tuple[float, float]] = []  # (answered at, broadcast batch round trip)
-        self.in_flight_samples: list[tuple[float, int]] = []
-        self.blocks: list[BlockSeen] = []  # as node 0 saw them
-        self.in_flight = 0
-        self.refused = 0
-        self.rpc_errors = 0
-        self.last_rpc_error = ""
-        self.commit_event = asyncio.Event()
-        self.heights = [0] * len(rpc_ports)
-        self._listeners: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}",
-                timeout=httpx.Timeout(60.0),
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-            )
-            for port in rpc_ports
-        ]
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
-        ready = [asyncio.get_running_loop().create_future() for _ in self.ports]
-        for node, port in enumerate(self.ports):
-            self._listeners.append(asyncio.create_task(self._listen(node, port, ready[node])))
-        await asyncio.wait_for(asyncio.gather(*ready), 30)
-
-    async def close(self) -> None:
-        for task in self._listeners:
-            task.cancel()
-        for task in self._listeners:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for client in self._clients:
-            await client.aclose()
-        if self._session is not None:
-            await self._session.close()
-
-    async def _listen(self, node: int, port: int, ready: asyncio.Future[None]) -> None:
-        assert self._session is not None
-        async with self._session.ws_connect(
-            f"ws://127.0.0.1:{port}/websocket", max_msg_size=0, autoping=True
-        ) as ws:
-            await ws.send_str(
-                json.dumps(
-                    {
-                        "jsonrpc": "2.0",
-                        "method": "subscribe",
-                        "id": 1,
-                        "params": {"query": "tm.event='NewBlock'"},
-                    }
-                )
-            )
-            async for message in ws:
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        break
-                    continue
-                received = time.monotonic()
-                event = _event_decoder.decode(message.data)
-                if event.error is not None:
-                    raise RuntimeError(f"node {node} websocket: {event.error}")
-                if not ready.done():
-                    ready.set_result(None)
-                if event.result is None or event.result.data is None:
-                    continue
-                self._on_block(node, received, event.result.data.value)
-        if not ready.done():
-            ready.set_exception(RuntimeError(f"node {node} websocket closed"))
-
-    def _on_block(self, node: int, received: float, value: _NewBlock) -> None:
-        txs = value.block.data.txs or []
-        codes = [r.code for r in value.result_finalize_block.tx_results or []]
-        height = int(value.block.header.height)
-        self.heights[node] = height
-        pending = self.pending[node]
-        unacked = self.unacked[node]
-        for tx, code in zip(txs, codes, strict=True):
-            accepted = pending.pop(tx, None)
-            if accepted is not None:
-                self.latencies.append((accepted.at, received - accepted.at))
-                self.in_flight -= 1
-                accepted.workload.committed(node, tx, code)
-            elif tx in unacked:
-                self.early[node][tx] = (received, code)
-        if node == 0:
-            ok = sum(1 for code in codes if code == 0)
-            self.blocks.append(BlockSeen(received, height, len(txs), ok, value.block.header.time))
-        self.commit_event.set()
-
-    async def wait_commit(self, timeout: float) -> None:
-        self.commit_event.clear()
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
-        # that arrives as its timeout expires.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.commit_event.wait()
-
-    async def send(self, node: int, workload: Workload, txs: list[str]) -> None:
-        """One JSON-RPC batch of broadcast_tx_sync; each answer is recorded."""
-        self.in_flight += len(txs)
-        sent_at = time.monotonic()
-        unacked = self.unacked[node]
-        for tx in txs:
-            unacked[tx] = sent_at
-        body = (
-            "["
-            + ",".join(
-                f'{{"jsonrpc":"2.0","id":{i},"method":"broadcast_tx_sync","params":{{"tx":"{tx}"}}}}'
-                for i, tx in enumerate(txs)
-            )
-            + "]"
-        )
-        answers: list[Any] = []
-        try:
-            response = await self._clients[node].post(
-                "/", content=body, headers={"content-type": "application/json"}
-            )
-            decoded = msgspec.json.decode(response.content)
-            answers = decoded if isinstance(decoded, list) else [decoded]
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            self.last_rpc_error = repr(exc)
-        now = time.monotonic()
-        self.rtts.append((now, now - sent_at))
-        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
-        for i, tx in enumerate(txs):
-            unacked.pop(tx, None)
-            answer = by_id.get(i)
-            if answer is None or "error" in answer:
-                self.rpc_errors += 1
-                if answer is not None:
-                    self.last_rpc_error = str(answer["error"])[:300]
-                self.in_flight -= 1
-                workload.retry(node, tx)
-                continue
-            result = answer["result"]
-            code = int(result.get("code", 0))
-            if code != 0:
-                self.refused += 1
-                self.in_flight -= 1
-                workload.refused(node, tx, code, str(result.get("log", ""))[:300])
-                continue
-            self.accepted_at.append(now)
-            early = self.early[node].pop(tx, None)
-            if early is not None:
-                self.latencies.append((now, max(0.0, early[0] - now)))
-                self.in_flight -= 1
-                workload.committed(node, tx, early[1])
-            else:
-                self.pending[node][tx] = Accepted(now, workload)
-
-    async def run(
-        self,
-        workload: Workload,
-        *,
-        seconds: float,
-        senders_per_node: int,
-        window: int,
-        rate: float | None = None,
-        until: Callable[[], bool] | None = None,
-    ) -> None:
-        """Keep sending for `seconds` (or until `until()`): closed loop with at most `window`
-        transactions in flight, or paced at `rate` tx/s in total (still capped by `window`)."""
-        deadline = time.monotonic() + seconds
-        total_senders = senders_per_node * len(self.ports)
-
-        async def sender(node: int, index: int) -> None:
-            interval = BATCH * total_senders / rate if rate else 0.0
-            next_at = time.monotonic() + interval * index / total_senders
-            while time.monotonic() < deadline and not (until is not None and until()):
-                if any(TERMINATING.values()):
-                    raise Terminated()
-                if rate:
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    next_at += interval
-                room = window - self.in_flight
-                if room < 1:
-                    await self.wait_commit(0.1)
-                    continue
-                txs = workload.take(node, min(BATCH, room))
-                if not txs:
-                    await self.wait_commit(0.1)
-                    continue
-                await self.send(node, workload, txs)
-
-        async def sample() -> None:
-            while True:
-                self.in_flight_samples.append((time.monotonic(), self.in_flight))
-                await asyncio.sleep(0.1)
-
-        sampler = asyncio.create_task(sample())
-        try:
-            await asyncio.gather(
-                *(
-                    sender(node, i)
-                    for node in range(len(self.ports))
-                    for i in range(senders_per_node)
-                )
-            )
-        finally:
-            sampler.cancel()
-
-    async def drain(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.in_flight > 0 and time.monotonic() < deadline:
-            await self.wait_commit(0.2)
-        return self.in_flight == 0
-
-    def committed_ok(self, start: float, end: float) -> int:
-        return sum(b.ok for b in self.blocks if start <= b.received < end)
-
-    def window_stats(self, start: float, end: float) -> dict[str, Any]:
-        """Throughput (node 0's committed blocks) and latency (txs accepted in the window)."""
-        seconds = end - start
-        blocks = [b for b in self.blocks if start <= b.received < end]
-        latencies = [lat for at, lat in self.latencies if start <= at < end]
-        accepted = sum(1 for at in self.accepted_at if start <= at < end)
-        ok = sum(b.ok for b in blocks)
-        txs = sum(b.txs for b in blocks)
-        intervals = [b.received - a.received for a, b in itertools.pairwise(blocks)]
-        rtts = [rtt for at, rtt in self.rtts if start <= at < end]
-        in_flight = [n for at, n in self.in_flight_samples if start <= at < end]
-        return {
-            "seconds": round(seconds, 2),
-            "committed_ok": ok,
-            "committed_failed": txs - ok,
-            "tps": ok / seconds if seconds > 0 else 0.0,
-            "accepted_tps": accepted / seconds if seconds > 0 else 0.0,
-            "blocks": len(blocks),
-            "mean_block_txs": txs / len(blocks) if blocks else 0.0,
-            "max_block_txs": max((b.txs for b in blocks), default=0),
-            "mean_block_interval_s": statistics.mean(intervals) if intervals else None,
-            "latency_samples": len(latencies),
-            "latency_p50_s": percentile(latencies, 0.50),
-            "latency_p90_s": percentile(latencies, 0.90),
-            "latency_p99_s": percentile(latencies, 0.99),
-            "latency_max_s": max(latencies, default=float("nan")),
-            "latency_mean_s": statistics.mean(latencies) if latencies else float("nan"),
-            "mean_in_flight": statistics.mean(in_flight) if in_flight else 0.0,
-            "broadcast_batch_p50_s": percentile(rtts, 0.5),
-            "broadcast_batch_p99_s": percentile(rtts, 0.99),
-        }
 
 
 @dataclass
@@ -847,34 +307,6 @@ class NetworkResult:
     uncommitted_at_end: int
     setup_s: float
     notes: list[str] = field(default_factory=list)
-
-
-class CpuMeter:
-    """CPU time of process groups between two samples, as cores used on average."""
-
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = groups
-        self._start: dict[str, float] = {}
-        self._t0 = 0.0
-
-    def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, pids in self.groups.items():
-            total = 0.0
-            for pid in pids:
-                value = cpu_seconds(pid) if pid != os.getpid() else sum(os.times()[:2])
-                total += value or 0.0
-            out[name] = total
-        return out
-
-    def start(self) -> None:
-        self._start = self._sample()
-        self._t0 = time.monotonic()
-
-    def stop(self) -> dict[str, float]:
-        end = self._sample()
-        seconds = time.monotonic() - self._t0
-        return {name: round((end[name] - self._start[name]) / seconds, 3) for name in end}
 
 
 @dataclass
@@ -995,28 +427,6 @@ async def take_pprof(port: int, seconds: float, directory: Path) -> None:
         log(f"pprof failed: {exc!r}")
 
 
-def _rpc_ports(base_port: int) -> list[int]:
-    return [base_port + i * PORT_STRIDE + RPC_OFFSET for i in range(NODES)]
-
-
-def wait_rpc_height(ports: list[int], height: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
-        while True:
-            heights = []
-            for port in ports:
-                try:
-                    status = client.get(f"http://127.0.0.1:{port}/status").json()
-                    heights.append(int(status["result"]["sync_info"]["latest_block_height"]))
-                except (httpx.HTTPError, ValueError, KeyError):
-                    heights.append(-1)
-            if all(h >= height for h in heights):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nodes did not reach height {height}: {heights}")
-            time.sleep(0.3)
-
-
 def tuning_dict(tuning: CometTuning) -> dict[str, Any]:
     return dataclasses.asdict(tuning)
 
@@ -1064,7 +474,7 @@ def run_medledger(
         admins = [load_keystore(cfg.keys_dir / "admin.json", PASSPHRASE) for cfg in configs]
         testnet_up(home)
         wait_for_height(home, 2, timeout=120)
-        ports = _rpc_ports(base_port)
+        ports = rpc_ports(base_port)
         groups: dict[str, list[int]] = {"app (python)": [], "cometbft": [], "load generator": []}
         for cfg in configs:
             app_pid = read_pid_file(cfg.app_pid_file)
@@ -1080,7 +490,7 @@ def run_medledger(
         # order on the way to the proposer (see BENCHMARKS.md), which fails the rest of it
         # with BAD_NONCE; those members are enrolled again in a further round.
         per_node = max(1, options.members // NODES)
-        pending = [[_Member(f"n{node}/{j}") for j in range(per_node)] for node in range(NODES)]
+        pending = [[BenchMember(f"n{node}/{j}") for j in range(per_node)] for node in range(NODES)]
         rpc_urls = [cfg.cometbft_rpc for cfg in configs]
         rotate = RotateWorkload(NODES)
         enroll_rounds: list[dict[str, Any]] = []
@@ -1175,7 +585,7 @@ def run_kvstore(
                         preexec_fn=die_with_parent,
                     )
                 )
-        ports = _rpc_ports(base_port)
+        ports = rpc_ports(base_port)
         wait_rpc_height(ports, 2, timeout=120)
         setup = time.monotonic() - started
         groups = {"cometbft+kvstore": [p.pid for p in procs], "load generator": [os.getpid()]}
@@ -1251,73 +661,8 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, dataclasses.replace(CometTuning(), **changes), overrides)
 
 
-def fmt(value: Any, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value != value:  # NaN
-            return "-"
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
-
-
-TERMINATING = {sig: False for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-
-class Terminated(Exception):
-    """SIGTERM or SIGHUP arrived during an asyncio phase."""
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    TERMINATING[signal.Signals(signum)] = True
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def terminate_cleanly() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` stops its network (inside
-    asyncio, run_async cancels the run instead of raising from an arbitrary frame)."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in TERMINATING}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, where SIGTERM or SIGHUP cancels the whole run and then raises
-    KeyboardInterrupt, after every `finally` of the run has been through."""
-
-    async def guarded() -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop(sig: signal.Signals) -> None:
-            TERMINATING[sig] = True
-            task.cancel()
-
-        for sig in TERMINATING:
-            loop.add_signal_handler(sig, stop, sig)
-        try:
-            return await coro
-        finally:
-            for sig in TERMINATING:
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, _interrupt)
-
-    try:
-        result = asyncio.run(guarded())
-    except (asyncio.CancelledError, Terminated):
-        raise KeyboardInterrupt("terminated") from None
-    if any(TERMINATING.values()):
-        raise KeyboardInterrupt("terminated")
-    return result
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -1442,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with terminate_cleanly():
         # kvstore transactions are padded to the size of the medledger transactions sent.
-        tx_bytes = len(_Member("size-probe").rotate_tx())
+        tx_bytes = len(BenchMember("size-probe").rotate_tx())
         if not args.skip_inprocess:
             log("in-process: signing blocks, then raw verify vs. ledger execution")
             inproc = run_inprocess(args.block_txs, args.blocks, verify_seconds=0.3)
