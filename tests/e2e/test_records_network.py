@@ -19,12 +19,18 @@ from aiohttp import web
 from e2e_network import Network, running_network, wait_until
 
 from medledger.api.auth import sign_request, unverified_issuer
-from medledger.client.records import AccessDenied, RecordErased, RecordsClient
+from medledger.client.records import (
+    AccessDenied,
+    ProvenAuditEntry,
+    RecordErased,
+    RecordsClient,
+)
 from medledger.client.sdk import LedgerClient, ProofError, trusted_validators_from_genesis
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.consent import GranteeKind, Purpose
+from medledger.ledger.execution import AuditEntry
 from medledger.ledger.model import Role, member_key
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.testnet import node_down, node_up
@@ -193,9 +199,14 @@ def test_consent_gates_reading_and_revocation_stops_it(network: Network, cast: C
     with pytest.raises(AccessDenied, match="not treatment"):
         outsider.read(written.record_id)
 
-    # The patient sees both the granted and the denied accesses, proven against the log.
-    trail = patient.audit_trail(cast.patient.member_id)
-    requests = [e.entry for e in trail if e.entry.type == "access.request"]
+    # The patient sees both the granted and the denied accesses, proven against the log (read
+    # through node 0, which may commit the outsider's last request a moment after node 1).
+    def access_requests() -> list[AuditEntry] | None:
+        trail = patient.audit_trail(cast.patient.member_id)
+        found = [e.entry for e in trail if e.entry.type == "access.request"]
+        return found if len(found) >= 4 else None
+
+    requests = wait_until(access_requests, 30, "the four access requests on node 0")
     assert [e.sender for e in requests] == [cast.outsider.member_id] * 4
     assert [e.code == 0 for e in requests] == [False, True, False, False]
 
@@ -207,9 +218,13 @@ def test_break_the_glass_is_flagged_for_the_patient(network: Network, cast: Cast
         er.read(written.record_id, emergency_reason="because")
     read = er.read(written.record_id, emergency_reason="patient-unconscious")
     assert read.resource["resourceType"] == "Observation"
-    trail = cast.client(cast.patient, 0).audit_trail(cast.patient.member_id)
-    flagged = [e for e in trail if "EMERGENCY" in e.entry.log]
-    assert flagged and flagged[-1].entry.sender == cast.er_doctor.member_id
+
+    def emergencies() -> list[ProvenAuditEntry] | None:
+        trail = cast.client(cast.patient, 0).audit_trail(cast.patient.member_id)
+        return [e for e in trail if "EMERGENCY" in e.entry.log] or None
+
+    flagged = wait_until(emergencies, 30, "the emergency access on node 0")
+    assert flagged[-1].entry.sender == cast.er_doctor.member_id
 
 
 def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast: Cast) -> None:
