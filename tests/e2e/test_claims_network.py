@@ -530,10 +530,25 @@ def test_native_api_shows_claims_to_their_parties_only(network: Network, cast: C
     assert shown.status_code == 200 and shown.json()["history"]
     stats = get(cast.billing, f"/v1/claims/stats?party=provider:{cast.hospital}")
     assert stats.status_code == 200 and stats.json()["providers"]
-    outsider = cast._enroll(2, Role.BILLING)
+
+    def enrolled_elsewhere(node: int, role: Role) -> KeyPair:
+        """A member enrolled through another node, once node 0 (whose API we ask) knows it."""
+        keys = cast._enroll(node, role)
+
+        def known() -> bool:
+            try:
+                network.client(0).query("/member", keys.member_id)
+            except QueryError:
+                return False
+            return True
+
+        wait_until(known, 30, "node 0 to commit the enrollment")
+        return keys
+
+    outsider = enrolled_elsewhere(2, Role.BILLING)
     assert get(outsider, f"/v1/claims/{claim_id}").status_code == 403
     assert get(outsider, f"/v1/claims?party=patient:{cast.patient.member_id}").status_code == 403
     assert get(outsider, "/v1/claims").status_code == 403
     assert httpx.get(api + "/v1/claims", timeout=10).status_code == 401
-    auditor = cast._enroll(3, Role.AUDITOR)
+    auditor = enrolled_elsewhere(3, Role.AUDITOR)
     assert get(auditor, "/v1/claims").status_code == 200
