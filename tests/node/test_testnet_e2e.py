@@ -6,18 +6,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_base_port
 
 from medledger.node.config import NodeConfig
 from medledger.node.procs import pid_alive, read_pid_file
 from medledger.node.testnet import (
-    PORT_STRIDE,
     add_node,
     init_testnet,
     node_status,
@@ -48,24 +47,6 @@ pytestmark = [
 ]
 
 PASSPHRASE = "e2e passphrase"
-
-
-def free_base_port(nodes: int) -> int:
-    """A base port whose whole block of ports is free on 127.0.0.1 right now."""
-    for base in range(30000, 60000, 500):
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + nodes * PORT_STRIDE):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def processes_mentioning(text: str) -> list[int]:
