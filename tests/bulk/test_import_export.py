@@ -32,7 +32,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from openapi_spec_validator import validate
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
@@ -411,7 +411,15 @@ def test_patient_export_gives_the_patients_resources_as_ndjson(
     admin = network.admins[0]
     log = httpx.get(
         f"{site.api}/v1/audit/node",
-        headers={"Authorization": sign_request(admin, admin.member_id, "GET", "/v1/audit/node")},
+        headers={
+            "Authorization": sign_request(
+                admin,
+                admin.member_id,
+                "GET",
+                "/v1/audit/node",
+                audience=node_audience(network.configs[0].organization),
+            )
+        },
         timeout=30,
     ).json()
     releases = [

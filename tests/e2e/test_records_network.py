@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from e2e_network import Network, running_network, wait_until
 
-from medledger.api.auth import sign_request, unverified_issuer
+from medledger.api.auth import node_audience, sign_request, unverified_issuer
 from medledger.client.records import (
     AccessDenied,
     ProvenAuditEntry,
@@ -237,7 +237,12 @@ def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast:
     # has not yet committed the grant's block and answers 404).
     def present() -> httpx.Response | None:
         header = sign_request(
-            cast.outsider, cast.outsider.member_id, "POST", "/v1/keys/release", body
+            cast.outsider,
+            cast.outsider.member_id,
+            "POST",
+            "/v1/keys/release",
+            body,
+            audience=node_audience(cfg.organization),
         )
         answer = httpx.post(
             f"{cfg.api_url}/v1/keys/release", content=body, headers={"Authorization": header}
@@ -250,7 +255,12 @@ def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast:
     # No token at all, and a token signed by the wrong key.
     assert httpx.post(f"{cfg.api_url}/v1/keys/release", content=body).status_code == 401
     forged = sign_request(
-        KeyPair.generate(), cast.outsider.member_id, "POST", "/v1/keys/release", body
+        KeyPair.generate(),
+        cast.outsider.member_id,
+        "POST",
+        "/v1/keys/release",
+        body,
+        audience=node_audience(cfg.organization),
     )
     response = httpx.post(
         f"{cfg.api_url}/v1/keys/release", content=body, headers={"Authorization": forged}
@@ -261,7 +271,11 @@ def test_unauthorized_key_release_is_refused_and_audited(network: Network, cast:
     path = "/v1/audit/node"
     log = httpx.get(
         f"{cfg.api_url}{path}",
-        headers={"Authorization": sign_request(admin, admin.member_id, "GET", path)},
+        headers={
+            "Authorization": sign_request(
+                admin, admin.member_id, "GET", path, audience=node_audience(cfg.organization)
+            )
+        },
     )
     assert log.status_code == 200
     refused = [e for e in log.json() if e["action"] == "key.release" and e["outcome"] == "refused"]

@@ -26,7 +26,7 @@ from fhirpy.base.exceptions import (
     OperationOutcome,
 )
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
@@ -318,7 +318,11 @@ async def test_requests_outside_the_scopes_get_403_and_are_audited(
     path = "/v1/audit/node"
     log = httpx.get(
         f"{cfg.api_url}{path}",
-        headers={"Authorization": sign_request(admin, admin.member_id, "GET", path)},
+        headers={
+            "Authorization": sign_request(
+                admin, admin.member_id, "GET", path, audience=node_audience(cfg.organization)
+            )
+        },
     ).json()
     refused = [e for e in log if e["action"] == "fhir.request" and e["outcome"] == "refused"]
     assert any(e["actor"] == "reader-0" and e["target"] == "Observation.r" for e in refused)

@@ -56,7 +56,7 @@ async def list_claims(request: web.Request) -> web.Response:
         _, state, member = await _member(request)
         party, party_id = _party(request)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     except ValueError as exc:
         return _problem(400, str(exc))
     if not party:
@@ -73,7 +73,7 @@ async def show_claim(request: web.Request) -> web.Response:
     try:
         _, state, member = await _member(request)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     try:
         claim = load_claim(state, request.match_info["claim_id"])
     except LedgerError as exc:
@@ -89,7 +89,7 @@ async def stats(request: web.Request) -> web.Response:
         _, state, member = await _member(request)
         party, party_id = _party(request)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     except ValueError as exc:
         return _problem(400, str(exc))
     if not party:

@@ -16,16 +16,25 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from medledger.api.auth import AuthError, Caller, ReplayCache, unverified_issuer, verify_request
+from medledger.api.auth import (
+    AuthError,
+    Caller,
+    ReplayCache,
+    may_read_node_audit,
+    node_audience,
+    unverified_issuer,
+    verify_request,
+)
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import Basis, Grant, consent_problem, load_grant
 from medledger.ledger.claims import CLAIM_AUTHOR_ROLES
 from medledger.ledger.consent import Consent, consent_key
 from medledger.ledger.identity import is_active
-from medledger.ledger.model import Member, Organization, Role, member_key, organization_key
+from medledger.ledger.model import Member, Organization, member_key, organization_key
 from medledger.ledger.records import (
     AUTHOR_ROLES,
+    Custody,
     MAX_PACKAGE_BYTES,
     PackageRef,
     RecordStatus,
@@ -86,7 +95,15 @@ async def _authenticate(
         if not is_active(state, member):
             raise AuthError(f"member {issuer} is {member.status} or its organization is")
         key = member.verify_key
-    caller = verify_request(header, key, request.method, request.path_qs, body, services.replays)
+    caller = verify_request(
+        header,
+        key,
+        request.method,
+        request.path_qs,
+        body,
+        services.replays,
+        audience=node_audience(services.organization),
+    )
     return caller, member
 
 
@@ -96,7 +113,7 @@ async def put_package(request: web.Request) -> web.Response:
     try:
         _, member = await _authenticate(request, services)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     if member is None or member.role not in UPLOADER_ROLES:
         return _problem(403, "only members who write records or claims upload packages")
     data = await request.read()
@@ -116,7 +133,7 @@ async def get_package(request: web.Request) -> web.Response:
     try:
         caller, member = await _authenticate(request, services)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     digest = request.match_info["digest"]
     state = State(services.store)
     ref = state.read(package_key(digest), PackageRef)
@@ -230,15 +247,25 @@ async def release_key(request: web.Request) -> web.Response:
         if data is None:
             services.replicator.want([version.package_digest])
             return _problem(503, "this node has not received the package yet; retry shortly")
-        package = packaging.decode_package(data)
-        share = packaging.open_custodian_share(
-            package, services.organization, services.node_keys.encryption_secret
-        )
+        try:
+            package = packaging.decode_package(data)
+            problem = package_mismatch(state, data, package, version, custody)
+            if problem is not None:
+                return _refuse(services, requester, grant_id, 409, problem, started)
+            share = packaging.open_custodian_share(
+                package, services.organization, services.node_keys.encryption_secret
+            )
+        except packaging.PackageError as exc:
+            reason = f"this node's share of the package does not open ({exc}); no share released"
+            return _refuse(services, requester, grant_id, 409, reason, started)
         sealed = packaging.reseal_share(share, member.encryption_key)
     except AuthError as exc:
         services.audit.record(requester, "key.release", grant_id, "refused", str(exc))
         log.warning("key release refused", extra={"requester": requester, "reason": str(exc)})
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
+    except Exception as exc:  # nothing a caller sends may take the handler down
+        reason = f"internal error ({type(exc).__name__}); no share released"
+        return _refuse(services, requester, grant_id, 500, reason, started)
     services.audit.record(requester, "key.release", grant_id, "released")
     log.info("key share released", extra={"requester": requester, "grant": grant_id})
     return web.json_response(
@@ -250,6 +277,56 @@ async def release_key(request: web.Request) -> web.Response:
             "package_digest": version.package_digest,
         }
     )
+
+
+def package_mismatch(
+    state: State,
+    data: bytes,
+    package: packaging.RecordPackage,
+    version: RecordVersion,
+    custody: Custody,
+) -> str | None:
+    """Why this package may not yield a share for the committed record `version`, or None.
+
+    A share is released for exactly the record version a grant names, and only the ledger says
+    which that is: the package must be the one the committed version names (its digest), and
+    its header — which its share commitments and its ciphertext's associated data are bound to
+    — must name that record id, version, patient and author, with this node's share at the
+    committed index. Otherwise a copy of another record's package (one byte changed, so a new
+    digest) committed under a record of one's own would release the other record's key."""
+    if packaging.package_digest(data) != version.package_digest:
+        return "this node's copy is not the package the committed record names"
+    ref = state.read(package_key(version.package_digest), PackageRef)
+    if ref != PackageRef(version.record_id, version.version):
+        return "the ledger does not name this package as the grant's record version"
+    named = f"record {version.record_id} v{version.version}"
+    if (package.record_id, package.record_version) != (version.record_id, version.version):
+        return (
+            f"the package is sealed for record {_quote(package.record_id)}"
+            f" v{package.record_version},"
+            f" not for {named} that the grant names; no share released"
+        )
+    if package.patient != version.patient:
+        return f"the package is sealed for another patient than {named}'s; no share released"
+    if package.author != version.author:
+        return f"the package is sealed by another author than {named}'s; no share released"
+    if package.threshold != version.threshold:
+        return (
+            f"the package's threshold {package.threshold} is not the committed"
+            f" {version.threshold}; no share released"
+        )
+    entry = next((e for e in package.shares if e.organization == custody.organization), None)
+    if entry is None or entry.index != custody.index:
+        return (
+            f"the package does not hold share {custody.index} for {custody.organization}"
+            " where the ledger says; no share released"
+        )
+    return None
+
+
+def _quote(text: str, limit: int = 64) -> str:
+    """Text a sender chose, safe to put in an answer and a log line."""
+    return repr(text[:limit])
 
 
 def _refuse(
@@ -273,7 +350,7 @@ async def nodes(request: web.Request) -> web.Response:
     try:
         await _authenticate(request, services)
     except AuthError as exc:
-        return _problem(401, str(exc))
+        return _problem(exc.status, str(exc))
     return web.json_response({services.organization: services.api_url, **services.peers})
 
 
@@ -284,9 +361,11 @@ async def release_log(request: web.Request) -> web.Response:
     try:
         _, member = await _authenticate(request, services)
     except AuthError as exc:
-        return _problem(401, str(exc))
-    if member is None or member.role not in (Role.AUDITOR, Role.ADMIN):
-        return _problem(403, "the node audit log is for auditors and admins")
+        return _problem(exc.status, str(exc))
+    if member is None or not may_read_node_audit(member, services.organization):
+        return _problem(
+            403, "the node audit log is for auditors and for the admin of this node's organization"
+        )
     return web.json_response(services.audit.entries())
 
 

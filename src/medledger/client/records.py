@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.client.lightclient import VerifiedHeader
 from medledger.client.sdk import (
     ClientError,
@@ -149,7 +149,10 @@ class Disclosure:
 
 
 class RecordsClient:
-    """One member's view of the network: their keys, a node's RPC and its API."""
+    """One member's view of the network: their keys, a node's RPC and its API.
+
+    `node_organization` is the organization whose node serves `api_url` (each request token
+    names the node it is for); by default the member's own organization, as on the ledger."""
 
     def __init__(
         self,
@@ -158,6 +161,7 @@ class RecordsClient:
         keys: KeyPair,
         member_id: str | None = None,
         timeout: float = 15.0,
+        node_organization: str | None = None,
     ) -> None:
         self.ledger = ledger
         self.api_url = api_url.rstrip("/")
@@ -165,14 +169,32 @@ class RecordsClient:
         self.member_id = member_id or keys.member_id
         self._http = httpx.Client(timeout=timeout)
         self._node_apis: dict[str, str] | None = None
+        self._node_organization = node_organization
 
     def close(self) -> None:
         self._http.close()
 
     # --- HTTP to node APIs ---------------------------------------------------------------
 
-    def _request(self, method: str, base: str, path: str, body: bytes = b"") -> httpx.Response:
-        headers = {"Authorization": sign_request(self.keys, self.member_id, method, path, body)}
+    @property
+    def node_organization(self) -> str:
+        """The organization of the home node (`api_url`)."""
+        if self._node_organization is None:
+            member = self.ledger.query("/member", self.member_id, Member)
+            self._node_organization = member.organization
+        return self._node_organization
+
+    def _request(
+        self, method: str, base: str, path: str, body: bytes = b"", organization: str = ""
+    ) -> httpx.Response:
+        """A signed request to the node of `organization` (the home node by default) at
+        `base`."""
+        audience = node_audience(organization or self.node_organization)
+        headers = {
+            "Authorization": sign_request(
+                self.keys, self.member_id, method, path, body, audience=audience
+            )
+        }
         try:
             return self._http.request(method, base + path, content=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -373,10 +395,13 @@ class RecordsClient:
         query = f"?grant={grant_id}" if grant_id else ""
         path = f"/v1/packages/{version.package_digest}{query}"
         apis = self.node_apis()
-        ordered = [self.api_url] + [url for url in apis.values() if url != self.api_url]
+        home = self.node_organization
+        ordered = [(home, self.api_url)] + [
+            (organization, url) for organization, url in apis.items() if url != self.api_url
+        ]
         errors = []
-        for base in ordered:
-            response = self._request("GET", base, path)
+        for organization, base in ordered:
+            response = self._request("GET", base, path, organization=organization)
             if (
                 response.status_code == 200
                 and packaging.package_digest(response.content) == version.package_digest
@@ -437,7 +462,11 @@ class RecordsClient:
                     break
                 try:
                     response = self._request(
-                        "POST", apis[custody.organization], "/v1/keys/release", body
+                        "POST",
+                        apis[custody.organization],
+                        "/v1/keys/release",
+                        body,
+                        organization=custody.organization,
                     )
                 except ClientError as exc:
                     refused[custody.organization] = str(exc)

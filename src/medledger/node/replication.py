@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
 from medledger.store.packages import PackageStore, PackageStoreError
 
@@ -95,7 +95,13 @@ class Replicator:
                 response = await client.get(
                     base.rstrip("/") + path,
                     headers={
-                        "Authorization": sign_request(self.node_keys, self.issuer, "GET", path)
+                        "Authorization": sign_request(
+                            self.node_keys,
+                            self.issuer,
+                            "GET",
+                            path,
+                            audience=node_audience(organization),
+                        )
                     },
                 )
             except httpx.HTTPError:

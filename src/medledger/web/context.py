@@ -67,7 +67,11 @@ class PortalContext:
 
     def client_for(self, keys: KeyPair, member_id: str) -> MemberClient:
         return MemberClient(
-            LedgerClient(self.rpc_url, self.chain_id), self.api_url, keys, member_id
+            LedgerClient(self.rpc_url, self.chain_id),
+            self.api_url,
+            keys,
+            member_id,
+            node_organization=self.organization,
         )
 
     def close(self) -> None:
