@@ -6,6 +6,7 @@ explorer. Threat model: docs/security.md."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,8 +30,13 @@ from medledger.api.auth import (
 )
 from medledger.api.records import RecordServices, add_record_routes
 from medledger.crypto.keys import KeyPair
+from medledger.fhir.context import FHIR_CONTEXT, FhirContext
+from medledger.fhir.gateway import add_fhir_routes
+from medledger.fhir.smart import TokenService
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
+from medledger.node.custody import Custody
+from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
@@ -177,3 +183,67 @@ async def test_only_auditors_and_this_nodes_admin_read_its_audit_log(
     assert [e["target"] for e in await own.json()] == ["grant-1"]
     audited = await node.get("/v1/audit/node", header(auditor))
     assert audited.status == 200 and len(await audited.json()) == 1
+
+
+# --- the refusal log under a flood ----------------------------------------------------------
+
+
+async def test_a_flood_of_refused_requests_leaves_a_bounded_log_and_every_key_release(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """10,000 refused requests with random issuers — SMART token requests naming a random
+    client, anonymous key-release calls — leave a bounded number of rows with bounded fields;
+    every key release refused to an authenticated member is kept."""
+    doctor = enroll(consortium, "st-mary", "dr-who", Role.CLINICIAN)
+    audit = NodeAuditLog(tmp_path / "node-audit.db", max_refusal_rows=100, max_pending_groups=16)
+    app = web.Application()
+    node = await start_node(consortium, tmp_path, "st-mary")
+    node.services.audit.close()
+    node.services.audit = audit
+    await node.client.close()
+    add_record_routes(app, node.services)
+    app[FHIR_CONTEXT] = FhirContext(
+        rpc_url="http://127.0.0.1:9",
+        chain_id="medledger-test",
+        api_url="http://127.0.0.1:9",
+        organization="st-mary",
+        custody=Custody(tmp_path / "custody", "node passphrase", fast_kdf=True),
+        patients=PatientIndex(tmp_path / "patients.db"),
+        tokens=TokenService(consortium.chain.store, "http://127.0.0.1:9/fhir/auth/token", audit),
+        audit=audit,
+    )
+    add_fhir_routes(app)
+    attacker_key = Ed25519PrivateKey.generate()
+    async with TestClient(TestServer(app)) as client:
+        for i in range(10_000):
+            if i % 5 == 0:
+                answer = await client.post("/v1/keys/release", data=b'{"grant": "x"}')
+                assert answer.status == 401
+                continue
+            issuer = secrets.token_hex(8) * 64  # 1,024 characters of the attacker's choosing
+            claims = {"iss": issuer, "sub": issuer, "aud": "x", "exp": 1, "jti": str(i)}
+            form = {
+                "grant_type": "client_credentials",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": jwt.encode(claims, attacker_key, algorithm="EdDSA"),
+            }
+            answer = await client.post("/fhir/auth/token", data=form)
+            assert answer.status in (400, 401)
+            if i % 200 == 1:  # an authenticated member asks for a share it has no grant for
+                path = "/v1/keys/release"
+                body = f'{{"grant": "no-such-grant-{i}"}}'.encode()
+                header = sign_request(
+                    doctor, doctor.member_id, "POST", path, body, audience="node:st-mary"
+                )
+                refused = await client.post(path, data=body, headers={"Authorization": header})
+                assert refused.status == 404
+    entries = audit.entries(limit=100_000)
+    audit.close()
+    refusals = [e for e in entries if e["actor"] != doctor.member_id]
+    kept = [e for e in entries if e["actor"] == doctor.member_id]
+    assert len(refusals) <= 100
+    assert sum(e["count"] for e in refusals) > len(refusals)  # alike refusals were counted
+    assert all(len(e[f]) <= 128 for e in entries for f in ("actor", "target", "reason"))
+    assert len(kept) == 50  # every key release to a member, none aggregated or dropped
+    assert all(e["action"] == "key.release" and e["count"] == 1 for e in kept)
+    assert {e["target"] for e in kept} == {f"no-such-grant-{i}" for i in range(1, 10_000, 200)}
