@@ -11,12 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tendermint.abci import types_pb2 as abci
 
-from medledger.abci.application import LedgerApplication, order_by_nonce
+from medledger.abci.application import LedgerApplication
 from medledger.abci.framing import FrameDecoder, encode_uvarint
 from medledger.abci.server import AbciServer
 from medledger.client.tx import sign_transaction
 from medledger.ledger import codec
 from medledger.ledger.codec import Envelope
+from medledger.ledger.execution import order_by_nonce
 from medledger.store.sqlite import SqliteStore
 
 

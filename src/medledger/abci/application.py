@@ -12,10 +12,8 @@ from tendermint.crypto import keys_pb2
 from medledger import __version__
 from medledger.abci import queries
 from medledger.api.metrics import Metrics
-from medledger.ledger import codec
 from medledger.ledger.app import BlockOutcome, Ledger
-from medledger.ledger.codec import Envelope
-from medledger.ledger.errors import LedgerError
+from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import TxResult
 from medledger.store.sqlite import SqliteStore
 
@@ -44,31 +42,6 @@ def _events(result: TxResult) -> list[abci.Event]:
 
 
 CommitHook = Callable[[BlockOutcome], None]
-
-
-def order_by_nonce(txs: list[bytes]) -> list[bytes]:
-    """Keep the mempool's order but put each sender's transactions in nonce order: a node can
-    receive one sender's transactions out of order (from different peers), and execution
-    requires consecutive nonces. The slots a sender's transactions occupy stay the same;
-    transactions that do not decode keep their place (execution refuses them)."""
-    envelopes: list[Envelope | None] = []
-    slots: dict[str, list[int]] = {}
-    for position, tx in enumerate(txs):
-        try:
-            envelope = codec.decode(tx, Envelope)
-        except LedgerError:
-            envelopes.append(None)
-            continue
-        envelopes.append(envelope)
-        slots.setdefault(envelope.sender, []).append(position)
-    ordered = list(txs)
-    for positions in slots.values():
-        if len(positions) < 2:
-            continue
-        by_nonce = sorted(positions, key=lambda p: envelopes[p].nonce)  # type: ignore[union-attr]
-        for slot, source in zip(positions, by_nonce, strict=True):
-            ordered[slot] = txs[source]
-    return ordered
 
 
 class LedgerApplication:
@@ -112,24 +85,26 @@ class LedgerApplication:
             return abci.ResponseQuery(
                 code=int(err.code), log=err.message, height=self.ledger.height
             )
+        except Exception as exc:  # `answer` turns failures into LedgerError; this is the net
+            log.exception("query failed")
+            return abci.ResponseQuery(
+                code=int(Code.INTERNAL),
+                log=f"query failed ({type(exc).__name__})",
+                height=self.ledger.height,
+            )
         return abci.ResponseQuery(code=0, value=value, height=self.ledger.height)
 
     def check_tx(self, req: abci.RequestCheckTx) -> abci.ResponseCheckTx:
-        result = self.ledger.check_tx(req.tx)
+        result = self.ledger.check_tx(req.tx, recheck=req.type == abci.CheckTxType.RECHECK)
         self.metrics.check_tx(result)
         return abci.ResponseCheckTx(code=int(result.code), log=result.log)
 
     def prepare_proposal(self, req: abci.RequestPrepareProposal) -> abci.ResponsePrepareProposal:
-        """Propose the mempool's transactions within the block's byte budget, each sender's in
-        nonce order (see `order_by_nonce`)."""
-        chosen: list[bytes] = []
-        budget = req.max_tx_bytes
-        for tx in req.txs:
-            budget -= len(tx)
-            if budget < 0:
-                break
-            chosen.append(tx)
-        return abci.ResponsePrepareProposal(txs=order_by_nonce(chosen))
+        """Propose the mempool's transactions that can execute, within the block's byte
+        budget, each sender's in nonce order (see `Ledger.select_for_proposal`)."""
+        return abci.ResponsePrepareProposal(
+            txs=self.ledger.select_for_proposal(list(req.txs), req.max_tx_bytes)
+        )
 
     def process_proposal(self, req: abci.RequestProcessProposal) -> abci.ResponseProcessProposal:
         # Invalid transactions in a block are recorded with an error result, not rejected

@@ -7,6 +7,7 @@ root, the audit root and the audit size (see `medledger.ledger.app.app_hash_of`)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,22 @@ from medledger.ledger.records import RecordHead, RecordVersion, head_key, record
 from medledger.ledger.state import State
 from medledger.store.sqlite import SqliteStore
 
+log = logging.getLogger("medledger.query")
+
 QueryFn = Callable[[SqliteStore, bytes, bool], Any]
+
+# SQLite integers are signed 64-bit: a larger height or index must be refused before it
+# reaches the database (which would raise OverflowError).
+MAX_INTEGER = 2**63 - 1
+MAX_QUERY_DATA = 4096
+
+
+def _integer(data: bytes, name: str) -> int:
+    """A decimal height, index or size from query data: digits only, within SQLite's range."""
+    text = data.decode("ascii", errors="replace")
+    if not text.isdigit() or not text.isascii() or len(text) > 19 or int(text) > MAX_INTEGER:
+        raise LedgerError(Code.INVALID_BODY, f"{name} must be a whole number 0..{MAX_INTEGER}")
+    return int(text)
 
 
 def _nonce(store: SqliteStore, data: bytes, prove: bool) -> Any:
@@ -74,7 +90,7 @@ def _state(store: SqliteStore, data: bytes, prove: bool) -> Any:
 
 
 def _audit_entry(store: SqliteStore, data: bytes, prove: bool) -> Any:
-    index = int(data.decode())
+    index = _integer(data, "audit entry index")
     leaf = store.audit_leaf(index)
     log = store.audit_log()
     if leaf is None or index >= log.size:
@@ -93,7 +109,7 @@ def _audit_entry(store: SqliteStore, data: bytes, prove: bool) -> Any:
 
 
 def _audit_consistency(store: SqliteStore, data: bytes, prove: bool) -> Any:
-    old = int(data.decode())
+    old = _integer(data, "old size")
     log = store.audit_log()
     if not 0 < old <= log.size:
         raise LedgerError(Code.INVALID_BODY, f"old size must be in 1..{log.size}")
@@ -221,7 +237,7 @@ def _claim_stats(store: SqliteStore, data: bytes, prove: bool) -> Any:
 
 
 def _block(store: SqliteStore, data: bytes, prove: bool) -> Any:
-    block = store.block(int(data.decode()))
+    block = store.block(_integer(data, "height"))
     if block is None:
         raise LedgerError(Code.NOT_FOUND, f"no block {data.decode()}")
     return {
@@ -277,11 +293,22 @@ QUERIES: dict[str, QueryFn] = {
 
 
 def answer(store: SqliteStore, path: str, data: bytes, prove: bool) -> bytes:
+    """The JSON answer to one query. Anyone who reaches the node's RPC may ask, so every
+    failure — malformed data, a bug — is a LedgerError the ABCI adapter turns into an error
+    answer; nothing a caller sends takes the application down."""
     query = QUERIES.get(path)
     if query is None:
-        raise LedgerError(Code.NOT_FOUND, f"unknown query path {path!r}")
+        raise LedgerError(Code.NOT_FOUND, f"unknown query path {path[:64]!r}")
+    if len(data) > MAX_QUERY_DATA:
+        raise LedgerError(Code.TOO_LARGE, f"query data is at most {MAX_QUERY_DATA} bytes")
     try:
-        result = query(store, data, prove)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return msgspec.json.encode(query(store, data, prove))
+    except LedgerError:
+        raise
+    except (ValueError, UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LedgerError(Code.INVALID_BODY, f"bad query data for {path}: {exc}") from None
-    return msgspec.json.encode(result)
+    except Exception as exc:
+        log.exception("query failed", extra={"path": path})
+        raise LedgerError(
+            Code.INTERNAL, f"query {path} failed ({type(exc).__name__}); see the node's log"
+        ) from None

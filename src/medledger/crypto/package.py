@@ -152,13 +152,6 @@ _encoder = msgspec.msgpack.Encoder()
 # -- sealing ------------------------------------------------------------------------------------
 
 
-def threshold_for(n: int) -> int:
-    """Shares needed among n custodians: f+1 where f = (n-1)//3 (n = 3f+1 tolerates f faults)."""
-    if n < 1:
-        raise ValueError("there must be at least one custodian")
-    return (n - 1) // 3 + 1
-
-
 def seal_record(
     plaintext: bytes,
     *,

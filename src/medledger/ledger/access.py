@@ -1,7 +1,10 @@
 """Access requests, decided deterministically when their block executes.
 
-The patient and the organization that authored a record have access. Anyone else needs an
-active consent that covers the record and the purpose at the block's time. A practitioner in
+The patient, a delegate the patient registered, and the care team of the organization that
+authored a record (its clinicians, emergency and lab staff and its EHR and LIS systems, for
+treatment and operations) have access. Anyone else — the author organization's billing staff
+and auditors included — needs an active consent that covers the record and the purpose at the
+block's time. A practitioner in
 the emergency role may break the glass with a stated reason: the grant is short-lived and
 flagged for the patient to see. The parties to a claim read its Claim and ClaimResponse records
 for payment (see `claim_party_basis`); the records supporting a claim still need consent.
@@ -24,12 +27,19 @@ from medledger.ledger.consent import (
     Purpose,
     ScopeKind,
     consents_of,
+    is_delegate,
 )
 from medledger.ledger.context import TxContext
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.governance import load_params
 from medledger.ledger.model import Member, Role
-from medledger.ledger.records import RecordStatus, RecordVersion, load_head, load_version
+from medledger.ledger.records import (
+    AUTHOR_ROLES,
+    RecordStatus,
+    RecordVersion,
+    load_head,
+    load_version,
+)
 from medledger.ledger.state import State
 
 
@@ -42,11 +52,18 @@ class EmergencyReason(StrEnum):
 
 class Basis(StrEnum):
     PATIENT = "patient"
+    DELEGATE = "delegate"
     AUTHOR_ORGANIZATION = "author-organization"
     CONSENT = "consent"
     EMERGENCY = "emergency"
     CLAIM_INSURER = "claim-insurer"
     CLAIM_PROVIDER = "claim-provider"
+
+
+# The author organization's care team reads its own records for care and for running the care
+# (HIPAA's treatment and health care operations); payment and research need the patient's consent.
+CARE_TEAM_ROLES = AUTHOR_ROLES
+CARE_TEAM_PURPOSES = frozenset({Purpose.TREATMENT, Purpose.OPERATIONS})
 
 
 class RequestAccess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -148,7 +165,9 @@ def decide(
         raise LedgerError(Code.INVALID_BODY, "an emergency reason without an emergency request")
     if sender.id == patient:
         return Basis.PATIENT, "", params.access_grant_seconds
-    if sender.organization == version.author_organization:
+    if is_delegate(state, patient, sender.id):
+        return Basis.DELEGATE, "", params.access_grant_seconds
+    if is_care_team(sender, version, body.purpose):
         return Basis.AUTHOR_ORGANIZATION, "", params.access_grant_seconds
     claim_basis = claim_party_basis(state, sender, version, body.purpose)
     if claim_basis is not None:
@@ -163,6 +182,16 @@ def decide(
     detail = "; ".join(reasons) if reasons else "the patient has granted this requester no consent"
     raise _denied(
         patient, f"no active consent covers {version.record_id} for {body.purpose}: {detail}"
+    )
+
+
+def is_care_team(member: Member, version: RecordVersion, purpose: Purpose) -> bool:
+    """The author-organization basis: a care-team role of the organization that wrote the
+    record, reading for treatment or operations."""
+    return (
+        member.organization == version.author_organization
+        and member.role in CARE_TEAM_ROLES
+        and purpose in CARE_TEAM_PURPOSES
     )
 
 

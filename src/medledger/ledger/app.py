@@ -20,9 +20,13 @@ from medledger.ledger.execution import (
     TxResult,
     check_transaction,
     execute_transaction,
+    internal_error,
+    order_by_nonce,
 )
 from medledger.ledger.genesis import apply_genesis, parse_app_state
 from medledger.ledger.governance import expire_proposals
+from medledger.ledger.mempool import MempoolGuard
+from medledger.ledger.model import nonce_key
 from medledger.ledger.state import State, StateReader
 
 APP_HASH_DOMAIN = b"medledger/app-hash/v1\x00"
@@ -72,6 +76,7 @@ class Ledger:
     def __init__(self, store: LedgerStore) -> None:
         self.store = store
         self.signatures = SignatureCache()
+        self.mempool = MempoolGuard()
         self._staged: tuple[int, bytes] | None = None
         height, app_hash, chain_id = store.committed()
         self.height = height
@@ -95,20 +100,56 @@ class Ledger:
         updates = [(v.pub_key, v.power) for v in validators]
         return BlockOutcome([], sorted(updates), app_hash)
 
-    def check_tx(self, raw: bytes) -> TxResult:
-        """CheckTx: refuse what cannot be valid, against committed state."""
+    def check_tx(self, raw: bytes, *, recheck: bool = False) -> TxResult:
+        """CheckTx: refuse what cannot be valid against committed state, and what would take
+        more than the sender's share of the mempool (see `medledger.ledger.mempool`)."""
+        tx_hash = codec.tx_hash(raw)
         try:
             checked = check_transaction(
                 State(self.store),
                 raw,
                 self.chain_id,
-                codec.tx_hash(raw),
+                tx_hash,
                 self.signatures,
                 exact_nonce=False,
             )
         except LedgerError as err:
             return TxResult(err.code, err.message)
-        return TxResult(Code.OK, "", checked.envelope.type, checked.envelope.sender)
+        except Exception as exc:  # CheckTx answers every input; see `internal_error`
+            return internal_error(exc)
+        envelope = checked.envelope
+        refusal = self.mempool.admit(
+            tx_hash, envelope.sender, envelope.nonce, self.height, recheck=recheck
+        )
+        if refusal is not None:
+            return TxResult(Code.BAD_NONCE, refusal, envelope.type, envelope.sender)
+        return TxResult(Code.OK, "", envelope.type, envelope.sender)
+
+    def select_for_proposal(self, txs: list[bytes], max_bytes: int) -> list[bytes]:
+        """PrepareProposal: the mempool's transactions, each sender's in nonce order, leaving
+        out what cannot execute against committed state and the proposal's earlier
+        transactions (a nonce gap, a bad signature, a revoked sender), within `max_bytes`."""
+        state = State(self.store)
+        chosen: list[bytes] = []
+        budget = max_bytes
+        for raw in order_by_nonce(txs):
+            if len(raw) > budget:
+                continue
+            try:
+                checked = check_transaction(
+                    state,
+                    raw,
+                    self.chain_id,
+                    codec.tx_hash(raw),
+                    self.signatures,
+                    exact_nonce=True,
+                )
+            except Exception:  # any refusal: the transaction stays out of this block
+                continue
+            state.write(nonce_key(checked.envelope.sender), checked.envelope.nonce)
+            chosen.append(raw)
+            budget -= len(raw)
+        return chosen
 
     def finalize_block(self, height: int, time_ns: int, txs: list[bytes]) -> BlockOutcome:
         """FinalizeBlock: execute every transaction in order and stage the block's writes."""
@@ -158,4 +199,5 @@ class Ledger:
         height, app_hash = self._staged
         self.store.commit_staged(height, app_hash, self.chain_id)
         self.height, self.app_hash, self._staged = height, app_hash, None
+        self.mempool.block_committed()
         return height

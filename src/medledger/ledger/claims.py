@@ -82,8 +82,8 @@ MAX_APPEALS = 3
 # 1 000 000 000.00 in major units: far above any real claim line, far below 64 bits.
 MAX_AMOUNT = 100_000_000_000
 
-SERVICE_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
+SERVICE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 
 # ISO 4217 currencies a claim may be in; each has two decimal places (amounts are in cents).
 CURRENCIES = frozenset({"USD", "EUR", "GBP", "CAD", "AUD", "CHF"})
@@ -402,7 +402,7 @@ def _invalid(message: str) -> LedgerError:
 
 
 def _check_id(what: str, value: str) -> None:
-    if not RECORD_ID.match(value):
+    if not RECORD_ID.fullmatch(value):
         raise _invalid(f"{what}: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
 
 
@@ -414,7 +414,7 @@ def _check_amount(what: str, amount: int) -> None:
 
 
 def _check_currency(currency: str) -> None:
-    if not CURRENCY_CODE.match(currency) or currency not in CURRENCIES:
+    if not CURRENCY_CODE.fullmatch(currency) or currency not in CURRENCIES:
         raise _invalid(f"currency {currency!r} is not one of {sorted(CURRENCIES)} (ISO 4217)")
 
 
@@ -432,7 +432,7 @@ def _check_items(ctx: TxContext, items: Sequence[ClaimItem], total: int) -> None
             raise _invalid(f"item sequences must be 1..{len(items)} in order; got {item.sequence}")
         if item.code not in SERVICE_CODES:
             raise _invalid(f"{what}: unknown service code {item.code!r}")
-        if not SERVICE_DATE.match(item.service_date):
+        if not SERVICE_DATE.fullmatch(item.service_date):
             raise _invalid(f"{what}: date of service must be YYYY-MM-DD")
         try:
             served = date.fromisoformat(item.service_date)

@@ -20,9 +20,9 @@ from medledger.ledger.identity import load_member
 from medledger.ledger.model import SYSTEM_ROLES
 from medledger.ledger.state import State
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # SMART v2 (`system/Observation.rs`, `system/*.cruds`) and v1 (`system/Observation.read`).
-SCOPE = re.compile(r"^system/(\*|[A-Z][A-Za-z]+)\.(c?r?u?d?s?|read|write|\*)$")
+SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(c?r?u?d?s?|read|write|\*)")
 MAX_SCOPES = 64
 JWK_ALGORITHMS = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-384"): "ES384", ("EC", "P-256"): "ES256"}
 
@@ -67,14 +67,29 @@ def load_client(state: State, client_id: str) -> SmartClient | None:
     return state.read(client_key(client_id), SmartClient)
 
 
+# A public JWK is a flat object of short strings (`key_ops` and `x5c` are lists of them); an
+# Ed25519 or P-384 key with its metadata is a few hundred bytes.
+MAX_JWK_BYTES = 4096
+MAX_JWK_MEMBER_BYTES = 1024
+JwkValue = str | list[str] | bool
+
+
 def jwk_algorithm(jwk_json: str) -> str:
-    """The JWS algorithm a public JWK is used with; refuses private keys and other key types."""
+    """The JWS algorithm a public JWK is used with; refuses private keys and other key types.
+
+    The JWK is decoded into a flat typed structure, never as arbitrary JSON: arbitrary nesting
+    would reach the interpreter's recursion limit, and that limit depends on the stack depth of
+    the replica running it, so an exception there could differ between validators."""
+    if len(jwk_json) > MAX_JWK_BYTES:
+        raise LedgerError(Code.INVALID_BODY, f"jwk is at most {MAX_JWK_BYTES} characters")
     try:
-        jwk = json.loads(jwk_json)
-    except ValueError:
-        raise LedgerError(Code.INVALID_BODY, "jwk is not JSON") from None
-    if not isinstance(jwk, dict):
-        raise LedgerError(Code.INVALID_BODY, "jwk must be a JSON object")
+        jwk = msgspec.json.decode(jwk_json.encode(), type=dict[str, JwkValue])
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError) as exc:
+        raise LedgerError(Code.INVALID_BODY, f"jwk must be a flat JSON object: {exc}") from None
+    if len(_json_keys(jwk_json)) != len(jwk):
+        raise LedgerError(Code.INVALID_BODY, "jwk has a member twice")
+    if any(len(str(value)) > MAX_JWK_MEMBER_BYTES for value in jwk.values()):
+        raise LedgerError(Code.INVALID_BODY, f"jwk members are at most {MAX_JWK_MEMBER_BYTES} long")
     if "d" in jwk:
         raise LedgerError(Code.INVALID_BODY, "jwk must be a public key (it has a private part)")
     algorithm = JWK_ALGORITHMS.get((str(jwk.get("kty")), str(jwk.get("crv"))))
@@ -88,8 +103,17 @@ def jwk_algorithm(jwk_json: str) -> str:
     return algorithm
 
 
+def _json_keys(jwk_json: str) -> list[str]:
+    """Every member name of a flat JSON object, duplicates included (a decoder keeps only the
+    last of two equal names, so "x" given twice would mean different keys to different
+    parsers)."""
+    names: list[str] = []
+    json.loads(jwk_json, object_pairs_hook=lambda pairs: names.extend(k for k, _ in pairs))
+    return names
+
+
 def register_client(state: State, ctx: TxContext, body: RegisterClient) -> str:
-    if not CLIENT_ID.match(body.client_id):
+    if not CLIENT_ID.fullmatch(body.client_id):
         raise LedgerError(Code.INVALID_BODY, "client_id: 1-128 of A-Z a-z 0-9 . _ : -")
     if state.get(client_key(body.client_id)) is not None:
         raise LedgerError(Code.CONFLICT, f"client {body.client_id} is already registered")
@@ -108,7 +132,7 @@ def register_client(state: State, ctx: TxContext, body: RegisterClient) -> str:
     ):
         raise LedgerError(Code.INVALID_BODY, f"scopes: 1-{MAX_SCOPES} distinct SMART system scopes")
     for scope in body.scopes:
-        if not SCOPE.match(scope):
+        if not SCOPE.fullmatch(scope):
             raise LedgerError(Code.INVALID_BODY, f"not a SMART system scope: {scope!r}")
     state.write(
         client_key(body.client_id),

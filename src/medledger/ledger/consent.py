@@ -1,8 +1,8 @@
 """Patient-managed consent: who may see which of my records, for what, until when.
 
-A patient (or a delegate the patient or the patient's organization registered: a guardian, a
-proxy) grants a grantee — one member, a whole organization, or everyone in a role — a scope of
-records for a set of purposes during a validity period, and may revoke it at any time.
+A patient (or a delegate the patient registered: a guardian, a proxy) grants a grantee — one
+member, a whole organization, or everyone in a role — a scope of records for a set of purposes
+during a validity period, and may revoke it at any time.
 Revocation takes effect for every access request executed after it.
 """
 
@@ -181,11 +181,17 @@ def revoke_consent(state: State, ctx: TxContext, body: RevokeConsent) -> str:
 
 
 def add_delegate(state: State, ctx: TxContext, body: SetDelegate) -> str:
-    """The patient, or the admin of the patient's organization (identity proofing at the desk,
-    e.g. a parent for a minor), registers a delegate who may manage the patient's consent."""
+    """The patient registers a delegate who may manage their consent and read their records.
+    Nobody else can: an admin who could would make anyone — themselves included — a reader of
+    every record of the patient. (For a minor or a patient who cannot act, the desk enrolls the
+    patient's keystore under the guardian's passphrase; the guardian then signs as the patient,
+    and the trail shows it.)"""
     ctx.effects.subject = body.patient
     patient = load_patient(state, body.patient)
-    _require_patient_or_their_admin(ctx.sender, patient)
+    if ctx.sender.id != patient.id:
+        raise LedgerError(
+            Code.UNAUTHORIZED, "a delegate is added by the patient's own signature only"
+        )
     if body.relationship not in RELATIONSHIPS:
         raise LedgerError(Code.INVALID_BODY, f"relationship is one of {sorted(RELATIONSHIPS)}")
     delegate = load_member(state, body.delegate)
@@ -244,5 +250,5 @@ def _check_scope(kind: ScopeKind, scope: tuple[str, ...]) -> None:
         ScopeKind.RECORDS: RECORD_ID,
     }[kind]
     for value in scope:
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise LedgerError(Code.INVALID_BODY, f"invalid {kind} value {value!r}")

@@ -26,6 +26,9 @@ class Code(IntEnum):
     EXPIRED = 13
     ACCESS_DENIED = 14
     ERASED = 15
+    # A transaction a handler could not execute for a reason no rule foresaw (a bug): it is
+    # refused like any other, changes nothing and leaves its nonce unused.
+    INTERNAL = 16
 
 
 class LedgerError(Exception):

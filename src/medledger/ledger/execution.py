@@ -20,6 +20,7 @@ from medledger.ledger.context import BlockContext, BlockEffects, TransactionRule
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.governance import load_params
 from medledger.ledger.identity import is_active
+from medledger.ledger.mempool import MAX_NONCE_AHEAD
 from medledger.ledger.model import Member, member_key, nonce_key
 from medledger.ledger.rules import TRANSACTION_RULES
 from medledger.ledger.state import State
@@ -116,6 +117,12 @@ def check_transaction(
         raise LedgerError(
             Code.BAD_NONCE, f"nonce {envelope.nonce} for {sender.id}; expected {expected}"
         )
+    if envelope.nonce >= expected + MAX_NONCE_AHEAD:
+        raise LedgerError(
+            Code.BAD_NONCE,
+            f"nonce {envelope.nonce} for {sender.id} is too far ahead of {expected}"
+            f" (at most {MAX_NONCE_AHEAD - 1} ahead)",
+        )
     if sender.role not in rule.roles:
         raise LedgerError(Code.UNAUTHORIZED, f"role {sender.role} may not send {envelope.type}")
     try:
@@ -125,6 +132,40 @@ def check_transaction(
     if codec.encode(body) != envelope.body:
         raise LedgerError(Code.INVALID_BODY, f"{envelope.type} body is not canonical")
     return Checked(envelope, sender, rule, body)
+
+
+def internal_error(exc: Exception) -> TxResult:
+    """An exception no rule foresaw becomes a refusal instead of a crash: an exception out of
+    FinalizeBlock would stop every validator at the same height, and the block would replay into
+    the same crash on every restart. The transaction's overlay is dropped, so it changes no state,
+    and its nonce stays unused. Inputs are bounded before they are parsed so that this stays a
+    safety net: the log names only the exception's type, which is the same on every replica."""
+    return TxResult(Code.INTERNAL, f"internal error ({type(exc).__name__}); nothing was changed")
+
+
+def order_by_nonce(txs: list[bytes]) -> list[bytes]:
+    """Keep the mempool's order but put each sender's transactions in nonce order: a node can
+    receive one sender's transactions out of order (from different peers), and execution
+    requires consecutive nonces. The slots a sender's transactions occupy stay the same;
+    transactions that do not decode keep their place (execution refuses them)."""
+    envelopes: list[Envelope | None] = []
+    slots: dict[str, list[int]] = {}
+    for position, tx in enumerate(txs):
+        try:
+            envelope = codec.decode(tx, Envelope)
+        except LedgerError:
+            envelopes.append(None)
+            continue
+        envelopes.append(envelope)
+        slots.setdefault(envelope.sender, []).append(position)
+    ordered = list(txs)
+    for positions in slots.values():
+        if len(positions) < 2:
+            continue
+        by_nonce = sorted(positions, key=lambda p: envelopes[p].nonce)  # type: ignore[union-attr]
+        for slot, source in zip(positions, by_nonce, strict=True):
+            ordered[slot] = txs[source]
+    return ordered
 
 
 def execute_transaction(
@@ -142,6 +183,8 @@ def execute_transaction(
         )
     except LedgerError as err:
         return TxResult(err.code, err.message)
+    except Exception as exc:  # execution is total: see `internal_error`
+        return internal_error(exc)
     envelope = checked.envelope
     overlay = state.child()
     tx_effects = BlockEffects()
@@ -152,7 +195,12 @@ def execute_transaction(
     except LedgerError as err:
         if err.decision:
             state.write(nonce_key(envelope.sender), envelope.nonce)
-        return TxResult(err.code, err.message, envelope.type, envelope.sender, err.subject)
+        # A refusal concerning a member (a patient, say) goes into that member's trail too.
+        subject = err.subject or tx_effects.subject
+        return TxResult(err.code, err.message, envelope.type, envelope.sender, subject)
+    except Exception as exc:  # execution is total: see `internal_error`
+        failed = internal_error(exc)
+        return TxResult(failed.code, failed.log, envelope.type, envelope.sender)
     overlay.write(nonce_key(envelope.sender), envelope.nonce)
     overlay.merge_into_parent()
     effects.absorb(tx_effects)

@@ -37,7 +37,22 @@ from medledger.ledger.transactions import (
 )
 
 OPEN_PREFIX = b"proposal-open/"
-FLAG_PARAMETERS = frozenset({"erasure_by_organization_admin"})
+KIB = 1024
+HOUR = 3600
+# Each parameter's allowed range: a vote cannot brick the chain (a `max_tx_bytes` too small for
+# a governance transaction could never be undone) or make grants outlive their purpose.
+PARAMETER_BOUNDS: dict[str, tuple[int, int]] = {
+    "max_tx_bytes": (16 * KIB, 1024 * KIB),  # CometBFT's mempool refuses more than 1 MiB
+    "proposal_period_blocks": (100, 1_000_000),
+    "max_validators": (4, 150),
+    "access_grant_seconds": (60, 7 * 24 * HOUR),
+    "emergency_grant_seconds": (60, 24 * HOUR),
+    "erasure_by_organization_admin": (0, 1),
+}
+# CometBFT caps the total voting power at 2**60 / 8; one validator's power stays far below.
+MAX_VALIDATOR_POWER = 1_000_000
+# Fewer custodians than this and a single node could decrypt (see `threshold_for`).
+MIN_ORGANIZATIONS = 2
 
 
 class Ballot(msgspec.Struct, frozen=True, array_like=True):
@@ -127,6 +142,13 @@ def _tally(state: State, block: BlockContext, effects: BlockEffects, proposal: P
     rejections = sum(1 for b in proposal.ballots if not b.approve and b.organization in voters)
     needed = votes_needed(len(voters))
     if approvals >= needed:
+        # Checked again when it executes: the state may have changed since it was proposed.
+        try:
+            check_action(state, proposal.action)
+        except LedgerError as err:
+            outcome = f"could not be applied: {err.message}"
+            _close(state, block, proposal, ProposalStatus.FAILED, outcome)
+            return f"passed ({approvals}/{len(voters)}) but {outcome}"
         outcome = apply_action(state, block, effects, proposal.action)
         _close(state, block, proposal, ProposalStatus.PASSED, outcome)
         return f"passed ({approvals}/{len(voters)}): {outcome}"
@@ -164,11 +186,21 @@ def check_action(state: State, action: Action) -> None:
             if state.get(member_key(member_id_for(action.admin.verify_key))) is not None:
                 raise LedgerError(Code.CONFLICT, "the admin key is already enrolled")
         case RemoveOrganization():
-            load_organization(state, action.id)
+            org = load_organization(state, action.id)
+            if org.status is not Status.ACTIVE:
+                raise LedgerError(Code.CONFLICT, f"organization {org.id} is not active")
+            if len(active_organizations(state)) - 1 < MIN_ORGANIZATIONS:
+                raise LedgerError(
+                    Code.CONFLICT,
+                    f"the network needs at least {MIN_ORGANIZATIONS} active organizations, so"
+                    " that no single node holds enough key shares to decrypt a record",
+                )
         case SetValidator():
             check_key("validator pub_key", action.pub_key)
-            if action.power <= 0:
-                raise LedgerError(Code.INVALID_BODY, "validator power must be positive")
+            if not 0 < action.power <= MAX_VALIDATOR_POWER:
+                raise LedgerError(
+                    Code.INVALID_BODY, f"validator power must be in 1..{MAX_VALIDATOR_POWER}"
+                )
             org = load_organization(state, action.organization)
             if org.status is not Status.ACTIVE:
                 raise LedgerError(Code.CONFLICT, f"organization {org.id} is not active")
@@ -178,11 +210,9 @@ def check_action(state: State, action: Action) -> None:
         case SetParameter():
             if action.name not in Params.__struct_fields__:
                 raise LedgerError(Code.INVALID_BODY, f"unknown parameter {action.name}")
-            if action.name in FLAG_PARAMETERS:
-                if action.value not in (0, 1):
-                    raise LedgerError(Code.INVALID_BODY, f"{action.name} is 0 or 1")
-            elif action.value <= 0:
-                raise LedgerError(Code.INVALID_BODY, "parameter values must be positive")
+            low, high = PARAMETER_BOUNDS[action.name]
+            if not low <= action.value <= high:
+                raise LedgerError(Code.INVALID_BODY, f"{action.name} must be in {low}..{high}")
 
 
 def apply_action(state: State, block: BlockContext, effects: BlockEffects, action: Action) -> str:

@@ -76,6 +76,7 @@ def rotate_key(state: State, ctx: TxContext, body: RotateKey) -> str:
     check_key("verify_key", body.verify_key)
     check_key("encryption_key", body.encryption_key)
     member = load_member(state, body.member)
+    ctx.effects.subject = member.id
     _require_self_or_admin(ctx.sender, member)
     if member.status is Status.REVOKED:
         raise LedgerError(Code.CONFLICT, f"member {member.id} is revoked; its keys cannot change")
@@ -90,7 +91,8 @@ def rotate_key(state: State, ctx: TxContext, body: RotateKey) -> str:
             key_height=ctx.block.height,
         ),
     )
-    return f"rotated keys of {member.id}"
+    by = "" if ctx.sender.id == member.id else f" by admin {ctx.sender.id}"
+    return f"rotated keys of {member.id}{by}"
 
 
 def suspend_member(state: State, ctx: TxContext, body: ChangeMemberStatus) -> str:
@@ -118,6 +120,7 @@ def _change_status(
     if not body.reason.strip():
         raise LedgerError(Code.INVALID_BODY, "a reason is required")
     member = load_member(state, body.member)
+    ctx.effects.subject = member.id
     if member.organization != ctx.sender.organization:
         raise LedgerError(Code.UNAUTHORIZED, f"member {member.id} belongs to another organization")
     if member.id == ctx.sender.id:
@@ -128,7 +131,7 @@ def _change_status(
         member_key(member.id),
         _replace(member, status=new_status, status_height=ctx.block.height),
     )
-    return f"{member.id} is now {new_status}"
+    return f"{member.id} is now {new_status} (by admin {ctx.sender.id})"
 
 
 def _require_self_or_admin(sender: Member, member: Member) -> None:

@@ -45,6 +45,9 @@ class ProposalStatus(StrEnum):
     PASSED = "passed"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    # Passed the vote, but could no longer be applied when it did (say, a second proposal to
+    # add an organization that an earlier one added meanwhile): nothing was changed.
+    FAILED = "failed"
 
 
 class Member(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -21,10 +21,12 @@ from medledger.ledger.identity import is_active, load_member
 from medledger.ledger.model import Member, Role
 from medledger.ledger.state import State
 
-RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-CATEGORY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# Identifiers are matched whole (`fullmatch`): with `match`, "$" accepts a trailing newline,
+# which then breaks every URL and path built from the identifier.
+RECORD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+CATEGORY = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+DIGEST = re.compile(r"[0-9a-f]{64}")
 COMMITMENT_BYTES = 32
 MAX_PACKAGE_BYTES = 16 * 1024 * 1024
 
@@ -117,10 +119,16 @@ class EraseRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: str
 
 
+MIN_CUSTODIANS = 2
+
+
 def threshold_for(custodian_count: int) -> int:
     """t = f + 1 where n = 3f + 1 custodians tolerate f faulty ones: f + 1 shares are needed,
-    so no f nodes together can decrypt, and any f + 1 honest ones can."""
-    return (custodian_count - 1) // 3 + 1
+    so no f nodes together can decrypt, and any f + 1 honest ones can. Never fewer than 2 once
+    there are 2 custodians: with n <= 3, f + 1 would be 1, and one node could decrypt alone."""
+    if custodian_count < MIN_CUSTODIANS:
+        return 1
+    return max(MIN_CUSTODIANS, (custodian_count - 1) // 3 + 1)
 
 
 def custodians_now(state: State) -> tuple[str, ...]:
@@ -178,13 +186,13 @@ def load_patient(state: State, patient_id: str) -> Member:
 
 
 def _check_put(state: State, body: PutRecord) -> None:
-    if not RECORD_ID.match(body.record_id):
+    if not RECORD_ID.fullmatch(body.record_id):
         raise LedgerError(Code.INVALID_BODY, "record_id: 1-64 of A-Z a-z 0-9 . _ -")
-    if not RESOURCE_TYPE.match(body.resource_type):
+    if not RESOURCE_TYPE.fullmatch(body.resource_type):
         raise LedgerError(Code.INVALID_BODY, f"invalid resource type {body.resource_type!r}")
-    if not CATEGORY.match(body.category):
+    if not CATEGORY.fullmatch(body.category):
         raise LedgerError(Code.INVALID_BODY, f"invalid category {body.category!r}")
-    if not DIGEST.match(body.package_digest):
+    if not DIGEST.fullmatch(body.package_digest):
         raise LedgerError(Code.INVALID_BODY, "package_digest must be 64 lowercase hex digits")
     if not 0 < body.package_size <= MAX_PACKAGE_BYTES:
         raise LedgerError(Code.INVALID_BODY, f"package_size must be 1..{MAX_PACKAGE_BYTES}")
