@@ -6,13 +6,18 @@ explorer. Threat model: docs/security.md."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from aiohttp import web
@@ -29,17 +34,26 @@ from medledger.api.auth import (
     sign_request,
 )
 from medledger.api.records import RecordServices, add_record_routes
+from medledger.client.sdk import QueryError
 from medledger.crypto.keys import KeyPair
+from medledger.crypto.keystore import Keyring
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
-from medledger.ledger.model import Role
+from medledger.ledger.model import Member, Role, Status
 from medledger.ledger.transactions import EnrollMember
+from medledger.node.config import NodeConfig
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
+from medledger.store.uploads import PendingUploads
+from medledger.web.app import add_portal_routes
+from medledger.web.common import PORTAL
+from medledger.web.context import PortalContext
+from medledger.web.settings import PortalSettings
+from medledger.web.signin import THREAD_PREFIX
 
 
 def enroll(c: Consortium, org: str, name: str, role: Role) -> KeyPair:
@@ -80,6 +94,7 @@ async def start_node(
         api_url="http://127.0.0.1:9",
         audit=NodeAuditLog(home / "node-audit.db"),
         replays=ReplayCache(capacity=replay_capacity),
+        uploads=PendingUploads(home / "pending"),
     )
     app = web.Application()
     add_record_routes(app, services)
@@ -247,3 +262,180 @@ async def test_a_flood_of_refused_requests_leaves_a_bounded_log_and_every_key_re
     assert len(kept) == 50  # every key release to a member, none aggregated or dropped
     assert all(e["action"] == "key.release" and e["count"] == 1 for e in kept)
     assert {e["target"] for e in kept} == {f"no-such-grant-{i}" for i in range(1, 10_000, 200)}
+
+
+# --- the portal: sign-in floods and hostile URLs --------------------------------------------
+
+PASSPHRASE = "a long member passphrase"
+SIGNIN_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@dataclass
+class Portal:
+    server: TestServer
+    context: PortalContext
+    queries: list[tuple[str, str]]
+
+    def session(self, source: str = "127.0.0.1") -> aiohttp.ClientSession:
+        """A browser on the host `source` (another loopback address is another machine)."""
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=(source, 0)),
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )
+
+    async def sign_in(
+        self, browser: aiohttp.ClientSession, name: str, passphrase: str = PASSPHRASE
+    ) -> tuple[int, str, dict[str, str]]:
+        browser.cookie_jar.clear()  # each attempt as a new visitor
+        page = await (await browser.get(self.server.make_url("/portal/login"))).text()
+        match = SIGNIN_TOKEN.search(page)
+        assert match is not None
+        origin = str(self.server.make_url("")).rstrip("/")
+        answer = await browser.post(
+            self.server.make_url("/portal/login"),
+            data={"csrf_token": match.group(1), "name": name, "passphrase": passphrase},
+            headers={"Origin": origin},
+            allow_redirects=False,
+        )
+        return answer.status, await answer.text(), dict(answer.headers)
+
+
+def _member(keys: KeyPair, role: Role) -> Member:
+    return Member(
+        keys.member_id, "org-1", role, keys.verify_key, keys.encryption_key, Status.ACTIVE, 1, 1, 1
+    )
+
+
+@pytest.fixture
+async def portal(tmp_path: Path) -> AsyncIterator[Portal]:
+    """The portal of org-1's node, served over a real socket, its ledger answers standing in
+    for the node's RPC (the queries it was asked are kept)."""
+    home = tmp_path / "node"
+    home.mkdir()
+    node = NodeConfig(
+        home=home,
+        moniker="node0",
+        chain_id="medledger-test",
+        api_listen="127.0.0.1:9",
+        cometbft_rpc="http://127.0.0.1:9",
+        organization="org-1",
+    )
+    ring = Keyring(home / "portal-keys")
+    members = [
+        _member(ring.create("patient-ana", PASSPHRASE, fast=True), Role.PATIENT),
+        _member(ring.create("dr-ben", PASSPHRASE, fast=True), Role.CLINICIAN),
+    ]
+    queries: list[tuple[str, str]] = []
+
+    def query(path: str, data: str | bytes = b"", kind: Any = None) -> Any:
+        text = data.decode() if isinstance(data, bytes) else data
+        queries.append((path, text))
+        if path == "/organizations":
+            return []
+        if path == "/member":
+            for member in members:
+                if member.id == text:
+                    return member
+        raise QueryError(11, f"nothing at {path}")
+
+    settings = PortalSettings(login_failures=3, login_address_failures=5, login_address_attempts=20)
+    app = web.Application()
+    context = add_portal_routes(app, node, {}, settings)[PORTAL]
+    context.reader.query = query  # type: ignore[method-assign]
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield Portal(server, context, queries)
+    await server.close()
+
+
+async def test_random_names_from_one_address_are_refused_after_its_limit(portal: Portal) -> None:
+    async with portal.session("127.0.0.1") as attacker, portal.session("127.0.0.2") as patient:
+        for _ in range(5):  # each name is new: the per-name limit never sees it twice
+            status, page, _ = await portal.sign_in(attacker, f"guess-{secrets.token_hex(4)}")
+            assert status == 401 and "Wrong name or passphrase." in page
+        for name in (f"guess-{secrets.token_hex(4)}", "patient-ana"):
+            status, page, _ = await portal.sign_in(attacker, name)
+            assert status == 429
+            assert "Too many sign-in attempts from your network" in page
+        assert len(portal.context.sessions) == 0
+        # A patient at another address signs in as usual.
+        status, _, headers = await portal.sign_in(patient, "patient-ana")
+        assert status == 303 and headers["Location"] == "/portal/"
+        assert len(portal.context.sessions) == 1
+
+
+async def test_sign_in_attempts_of_any_outcome_are_limited_per_address(portal: Portal) -> None:
+    """Right passphrases cost a key derivation too: an address gets 20 per window."""
+    async with portal.session("127.0.0.3") as browser:
+        for i in range(20):
+            assert (await portal.sign_in(browser, ("dr-ben", "patient-ana")[i % 2]))[0] == 303
+        status, page, _ = await portal.sign_in(browser, "dr-ben")
+        assert status == 429 and "Too many sign-in attempts from your network" in page
+    async with portal.session("127.0.0.4") as other:
+        assert (await portal.sign_in(other, "dr-ben"))[0] == 303
+
+
+async def test_key_derivations_have_their_own_bounded_pool(portal: Portal) -> None:
+    derivations = portal.context.derivations
+    loop = asyncio.get_running_loop()
+    assert derivations.workers == 2
+    assert isinstance(derivations.executor, ThreadPoolExecutor)
+    assert derivations.executor is not getattr(loop, "_default_executor", None)
+    # Slow derivations fill the pool and its queue ...
+    release = threading.Event()
+    held = [asyncio.ensure_future(derivations.run(release.wait)) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert derivations.pending == derivations.capacity == 10
+    async with portal.session() as browser:
+        status, page, headers = await portal.sign_in(browser, "patient-ana")
+        assert status == 503 and "Too many sign-ins at this moment" in page
+        assert headers["Retry-After"] == "5"
+        assert len(portal.context.sessions) == 0
+        # ... while the executor FHIR, HL7 and export share still answers.
+        assert await asyncio.to_thread(lambda: "free") == "free"
+        release.set()
+        await asyncio.gather(*held)
+        # Unknown names and real ones are derived on that pool.
+        assert (await portal.sign_in(browser, "nobody-at-all"))[0] == 401
+        assert (await portal.sign_in(browser, "patient-ana"))[0] == 303
+    names = {thread.name for thread in threading.enumerate()}
+    assert any(name.startswith(f"{THREAD_PREFIX}_") for name in names)
+
+
+HOSTILE_HEIGHTS = [
+    "99999999999999999999",
+    str(2**63),
+    "-1",
+    "0",
+    "abc",
+    "\u00b2",  # a digit to str.isdigit(), not to int()
+    "1e5",
+    "%201",
+    "0x10",
+]
+
+
+async def test_hostile_numbers_and_ids_in_portal_urls_are_refused_plainly(
+    portal: Portal,
+) -> None:
+    async with portal.session() as browser:
+        assert (await portal.sign_in(browser, "patient-ana"))[0] == 303
+        portal.queries.clear()
+        for height in HOSTILE_HEIGHTS:
+            answer = await browser.get(portal.server.make_url(f"/portal/explorer/blocks/{height}"))
+            assert answer.status == 404, height
+            page = await answer.text()
+            assert "whole number from 1 to 9223372036854775807" in page
+        for version in ("99999999999999999999", "\u00b2", "-3", "0"):
+            answer = await browser.get(
+                portal.server.make_url("/portal/patient/records/rec-1"),
+                params={"version": version},
+            )
+            assert answer.status == 400, version
+            assert "record version is a whole number" in await answer.text()
+        for path in ("/portal/patient/records/" + "r" * 500, "/portal/patient/records/.hidden"):
+            answer = await browser.get(portal.server.make_url(path))
+            assert answer.status == 404
+            assert "There is no record with that id" in await answer.text()
+        # None of it reached the ledger.
+        assert not [q for q in portal.queries if q[0] not in ("/organizations", "/member")]

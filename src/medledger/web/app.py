@@ -46,6 +46,7 @@ from medledger.web.sessions import (
     tokens_match,
 )
 from medledger.web.settings import PORTAL_KEYS_DIR, PortalSettings, load_portal_settings
+from medledger.web.signin import AddressLimiter, KeyDerivations, SignInBusy, address_key
 
 log = logging.getLogger("medledger.portal")
 
@@ -194,19 +195,42 @@ async def signin(request: web.Request) -> web.StreamResponse:
     passphrase = str(form.get("passphrase", ""))
     if not name or not passphrase:
         return _signin_page(request, status=400, error="Enter your name and passphrase.", name=name)
-    wait = context.limiter.locked_for(name)
+    address = address_key(request.remote)
+    wait = context.addresses.locked_for(address)
     if wait:
-        minutes = max(1, round(wait / 60))
+        log.warning("portal sign-in refused: too many attempts from one address")
         return _signin_page(
             request,
             status=429,
-            error=f"Too many wrong passphrases for this name. Try again in {minutes} minute(s).",
+            error="Too many sign-in attempts from your network. Try again in"
+            f" {_minutes(wait)} minute(s).",
+            name=name,
+        )
+    context.addresses.attempted(address)
+    wait = context.limiter.locked_for(name)
+    if wait:
+        return _signin_page(
+            request,
+            status=429,
+            error="Too many wrong passphrases for this name. Try again in"
+            f" {_minutes(wait)} minute(s).",
             name=name,
         )
     try:
-        keys, member = await run(context.unlock, name, passphrase)
+        keys = await context.derivations.run(context.open_keystore, name, passphrase)
+        member = await run(context.enrolled_member, keys)
+    except SignInBusy:
+        response = _signin_page(
+            request,
+            status=503,
+            error="Too many sign-ins at this moment. Please retry in a few seconds.",
+            name=name,
+        )
+        response.headers["Retry-After"] = "5"
+        return response
     except SignInError as exc:
         context.limiter.failed(name)
+        context.addresses.failed(address)
         log.info("portal sign-in refused", extra={"keystore": name})
         return _signin_page(request, status=401, error=str(exc), name=name)
     context.limiter.succeeded(name)
@@ -219,6 +243,10 @@ async def signin(request: web.Request) -> web.StreamResponse:
     set_cookie(response, request, SESSION_COOKIE, session.id, context.settings.public_origin)
     clear_cookie(response, SIGNIN_COOKIE)
     raise response
+
+
+def _minutes(seconds: float) -> int:
+    return max(1, round(seconds / 60))
 
 
 async def signout(request: web.Request) -> web.StreamResponse:
@@ -263,6 +291,12 @@ def build_portal(
             settings.max_sessions,
         ),
         limiter=SignInLimiter(settings.login_failures, settings.login_window_seconds),
+        addresses=AddressLimiter(
+            settings.login_address_attempts,
+            settings.login_address_failures,
+            settings.login_window_seconds,
+        ),
+        derivations=KeyDerivations(settings.signin_workers, settings.signin_queue),
         templates=templates(),
         reader=LedgerClient(node.cometbft_rpc, node.chain_id),
     )

@@ -19,6 +19,7 @@ from medledger.web.common import (
     PageError,
     client_of,
     context_of,
+    is_ledger_id,
     render,
     require,
     run,
@@ -35,10 +36,10 @@ def _day_ns(text: str, *, end: bool) -> int | None:
         return None
     try:
         day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
+        if end:
+            day += timedelta(days=1)
+    except (ValueError, OverflowError):
         raise PageError(400, "Check the period", "Give dates as YYYY-MM-DD.") from None
-    if end:
-        day += timedelta(days=1)
     return int(day.timestamp()) * SECOND_NS
 
 
@@ -90,7 +91,7 @@ async def home(request: web.Request) -> web.StreamResponse:
     patients = await run(_patients, context)
     accounting = None
     if patient:
-        if await run(context.member, patient) is None:
+        if not is_ledger_id(patient) or await run(context.member, patient) is None:
             raise PageError(404, "No such patient", f"No member has the id {patient!r}.")
         accounting = await run(_accounting, context, client_of(session), patient, start_ns, end_ns)
     claims: ClaimsOverview = await run(claims_overview, context, session.member)

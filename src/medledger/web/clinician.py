@@ -28,6 +28,8 @@ from medledger.web.common import (
     client_of,
     context_of,
     form_text,
+    is_ledger_id,
+    path_id,
     redirect,
     render,
     require,
@@ -79,6 +81,8 @@ async def home(request: web.Request) -> web.StreamResponse:
     context = context_of(request)
     query = request.query.get("patient", "").strip()
     if query:
+        if not is_ledger_id(query):
+            raise PageError(404, "No such patient", "There is no patient with that member id.")
         raise redirect(f"/clinician/patients/{query}")
     shared, own = await run(_home, context, session.member)
     return render(
@@ -117,9 +121,8 @@ def _is_emergency(session: Session) -> bool:
 async def patient(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.CLINICIAN)
     context = context_of(request)
-    page = await run(
-        _patient, context, client_of(session), session.member, request.match_info["patient_id"]
-    )
+    patient_id = path_id(request, "patient_id", "patient")
+    page = await run(_patient, context, client_of(session), session.member, patient_id)
     return render(
         request,
         "clinician/patient.html",
@@ -217,7 +220,7 @@ async def emergency(request: web.Request) -> web.StreamResponse:
 
 async def new_record(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.CLINICIAN)
-    patient_id = request.match_info["patient_id"]
+    patient_id = path_id(request, "patient_id", "patient")
     context = context_of(request)
     patient_member = await run(context.member, patient_id)
     if patient_member is None or patient_member.role is not Role.PATIENT:
@@ -262,7 +265,7 @@ def _current_json(client: RecordsClient, record_id: str, my_id: str) -> str:
 
 async def amend(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.CLINICIAN)
-    record_id = request.match_info["record_id"]
+    record_id = path_id(request, "record_id", "record")
     client = client_of(session)
     problem = ""
     if request.method == "POST":

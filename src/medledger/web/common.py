@@ -4,6 +4,7 @@ running the synchronous SDK off the event loop (the same loop serves ABCI to Com
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -21,6 +22,11 @@ T = TypeVar("T")
 PORTAL = web.AppKey("portal", PortalContext)
 SESSION = web.RequestKey("medledger.portal.session", Session)
 PREFIX = "/portal"
+# Heights and versions are SQLite INTEGERs and CometBFT int64s: nothing above this exists.
+MAX_WHOLE_NUMBER = 2**63 - 1
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
+# Every id the ledger assigns or accepts (member ids, record, consent and claim ids) fits this.
+_LEDGER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 class Audience(StrEnum):
@@ -127,3 +133,28 @@ def client_of(session: Session) -> RecordsClient:
 def form_text(form: Mapping[str, Any], name: str, limit: int = 200) -> str:
     value = form.get(name, "")
     return value.strip()[:limit] if isinstance(value, str) else ""
+
+
+def whole_number(text: str, what: str, *, lowest: int = 1, status: int = 404) -> int:
+    """`text` as a whole number from `lowest` to MAX_WHOLE_NUMBER (ASCII digits only), or a
+    PageError that says so — never an exception from int() or from the ledger's storage."""
+    if not _WHOLE_NUMBER.fullmatch(text) or not lowest <= int(text) <= MAX_WHOLE_NUMBER:
+        raise PageError(
+            status,
+            f"No such {what}" if status == 404 else f"Not a valid {what}",
+            f"A {what} is a whole number from {lowest} to {MAX_WHOLE_NUMBER}.",
+        )
+    return int(text)
+
+
+def is_ledger_id(text: str) -> bool:
+    return _LEDGER_ID.fullmatch(text) is not None
+
+
+def path_id(request: web.Request, name: str, what: str) -> str:
+    """The id in the URL's `{name}` part, if it has the form of a ledger id; else a 404 page
+    (an id of another form names nothing, and is not sent on to the ledger)."""
+    text = request.match_info[name]
+    if not is_ledger_id(text):
+        raise PageError(404, f"No such {what}", f"There is no {what} with that id.")
+    return text

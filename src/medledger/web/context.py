@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from medledger.crypto.keystore import Keyring, KeystoreError, validate_name
 from medledger.ledger.model import Member, Organization, Status
 from medledger.web.sessions import SessionStore, SignInLimiter
 from medledger.web.settings import PortalSettings
+from medledger.web.signin import AddressLimiter, KeyDerivations
 
 DIRECTORY_TTL = 30.0
 
@@ -55,13 +55,12 @@ class PortalContext:
     settings: PortalSettings
     sessions: SessionStore
     limiter: SignInLimiter
+    addresses: AddressLimiter
+    # Keystore derivations run here, never on the default executor that FHIR, HL7 and
+    # export share (see medledger.web.signin).
+    derivations: KeyDerivations
     templates: jinja2.Environment
     reader: LedgerClient
-    # Opening a keystore costs an Argon2id derivation (hundreds of MB, most of a second): a
-    # few at a time at most, so a burst of sign-ins cannot exhaust the node's memory.
-    unlock_slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(2)
-    )
     _organizations: tuple[float, dict[str, Organization]] = (0.0, {})
     _members: dict[str, tuple[float, Member | None]] = field(default_factory=dict)
 
@@ -76,6 +75,7 @@ class PortalContext:
 
     def close(self) -> None:
         self.sessions.close()
+        self.derivations.close()
         self.reader.close()
 
     # --- directory (public ledger metadata, cached briefly) -------------------------------
@@ -112,25 +112,28 @@ class PortalContext:
 
     # --- sign-in --------------------------------------------------------------------------
 
-    def unlock(self, name: str, passphrase: str) -> tuple[KeyPair, Member]:
-        """Open `name`'s keystore with `passphrase` and check the member on the ledger:
-        enrolled with these keys, active, and of this node's organization."""
+    def open_keystore(self, name: str, passphrase: str) -> KeyPair:
+        """`name`'s keys, from its keystore opened with `passphrase` (blocking, and as costly
+        for a name with no keystore: run it on `derivations`)."""
         refused = SignInError("Wrong name or passphrase.")
         try:
             path = Keyring(self.keys_dir).path_for(validate_name(name))
         except KeystoreError:
             raise refused from None
-        with self.unlock_slots:
-            if not path.exists():
-                # As long as opening a real keystore, so timing does not tell who has one.
-                self._spend_like_a_keystore()
-                raise refused
-            try:
-                keys = Keyring(self.keys_dir).load(name, passphrase)
-            except KeystoreError:
-                raise refused from None
+        if not path.exists():
+            # As long as opening a real keystore, so timing does not tell who has one.
+            self._spend_like_a_keystore()
+            raise refused
         try:
-            member = self.reader.query("/member", keys.member_id, Member)
+            return Keyring(self.keys_dir).load(name, passphrase)
+        except KeystoreError:
+            raise refused from None
+
+    def enrolled_member(self, keys: KeyPair) -> Member:
+        """The member these keys belong to, if enrolled with them, active, and of this node's
+        organization (blocking: it asks the ledger)."""
+        try:
+            member: Member = self.reader.query("/member", keys.member_id, Member)
         except QueryError:
             raise SignInError(
                 "These keys are not enrolled on the ledger: ask your organization's desk."
@@ -145,7 +148,7 @@ class PortalContext:
         if member.organization != self.organization:
             home = self.organization_name(member.organization)
             raise SignInError(f"Please sign in at your own organization's portal ({home}).")
-        return keys, member
+        return member
 
     def _spend_like_a_keystore(self) -> None:
         opslimit, memlimit = argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN

@@ -24,7 +24,16 @@ from medledger.client.sdk import QueryError
 from medledger.ledger.errors import Code
 from medledger.ledger.governance import Proposal
 from medledger.ledger.model import Validator
-from medledger.web.common import Audience, PageError, context_of, render, require, run, when
+from medledger.web.common import (
+    Audience,
+    PageError,
+    context_of,
+    render,
+    require,
+    run,
+    when,
+    whole_number,
+)
 from medledger.web.context import PortalContext
 
 # Throughput is measured over the last THROUGHPUT_BLOCKS blocks; the page lists RECENT_BLOCKS.
@@ -250,10 +259,8 @@ def _block(context: PortalContext, height: int) -> dict[str, Any]:
 
 async def block(request: web.Request) -> web.StreamResponse:
     require(request, Audience.MEMBER)
-    text = request.match_info["height"]
-    if not text.isdigit() or int(text) < 1:
-        raise PageError(404, "No such block", "Block heights are whole numbers from 1.")
-    details = await run(_block, context_of(request), int(text))
+    height = whole_number(request.match_info["height"], "block height")
+    details = await run(_block, context_of(request), height)
     return render(request, "explorer/block.html", block=details)
 
 

@@ -25,11 +25,13 @@ from medledger.web.common import (
     client_of,
     context_of,
     form_text,
+    path_id,
     redirect,
     render,
     require,
     run,
     when,
+    whole_number,
 )
 from medledger.web.context import PortalContext
 from medledger.web.fhirview import ResourceView, describe
@@ -121,8 +123,9 @@ def _record(client: RecordsClient, patient: str, record_id: str, number: int) ->
 
 async def record(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.PATIENT)
-    record_id = request.match_info["record_id"]
-    number = int(request.query["version"]) if request.query.get("version", "").isdigit() else 0
+    record_id = path_id(request, "record_id", "record")
+    asked = request.query.get("version", "")
+    number = whole_number(asked, "record version", status=400) if asked else 0
     page = await run(_record, client_of(session), session.member.id, record_id, number)
     return render(
         request,
@@ -137,7 +140,7 @@ async def record(request: web.Request) -> web.StreamResponse:
 async def erase(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.PATIENT)
     form = await request.post()
-    record_id = request.match_info["record_id"]
+    record_id = path_id(request, "record_id", "record")
     if form.get("confirm") != "yes":
         raise PageError(
             400,
@@ -285,7 +288,7 @@ async def grant(request: web.Request) -> web.StreamResponse:
 
 async def revoke(request: web.Request) -> web.StreamResponse:
     session = require(request, Audience.PATIENT)
-    consent_id = request.match_info["consent_id"]
+    consent_id = path_id(request, "consent_id", "consent")
     client = client_of(session)
     outcome = await run(
         client.revoke_consent, session.member.id, consent_id, "revoked in the portal"
@@ -330,7 +333,7 @@ async def appeal(request: web.Request) -> web.StreamResponse:
     claim goes back to the insurer."""
     session = require(request, Audience.PATIENT)
     form = await request.post()
-    claim_id = request.match_info["claim_id"]
+    claim_id = path_id(request, "claim_id", "claim")
     try:
         reason = AppealReason(form_text(form, "reason"))
     except ValueError:

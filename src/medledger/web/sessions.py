@@ -10,7 +10,8 @@ over TLS when the portal is served over https (Secure), and only to /portal.
 Every state-changing request (POST) must carry the session's CSRF token in a form field and
 come from this portal's own origin (the Origin header, or failing it the Referer). Sign-in
 has no session yet, so its form carries a token that must equal the one in a short-lived
-sign-in cookie (double submit) — and sign-in attempts per name are rate-limited.
+sign-in cookie (double submit) — and sign-in attempts per name and per source address are
+rate-limited (see `medledger.web.signin`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from aiohttp import web
 
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.model import Member
+from medledger.web.signin import RecentEvents
 
 SESSION_COOKIE = "medledger_portal"
 SIGNIN_COOKIE = "medledger_signin"
@@ -143,35 +145,30 @@ class SessionStore:
 class SignInLimiter:
     """At most `failures` wrong passphrases per name within `window` seconds; after that the
     name is locked until the window has passed (a guessing attacker gets a handful of tries
-    per window, a patient who mistyped waits a few minutes)."""
+    per window, a patient who mistyped waits a few minutes). Per-address limits are in
+    `medledger.web.signin`."""
 
     def __init__(self, failures: int, window: float, clock: Clock = time.monotonic) -> None:
         self.failures = failures
-        self.window = window
-        self.clock = clock
-        self._attempts: dict[str, list[float]] = {}
+        self._failures = RecentEvents(window, clock)
 
-    def _recent(self, name: str) -> list[float]:
-        now = self.clock()
-        recent = [t for t in self._attempts.get(name, []) if now - t < self.window]
-        if recent:
-            self._attempts[name] = recent
-        else:
-            self._attempts.pop(name, None)
-        return recent
+    @property
+    def clock(self) -> Clock:
+        return self._failures.clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        self._failures.clock = clock
 
     def locked_for(self, name: str) -> float:
         """Seconds until `name` may try again; 0 when it may try now."""
-        recent = self._recent(name)
-        if len(recent) < self.failures:
-            return 0.0
-        return max(0.0, recent[0] + self.window - self.clock())
+        return self._failures.wait(name, self.failures)
 
     def failed(self, name: str) -> None:
-        self._attempts.setdefault(name, []).append(self.clock())
+        self._failures.add(name)
 
     def succeeded(self, name: str) -> None:
-        self._attempts.pop(name, None)
+        self._failures.clear(name)
 
 
 def set_cookie(

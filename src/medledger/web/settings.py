@@ -6,12 +6,18 @@ idle_timeout_seconds = 900        # a session ends after this long without a req
 absolute_timeout_seconds = 28800  # and this long after sign-in, whatever happens
 login_failures = 5                # wrong passphrases for one name ...
 login_window_seconds = 300        # ... within this window lock that name for the window
+login_address_failures = 20       # failed sign-ins from one address (IPv6: one /64) ...
+login_address_attempts = 60       # ... or sign-ins of any outcome, per window, lock it
+signin_workers = 2                # keystore derivations at once (each ~hundreds of MB)
+signin_queue = 8                  # sign-ins waiting for one; more are told to retry (503)
 max_sessions = 1000               # signed-in sessions held at once (oldest dropped first)
 public_origin = "https://portal.st-mary.example"  # when a TLS proxy serves the portal
 ```
 
 Behind a reverse proxy that terminates TLS, the node sees plain http: `public_origin` tells it
-the origin browsers use, for the Origin check of every form and for Secure cookies.
+the origin browsers use, for the Origin check of every form and for Secure cookies. The
+per-address limits then see the proxy's address for every member: raise them, or see
+`medledger.web.signin` for taking the client address from a trusted proxy.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class PortalSettings:
     absolute_timeout_seconds: float = 8 * 3600.0
     login_failures: int = 5
     login_window_seconds: float = 300.0
+    login_address_failures: int = 20
+    login_address_attempts: int = 60
+    signin_workers: int = 2
+    signin_queue: int = 8
     max_sessions: int = 1000
     public_origin: str = ""
 
