@@ -15,7 +15,6 @@ from medledger.abci.application import LedgerApplication
 from medledger.api.http import build_http_app
 from medledger.fhir.bulk import (
     EXPORTS,
-    JOB_TTL,
     BulkExports,
     ExportJob,
     JobState,
@@ -24,7 +23,7 @@ from medledger.fhir.bulk import (
     parse_kickoff,
 )
 from medledger.fhir.capability import RECORD_TYPES
-from medledger.fhir.context import FHIR_CONTEXT, FhirContext
+from medledger.fhir.context import EXPORT_RETENTION, FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import GATEWAY, add_fhir_routes
 from medledger.fhir.outcome import FhirError
 from medledger.fhir.smart import AccessToken, SmartError
@@ -78,7 +77,7 @@ def job(state: JobState = JobState.COMPLETE, **fields: Any) -> ExportJob:
         "prefer": {"respond-async": ""},
         "state": state,
         "transaction_ns": 1_767_225_600_000_000_000,
-        "expires_at": time.time() + JOB_TTL,
+        "expires_at": time.time() + EXPORT_RETENTION,
     }
     values.update(fields)
     return ExportJob(**values)
@@ -218,5 +217,5 @@ def test_expired_jobs_are_swept_with_their_output() -> None:
     assert exports.sweep() == 1
     assert set(exports._jobs) == {"fresh", "running"}
     assert old.files == {}
-    assert exports.sweep(now=time.time() + JOB_TTL + 1) == 1
+    assert exports.sweep(now=time.time() + EXPORT_RETENTION + 1) == 1
     assert set(exports._jobs) == {"running"}

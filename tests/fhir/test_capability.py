@@ -72,5 +72,7 @@ def test_resources_and_search_parameters_match_the_tables() -> None:
     assert resources["Patient"]["conditionalCreate"] is True
     assert resources["Patient"]["operation"][0]["name"] == "everything"
     assert {i["code"] for i in resources["AuditEvent"]["interaction"]} == {"search-type"}
-    assert {i["code"] for i in resources["Consent"]["interaction"]} >= {"read", "create"}
+    # A consent is the patient's: SMART system clients read and search consents only.
+    assert {i["code"] for i in resources["Consent"]["interaction"]} == {"read", "search-type"}
+    assert "403" in resources["Consent"]["documentation"]
     assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch"}

@@ -27,9 +27,11 @@ from fhirpy.base.exceptions import (
 )
 
 from medledger.api.auth import node_audience, sign_request
+from medledger.client.records import RecordsClient
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
+from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.custody import Custody
@@ -98,6 +100,14 @@ def request_token(site: Site, client_id: str, scope: str, *, exp: int = 240) -> 
 
 def public_jwk(key: ed25519.Ed25519PrivateKey) -> str:
     return str(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
+
+
+def patient_records(network: Network, patient: str) -> RecordsClient:
+    """The patient acting with their own keys (those node 0 holds for them in custody)."""
+    cfg = network.configs[0]
+    passphrase = (cfg.home / "keys" / "node.passphrase").read_text().strip()
+    keys = Custody(cfg.home / "custody", passphrase).keys_for(patient)
+    return RecordsClient(network.client(0), cfg.api_url, keys, patient)
 
 
 def make_site(network: Network, node: int, clients: dict[str, tuple[str, ...]]) -> Site:
@@ -649,11 +659,25 @@ async def test_another_organization_reads_after_a_fhir_consent(
             "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}],
         },
     }
-    # Node 1 does not hold the patient's keys: it cannot sign the patient's consent.
-    with pytest.raises(ForbiddenError):
-        await other.resource("Consent", **consent).save()
-    created = home.resource("Consent", **consent)
-    await created.save()
+    # A consent is the patient's: no SMART system client grants one, not even on the node that
+    # holds the patient's keys.
+    for client in (other, home):
+        with pytest.raises(ForbiddenError) as caught:
+            await client.resource("Consent", **consent).save()
+        assert "signed by the patient or their delegate" in str(caught.value)
+    # The patient grants it with their own keys (the SDK with their keystore).
+    patient = patient_records(network, chart.patient)
+    consent_id = patient.grant_consent(
+        chart.patient,
+        GranteeKind.ORGANIZATION,
+        organization,
+        (Purpose.TREATMENT,),
+        int((now - 3600) * 1e9),
+        int((now + 86400) * 1e9),
+        ScopeKind.RESOURCE_TYPES,
+        ("Observation",),
+    )
+    created = await home.get("Consent", consent_id)
     granted = valid(created)
     assert granted["status"] == "active"
     assert (
@@ -696,10 +720,12 @@ async def test_another_organization_reads_after_a_fhir_consent(
     assert len(recent) == 1 and recent[0]["action"] == "C"
     with pytest.raises(OperationOutcome):
         await home.resources("AuditEvent").search(agent=member).fetch()
-    # Revoking the consent (status inactive) stops the next read at once, cached or not.
-    revoked = home.resource("Consent", **{**granted, "status": "inactive"})
-    await revoked.save()
-    assert revoked["status"] == "inactive"
+    # Revoking through FHIR is refused as granting is; the patient revokes it, and that stops
+    # the next read at once, cached or not.
+    with pytest.raises(ForbiddenError):
+        await home.resource("Consent", **{**granted, "status": "inactive"}).save()
+    patient.revoke_consent(chart.patient, consent_id, "changed my mind")
+    assert (await home.get("Consent", consent_id))["status"] == "inactive"
     with pytest.raises(ForbiddenError) as caught:
         await other.get("Observation", record)
     assert "revoked" in str(caught.value)

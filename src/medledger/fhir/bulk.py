@@ -23,10 +23,18 @@ counted in an informational OperationOutcome. A line is served only while its gr
 release keys: each download re-checks the grants (expiry, a consent revoked or ended since) and
 the records (erased since) and leaves out lines that no longer pass.
 
-Protected health information is never written to disk: the output lives in the app process's
-memory until the client deletes the job, or the job expires — an hour after it completed, or
-earlier when the first grant it depends on expires — whichever comes first. A sweeper drops
-expired jobs every minute, and every job is dropped when the node stops.
+Protected health information is never written to disk, and is kept in memory as briefly as the
+pattern allows: a file's lines are dropped as soon as it has been downloaded in full once (a
+second download answers 410: start a new export); a `DELETE` drops the job and its output at
+once (a running export stops); a finished job not collected is dropped after the retention of
+the node's FHIR settings (ten minutes by default), or earlier when the first grant it depends on
+expires. A sweeper drops expired jobs every 15 seconds, and every job is dropped when the node
+stops. The export's reads do not fill the gateway's read cache, so that dropping a job drops
+its plaintext.
+
+A client holds at most `max_exports_per_client` unfinished jobs (running, or finished and
+holding output), the node at most `max_exports_per_node`; beyond that the kick-off answers 429
+with an OperationOutcome that says which bound was reached and what to do.
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ from medledger.fhir.capability import RECORD_TYPES
 from medledger.fhir.gateway import (
     FHIR_JSON,
     GATEWAY,
-    Cached,
     Caller,
     FhirGateway,
     Json,
@@ -68,10 +75,12 @@ from medledger.fhir.gateway import (
 )
 from medledger.fhir.outcome import (
     FhirError,
+    exception_summary,
     forbidden,
     from_client,
     from_smart,
     information,
+    internal_error,
     invalid,
     issue,
     not_found,
@@ -99,9 +108,8 @@ KICKOFF_PATIENT = "/fhir/Patient/{id}/$export"
 STATUS = "/fhir/$export-status/{job}"
 OUTPUT = "/fhir/$export-output/{job}/{file}"
 
-JOB_TTL = 3600.0  # seconds a finished job's output is kept
-SWEEP_INTERVAL = 60.0
-MAX_RUNNING = 4  # exports running at once on this node
+SWEEP_INTERVAL = 15.0
+MAX_RUNNING = 4  # exports running at once on this node (more wait in the runner's queue)
 EXPORT_READERS = 8
 MAX_LINES_PER_FILE = 10_000
 MAX_EXPORT_BYTES = 256 * 1024 * 1024
@@ -129,6 +137,12 @@ class OutputFile:
     name: str
     resource_type: str
     lines: list[Line]
+    count: int = -1  # lines exported (kept in the manifest once the lines are dropped)
+    downloaded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.lines)
 
 
 @dataclass
@@ -160,12 +174,27 @@ class ExportJob:
             return "selecting the records to export"
         return f"read {self.done} of {self.total} resources"
 
+    @property
+    def unfinished(self) -> bool:
+        """Running, or holding output the client has not collected: counts against the caps."""
+        return self.state is JobState.RUNNING or (
+            self.state is JobState.COMPLETE and any(not f.downloaded for f in self.files.values())
+        )
+
+    def drop_output(self) -> None:
+        for output in self.files.values():
+            output.lines.clear()
+        self.files.clear()
+
 
 class BulkExports:
     """This node's export jobs, in memory only."""
 
     def __init__(self, gateway: FhirGateway) -> None:
         self.gateway = gateway
+        self.retention = gateway.ctx.export_retention
+        self.per_client = gateway.ctx.max_exports_per_client
+        self.per_node = gateway.ctx.max_exports_per_node
         self._jobs: dict[str, ExportJob] = {}
         self._lock = threading.Lock()
         self.runner = ThreadPoolExecutor(MAX_RUNNING, thread_name_prefix="fhir-export")
@@ -184,13 +213,26 @@ class BulkExports:
     # --- the registry ------------------------------------------------------------------------
 
     def start(self, job: ExportJob) -> None:
+        """Register and run `job`, or 429 when its client or the node holds as many unfinished
+        jobs as it may."""
         with self._lock:
-            running = sum(1 for j in self._jobs.values() if j.state is JobState.RUNNING)
-            if running >= MAX_RUNNING:
+            unfinished = [j for j in self._jobs.values() if j.unfinished]
+            own = sum(1 for j in unfinished if j.token.client_id == job.token.client_id)
+            if own >= self.per_client:
                 raise FhirError(
                     429,
                     "throttled",
-                    f"{running} exports are running on this node; retry later",
+                    f"client {job.token.client_id} already has {own} unfinished export(s), the"
+                    f" most one client may have: download their files or DELETE them (or let"
+                    " them finish) before starting another",
+                    headers={"Retry-After": "30"},
+                )
+            if len(unfinished) >= self.per_node:
+                raise FhirError(
+                    429,
+                    "throttled",
+                    f"this node holds {len(unfinished)} unfinished exports, the most it runs or"
+                    " keeps at once: retry later",
                     headers={"Retry-After": "30"},
                 )
             self._jobs[job.id] = job
@@ -208,7 +250,16 @@ class BulkExports:
         job.cancelled.set()
         with self._lock:
             self._jobs.pop(job.id, None)
-        job.files.clear()
+        job.drop_output()
+
+    def downloaded(self, job: ExportJob, name: str) -> None:
+        """One file was served in full: drop its lines. (The manifest and the error file, which
+        hold no PHI, stay until the job is deleted or expires; a job whose every file was
+        downloaded no longer counts against the caps.)"""
+        output = job.files.get(name)
+        if output is not None:
+            output.downloaded = True
+            output.lines.clear()
 
     def sweep(self, now: float | None = None) -> int:
         """Drop the jobs whose output has expired; how many were dropped."""
@@ -222,7 +273,7 @@ class BulkExports:
             for job in expired:
                 del self._jobs[job.id]
         for job in expired:
-            job.files.clear()
+            job.drop_output()
         return len(expired)
 
     def close(self) -> None:
@@ -231,7 +282,7 @@ class BulkExports:
             self._jobs.clear()
         for job in jobs:
             job.cancelled.set()
-            job.files.clear()
+            job.drop_output()
         self.runner.shutdown(wait=False, cancel_futures=True)
         self.readers.shutdown(wait=False, cancel_futures=True)
 
@@ -245,14 +296,14 @@ class BulkExports:
             self.fail(job, exc)
         except ClientError as exc:
             self.fail(job, from_client(exc))
-        except Exception:
-            log.exception("export failed", extra={"job": job.id})
-            self.fail(job, FhirError(500, "exception", "internal error; see the node's log"))
+        except Exception as exc:
+            log.error("export failed: %s", exception_summary(exc), extra={"job": job.id})
+            self.fail(job, internal_error())
 
     def fail(self, job: ExportJob, error: FhirError) -> None:
         job.failure = error
-        job.files.clear()
-        job.expires_at = time.time() + JOB_TTL
+        job.drop_output()
+        job.expires_at = time.time() + self.retention
         job.state = JobState.FAILED
 
     def patients(self, caller: Caller, job: ExportJob) -> list[str]:
@@ -296,7 +347,8 @@ class BulkExports:
         self, caller: Caller, version: RecordVersion, consents: dict[str, list[Consent]]
     ) -> tuple[Json, Grant]:
         """The gateway's read path (its cache while the grant would still release keys, else a
-        new access request, key shares and decryption), keeping the grant."""
+        new access request, key shares and decryption), keeping the grant. What the export
+        decrypts is not added to the cache: it lives in the job only, and goes with it."""
         gateway = self.gateway
         key = (caller.member_id, version.record_id, version.version, caller.purpose.value)
         hit = gateway.cache.get(key)
@@ -305,9 +357,7 @@ class BulkExports:
                 return copy.deepcopy(hit.resource), hit.grant
             gateway.cache.drop(key)
         read = caller.client.read(version.record_id, caller.purpose, version.version)
-        grant = caller.client.grant(read.grant_id)
-        gateway.cache.put(key, Cached(read.resource, grant))
-        return copy.deepcopy(read.resource), grant
+        return read.resource, caller.client.grant(read.grant_id)
 
     def export(self, caller: Caller, job: ExportJob) -> None:
         job.transaction_ns = time.time_ns()
@@ -390,7 +440,7 @@ class BulkExports:
             return
         job.files = files
         job.errors = errors
-        job.expires_at = min([time.time() + JOB_TTL, *grants])
+        job.expires_at = min([time.time() + self.retention, *grants])
         job.state = JobState.COMPLETE
         log.info(
             "export complete",
@@ -408,7 +458,7 @@ class BulkExports:
                 {
                     "type": f.resource_type,
                     "url": self.output_url(job, f.name),
-                    "count": len(f.lines),
+                    "count": f.count,
                 }
                 for f in job.files.values()
             ],
@@ -553,7 +603,7 @@ async def kickoff(request: web.Request, level: str, patient: str | None) -> web.
         id=uuid.uuid4().hex,
         token=token,
         check_type=allowed[0],
-        request=str(request.url),
+        request=f"{gateway.ctx.public_url}{request.path_qs}",
         level=level,
         patient=patient,
         types=tuple(allowed),
@@ -631,7 +681,7 @@ def negotiate_output(request: web.Request) -> None:
         raise FhirError(406, "not-supported", f"Accept {accept!r}: export files are {NDJSON}")
 
 
-async def output_handler(request: web.Request) -> web.Response:
+async def output_handler(request: web.Request) -> web.StreamResponse:
     exports = request.app[EXPORTS]
     job = owned_job(request)
     negotiate_output(request)
@@ -643,15 +693,29 @@ async def output_handler(request: web.Request) -> web.Response:
             json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
             for e in job.errors
         )
-    else:
-        output = job.files.get(name)
-        if output is None:
-            raise not_found(f"export {job.id} has no file {name!r}")
-        token = check_token(request, output.resource_type)
-        body = await in_thread(
-            request, token, job.purpose, lambda c: exports.current_lines(c, job, output.lines)
+        return web.Response(body=body, content_type=NDJSON)
+    output = job.files.get(name)
+    if output is None:
+        raise not_found(f"export {job.id} has no file {name!r}")
+    token = check_token(request, output.resource_type)
+    if output.downloaded:
+        raise FhirError(
+            410,
+            "deleted",
+            f"{name} of export {job.id} was downloaded already and dropped from memory: start a"
+            " new export to get it again",
         )
-    return web.Response(body=body, content_type=NDJSON)
+    lines = list(output.lines)
+    body = await in_thread(
+        request, token, job.purpose, lambda c: exports.current_lines(c, job, lines)
+    )
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    exports.downloaded(job, name)
+    return response
 
 
 async def in_thread(
@@ -680,13 +744,16 @@ async def output_middleware(request: web.Request, handler: Handler) -> web.Strea
     if request.match_info.handler is not output_handler:
         return await handler(request)
     try:
-        response: web.Response = await output_handler(request)
-        return response
+        return await output_handler(request)
     except FhirError as exc:
         return error_response(exc)
-    except Exception:
-        log.exception("export download failed", extra={"path": request.path})
-        return error_response(FhirError(500, "exception", "internal error; see the node's log"))
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away mid-download: its file is kept for another try
+    except Exception as exc:
+        log.error(
+            "export download failed: %s", exception_summary(exc), extra={"path": request.path}
+        )
+        return error_response(internal_error())
 
 
 def add_bulk_routes(app: web.Application) -> None:

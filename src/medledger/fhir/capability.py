@@ -101,15 +101,13 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         )
     },
     "Consent": ResourceSupport(
-        ("read", "create", "update", "search-type"),
-        "The ledger's consents. Create becomes a consent.grant signed with the patient's key,"
-        " which this node must hold in custody: provision.type permit, one provision.actor"
-        " (Organization/, Practitioner/, Device/, RelatedPerson/ or Patient/ <ledger id>, or an"
-        " identifier urn:medledger:role|<role>), provision.purpose from v3-ActReason (TREAT,"
-        " HPAYMT, HOPERAT, HRESCH; default TREAT), provision.period (default one year from"
-        " now), and at most one scope kind: provision.class (resource types), provision.code"
-        " (urn:medledger:record-category) or provision.data (records). Update may only set"
-        " status inactive, which revokes the consent.",
+        ("read", "search-type"),
+        "The ledger's consents, read-only here. A consent is the patient's: only the patient or"
+        " their delegate grants or revokes one, signed with their own keys (the portal, or"
+        " `medledger consent grant` / `revoke` and the SDK with their own keystore). Create,"
+        " update and delete by a SMART system client (EHR, LIS) — also in a batch or"
+        " transaction Bundle — answer 403 with an OperationOutcome saying so, even for a"
+        " patient whose keys this node holds in custody.",
         record=False,
     ),
     "AuditEvent": ResourceSupport(
@@ -187,7 +185,12 @@ SYSTEM_DOC = (
     " are refused unless Prefer: handling=lenient. Search results leave out records the caller"
     " may not read and say how many in an OperationOutcome entry. Type-level _history takes"
     " patient (or _id), _since, _count; without them it lists the records the caller's"
-    " organization authored about patients it enrolled, as search does. Not supported: delete (use"
+    " organization authored about patients it enrolled, as search does. One request examines at"
+    " most 200 candidate records and issues at most 50 access requests (a batch's entries"
+    " together); beyond that it is refused (422, issue too-costly) before any is issued: narrow"
+    " it by patient. Bodies are JSON of at most 16 MiB (413) nesting at most 64 levels (400)."
+    " At most 2 unfinished $export jobs per client (429); an export file is dropped once"
+    " downloaded. Not supported: delete (use"
     " erasure), update as create, patch, conditional update/delete, _include/_revinclude,"
     " chained parameters, _elements, XML."
 )

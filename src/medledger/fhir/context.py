@@ -20,9 +20,31 @@ from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
 
+# Per-request bounds of a search (and of $everything and type-level _history): how many
+# records the ledger's indexes may offer as candidates, and how many new access requests
+# (each one a ledger transaction, audited on the patient's trail) one request may issue.
+MAX_SEARCH_CANDIDATES = 200
+MAX_SEARCH_GRANTS = 50
+
+# Bulk $export: unfinished jobs (running, or finished and holding decrypted output) per client
+# and per node, and how long a finished job's output is kept in memory at most.
+MAX_EXPORTS_PER_CLIENT = 2
+MAX_EXPORTS_PER_NODE = 8
+EXPORT_RETENTION = 600.0  # seconds
+
+# Request bodies: size (bytes) and JSON nesting depth. A FHIR resource nests a few levels
+# deep (a Bundle of resources a few more); nothing legitimate comes near these.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+
 
 @dataclass
 class FhirContext:
+    """`api_url` is where this process reaches its own node API (the listen address);
+    `public_url` is the base URL clients use to reach this node (behind a reverse proxy, the
+    proxy's URL), from which the FHIR base, every URL in a Bundle, and the SMART token
+    endpoint (the `aud` a client assertion must name) are built. It defaults to `api_url`."""
+
     rpc_url: str
     chain_id: str
     api_url: str
@@ -31,12 +53,28 @@ class FhirContext:
     patients: PatientIndex
     tokens: TokenService
     audit: NodeAuditLog
+    public_url: str = ""
+    max_search_candidates: int = MAX_SEARCH_CANDIDATES
+    max_search_grants: int = MAX_SEARCH_GRANTS
+    max_exports_per_client: int = MAX_EXPORTS_PER_CLIENT
+    max_exports_per_node: int = MAX_EXPORTS_PER_NODE
+    export_retention: float = EXPORT_RETENTION
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_json_depth: int = MAX_JSON_DEPTH
     _clients: dict[str, RecordsClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        self.public_url = (self.public_url or self.api_url).rstrip("/")
+
     @property
     def base_url(self) -> str:
-        return f"{self.api_url}/fhir"
+        return f"{self.public_url}/fhir"
+
+    @property
+    def token_url(self) -> str:
+        """The SMART token endpoint as clients name it (the audience of their assertions)."""
+        return f"{self.base_url}/auth/token"
 
     def records_client(self, member_id: str) -> RecordsClient:
         """An SDK client acting as a custodial member (raises CustodyError if not held)."""

@@ -59,17 +59,20 @@ from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.outcome import (
     FhirError,
     business_rule,
+    exception_summary,
     forbidden,
     from_client,
     from_smart,
     from_validation,
     information,
+    internal_error,
     invalid,
     issue,
     not_found,
     not_supported,
     operation_outcome,
     status_line,
+    too_costly,
 )
 from medledger.fhir.search import (
     METADATA,
@@ -92,9 +95,8 @@ from medledger.fhir.search import (
 from medledger.fhir.smart import AccessToken, SmartError, scope_permits
 from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger import codec
-from medledger.ledger.access import Basis, Grant, consent_problem
+from medledger.ledger.access import Basis, Grant, consent_problem, is_care_team
 from medledger.ledger.consent import (
-    SECOND_NS,
     Consent,
     ConsentStatus,
     GranteeKind,
@@ -142,7 +144,14 @@ LEDGER_EXTENSION = "urn:medledger:fhir:ledger"
 VERIFY_EXTENSION = "urn:medledger:fhir:how-to-verify"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
-DEFAULT_CONSENT_DAYS = 365
+CONSENT_IS_THE_PATIENTS = (
+    "a consent must be signed by the patient or their delegate with their own keys: through"
+    " the portal, or the CLI (`medledger consent grant` / `medledger consent revoke`) or the SDK"
+    " with their own keystore; a system client (EHR, LIS) cannot grant, change or revoke"
+    " consent, not even for a patient whose keys this node holds"
+)
+# HTTP methods that write, as SMART interactions.
+WRITE_INTERACTIONS: Mapping[str, str] = {"POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 READ_WORKERS = 32
 CACHE_LIMIT = 4096
 
@@ -179,8 +188,25 @@ class Caller:
     client: RecordsClient
     purpose: Purpose
     prefer: Mapping[str, str]
+    max_grants: int = 0  # new access requests this request may issue (0: no bound)
+    grants: int = 0
     _member: Member | None = None
     _members: dict[str, Member | None] = field(default_factory=dict)
+    _budget: threading.Lock = field(default_factory=threading.Lock)
+
+    def reserve_grants(self, count: int) -> None:
+        """Count `count` new access requests against the request's bound, or refuse (422
+        too-costly) before any of them is issued. The entries of a batch share one bound."""
+        with self._budget:
+            if self.max_grants and self.grants + count > self.max_grants:
+                raise too_costly(
+                    f"this request would issue {self.grants + count} ledger access requests"
+                    f" (one per record to decrypt, each audited on the patient's trail); at most"
+                    f" {self.max_grants} are issued per request: narrow the search by patient"
+                    " (patient=Patient/<id> or identifier=system|value) or _lastUpdated, or"
+                    " ask for a smaller _count"
+                )
+            self.grants += count
 
     @property
     def member_id(self) -> str:
@@ -384,6 +410,14 @@ def ns_of(text: str, what: str) -> int:
 
 class FhirGateway:
     def __init__(self, ctx: FhirContext) -> None:
+        if ctx.tokens.token_url != ctx.token_url:
+            # A client assertion's aud must be this node's token endpoint as clients reach it:
+            # the token service and the URLs the API hands out must agree on it.
+            raise ValueError(
+                f"the token service checks assertions for {ctx.tokens.token_url}, but this"
+                f" node's FHIR token endpoint is {ctx.token_url}: build the TokenService with"
+                " FhirContext.token_url (the public URL)"
+            )
         self.ctx = ctx
         self.cache = ReadCache()
         self.readers = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="fhir-read")
@@ -411,7 +445,7 @@ class FhirGateway:
                 f"this node does not hold the keys of member {token.member}; use the node of"
                 f" organization {token.organization}"
             ) from None
-        return Caller(token, client, purpose, prefer)
+        return Caller(token, client, purpose, prefer, max_grants=self.ctx.max_search_grants)
 
     def refuse_scope(self, caller: Caller, resource_type: str, interaction: str) -> FhirError:
         reason = f"scope does not allow {interaction} on {resource_type}"
@@ -474,7 +508,7 @@ class FhirGateway:
         """The ledger's own rule, evaluated ahead to avoid asking for what it would deny (the
         ledger still decides every read)."""
         member = caller.member()
-        if member.id == version.patient or member.organization == version.author_organization:
+        if member.id == version.patient or is_care_team(member, version, caller.purpose):
             return True
         now = time.time_ns()
         return any(
@@ -484,22 +518,36 @@ class FhirGateway:
 
     # --- reading ---------------------------------------------------------------------------
 
+    def cached(
+        self, caller: Caller, version: RecordVersion, consents: dict[str, list[Consent]]
+    ) -> Json | None:
+        """The decrypted resource from memory while its grant would still release keys."""
+        key = (caller.member_id, version.record_id, version.version, caller.purpose.value)
+        hit = self.cache.get(key)
+        if hit is None:
+            return None
+        if self.grant_valid(caller, hit.grant, version, consents):
+            return hit.resource
+        self.cache.drop(key)
+        return None
+
     def read_version(
         self,
         caller: Caller,
         version: RecordVersion,
         consents: dict[str, list[Consent]] | None = None,
+        *,
+        reserved: bool = False,
     ) -> Json:
         """The decrypted resource of one version: from memory while its grant would still
-        release keys, else through a new access request."""
+        release keys, else through a new access request (counted against the request's bound
+        unless the caller `reserved` it already)."""
         key = (caller.member_id, version.record_id, version.version, caller.purpose.value)
-        hit = self.cache.get(key)
+        hit = self.cached(caller, version, consents if consents is not None else {})
         if hit is not None:
-            if self.grant_valid(
-                caller, hit.grant, version, consents if consents is not None else {}
-            ):
-                return copy.deepcopy(hit.resource)
-            self.cache.drop(key)
+            return copy.deepcopy(hit)
+        if not reserved:
+            caller.reserve_grants(1)
         read = caller.client.read(version.record_id, caller.purpose, version.version)
         grant = caller.client.grant(read.grant_id)
         self.cache.put(key, Cached(read.resource, grant))
@@ -536,10 +584,14 @@ class FhirGateway:
         versions: Sequence[RecordVersion],
         consents: dict[str, list[Consent]],
     ) -> ReadBatch:
-        """Read versions in parallel (their access requests share blocks)."""
+        """Read versions in parallel (their access requests share blocks); refused (422
+        too-costly) before any is issued when they need more access requests than the
+        request's bound."""
         batch = ReadBatch({})
+        caller.reserve_grants(sum(1 for v in versions if self.cached(caller, v, consents) is None))
         futures: list[tuple[RecordVersion, Future[Json]]] = [
-            (v, self.readers.submit(self.read_version, caller, v, consents)) for v in versions
+            (v, self.readers.submit(self.read_version, caller, v, consents, reserved=True))
+            for v in versions
         ]
         for version, future in futures:
             try:
@@ -606,6 +658,8 @@ class FhirGateway:
         (`local`), then in this node's patient index; a bare value must name one patient."""
         if token.code is None:
             raise invalid("an identifier search needs a value")
+        if not isinstance(token.code, str) or not isinstance(token.system, str | None):
+            raise invalid("an identifier's system and value are strings")
         if local:
             if token.system:
                 if (token.system, token.code) in local:
@@ -628,16 +682,34 @@ class FhirGateway:
         patients = self.patients_for(caller, query.by(PATIENT))
         ids = [c for c in query.named("_id") if c.modifier == ""]
         found: list[RecordVersion] = []
+
+        def consider(version: RecordVersion) -> None:
+            if version.resource_type != resource_type or version.status is RecordStatus.ERASED:
+                return
+            found.append(version)
+            if len(found) > self.ctx.max_search_candidates:
+                raise too_costly(
+                    f"this search would examine more than {self.ctx.max_search_candidates}"
+                    f" {resource_type} records: narrow it by patient (patient=Patient/<id> or"
+                    " identifier=system|value) or by _id"
+                )
+
         if patients is None and ids:
-            for record_id in sorted({unescape(v) for v in ids[0].values}):
+            values = sorted({unescape(v) for v in ids[0].values})
+            if len(values) > self.ctx.max_search_candidates:
+                raise too_costly(
+                    f"_id names {len(values)} records; at most"
+                    f" {self.ctx.max_search_candidates} are examined per search"
+                )
+            for record_id in values:
                 history = self.history(caller, record_id)
                 if history is not None and not history.head.erased and history.versions:
-                    found.append(history.versions[-1])
+                    consider(history.versions[-1])
         elif resource_type == "Patient" and patients is not None:
             for patient in sorted(patients):
                 history = self.history(caller, patient)
                 if history is not None and not history.head.erased and history.versions:
-                    found.append(history.versions[-1])
+                    consider(history.versions[-1])
         else:
             own = patients is None
             for patient in sorted(
@@ -649,12 +721,8 @@ class FhirGateway:
                         continue
                     if own and latest.author_organization != caller.token.organization:
                         continue
-                    found.append(latest)
-        return [
-            v
-            for v in found
-            if v.resource_type == resource_type and v.status is not RecordStatus.ERASED
-        ]
+                    consider(latest)
+        return found
 
     def search(self, caller: Caller, query: SearchQuery) -> Json:
         now = datetime.now(UTC)
@@ -976,9 +1044,11 @@ class FhirGateway:
         return patient
 
     def conditional_patient(
-        self, query: str, local: Mapping[tuple[str, str], str] | None = None
+        self, query: Any, local: Mapping[tuple[str, str], str] | None = None
     ) -> str | None:
         """`identifier=system|value` → the patient it names."""
+        if not isinstance(query, str):
+            raise invalid("a conditional create's condition is a string: identifier=system|value")
         pairs = parse_qsl(query, keep_blank_values=True)
         if len(pairs) != 1 or pairs[0][0] != "identifier":
             raise invalid("conditional patient references support identifier=system|value only")
@@ -1059,15 +1129,7 @@ class FhirGateway:
             if if_none_exist:
                 existing = self.conditional_patient(if_none_exist)
                 if existing is not None:
-                    reply = self.read(caller, "Patient", existing)
-                    reply.headers["Location"] = (
-                        f"{self.base}/Patient/{existing}/_history/{reply.body['meta']['versionId']}"
-                        if reply.body
-                        else f"{self.base}/Patient/{existing}"
-                    )
-                    if caller.prefer.get("return") == "minimal":
-                        reply.body = None
-                    return reply
+                    return self.existing_patient(caller, existing)
             self.check_identifiers(resource, None)
             self.require_registration_desk(caller)
             keys = self.new_patient_keys(caller)
@@ -1086,6 +1148,28 @@ class FhirGateway:
             caller.client.put(stored, patient, record_id)
         version = self.written(caller, record_id, 1)
         return self.write_reply(caller, 201, stored, version)
+
+    def existing_patient(self, caller: Caller, patient: str) -> Reply:
+        """A conditional create that matched: 200 with the Location of the patient it found.
+        The Patient itself is returned only to a token that may read it (and is then read
+        through the ledger as any read); with the create scope alone, the answer names the
+        patient and says no more."""
+        preference = caller.prefer.get("return", "representation").lower()
+        history = self.record(caller, "Patient", patient)
+        version = next(v for v in history.versions if v.version == history.head.latest)
+        if preference == "representation" and caller.may("Patient", "r"):
+            resource = self.read_version(caller, version)
+            return self.resource_reply(200, with_meta(resource, version), version, location=True)
+        reply = self.resource_reply(200, {}, version, location=True)
+        reply.body = (
+            None
+            if preference == "minimal"
+            else information(
+                f"Patient/{patient} already has this identifier: nothing was created (the"
+                " Patient is returned only to a token that may read it)"
+            )
+        )
+        return reply
 
     def update(
         self, caller: Caller, resource_type: str, record_id: str, body: Any, if_match: str | None
@@ -1150,6 +1234,11 @@ class FhirGateway:
             url = str(request.get("url", "")).strip("/")
             resource = entry.get("resource")
             full_url = entry.get("fullUrl")
+            if url.split("/")[0].split("?")[0] == "Consent" and method in WRITE_INTERACTIONS:
+                refusal = self.refuse_consent_write(
+                    caller.token.client_id, WRITE_INTERACTIONS[method]
+                )
+                raise in_entry(refusal, position)
             if method == "POST":
                 resource_type = url.split("?")[0]
                 self.require_scope(caller, resource_type, "c")
@@ -1293,6 +1382,10 @@ class FhirGateway:
         entries = bundle.get("entry") or []
         if not isinstance(entries, list):
             raise invalid("Bundle.entry must be a list")
+        if len(entries) > MAX_RECORDS_PER_TX:
+            raise FhirError(
+                413, "too-costly", f"a batch holds at most {MAX_RECORDS_PER_TX} entries"
+            )
         futures = [self.entries.submit(self.batch_entry, caller, e) for e in entries]
         results = []
         for future in futures:
@@ -1365,17 +1458,15 @@ class FhirGateway:
             if len(segments) == 3 and segments[2] == "_history":
                 return Reply(200, self.instance_history(caller, resource_type, segments[1], params))
             raise invalid(f"unsupported batch GET {request.get('url')!r}")
+        if resource_type == "Consent" and method in WRITE_INTERACTIONS:
+            raise self.refuse_consent_write(caller.token.client_id, WRITE_INTERACTIONS[method])
         if method == "POST" and len(segments) == 1:
             self.require_scope(caller, resource_type, "c")
-            if resource_type == "Consent":
-                return self.consent_create(caller, entry.get("resource"))
             return self.create(
                 caller, resource_type, entry.get("resource"), request.get("ifNoneExist")
             )
         if method == "PUT" and len(segments) == 2:
             self.require_scope(caller, resource_type, "u")
-            if resource_type == "Consent":
-                return self.consent_update(caller, segments[1], entry.get("resource"))
             return self.update(
                 caller, resource_type, segments[1], entry.get("resource"), request.get("ifMatch")
             )
@@ -1568,139 +1659,15 @@ class FhirGateway:
     def consent_read(self, caller: Caller, consent_id: str) -> Json:
         return self.consent_resource(caller, self.find_consent(caller, consent_id))
 
-    def consent_create(self, caller: Caller, body: Any) -> Reply:
-        if not isinstance(body, dict) or body.get("resourceType") != "Consent":
-            raise invalid("the body must be a Consent")
-        resource = strip_server_meta(copy.deepcopy(body))
-        validate_resource(resource)
-        if resource.get("status") != "active":
-            raise business_rule("a new consent must have status active")
-        patient_ref = (resource.get("patient") or {}).get("reference", "")
-        if reference_type(patient_ref) != "Patient":
-            raise business_rule("Consent.patient must be a Patient/<id> reference")
-        patient = reference_id(patient_ref)
-        if self.patient_member(caller, patient) is None:
-            raise business_rule(f"Patient/{patient} is not a patient enrolled on the ledger")
-        if not self.ctx.custody.holds(patient):
-            raise forbidden(
-                f"this node does not hold the keys of Patient/{patient}: the patient (or a"
-                " delegate) grants consent with their own keys"
-            )
-        provision = resource.get("provision") or {}
-        if provision.get("type", "permit") != "permit":
-            raise business_rule("only permit provisions are supported (a deny is a revocation)")
-        if provision.get("provision"):
-            raise business_rule("nested provisions are not supported")
-        kind, grantee = self.consent_grantee(provision.get("actor") or [])
-        purposes = self.consent_purposes(provision.get("purpose") or [])
-        scope_kind, scope = self.consent_scope(provision)
-        period = provision.get("period") or {}
-        start = (
-            ns_of(period["start"], "provision.period.start")
-            if period.get("start")
-            else time.time_ns()
+    def refuse_consent_write(self, client_id: str, interaction: str) -> FhirError:
+        """A consent is the patient's decision: the ledger takes a consent.grant or
+        consent.revoke signed by the patient or their delegate only. A SMART client acts as a
+        system member (an EHR or LIS integration), so the gateway never signs one for it, even
+        for a patient whose keys this node holds in custody."""
+        self.ctx.audit.record(
+            client_id, "fhir.request", f"Consent.{interaction}", "refused", CONSENT_IS_THE_PATIENTS
         )
-        end = (
-            ns_of(period["end"], "provision.period.end")
-            if period.get("end")
-            else start + DEFAULT_CONSENT_DAYS * 86_400 * SECOND_NS
-        )
-        patient_client = self.ctx.records_client(patient)
-        consent_id = patient_client.grant_consent(
-            patient, kind, grantee, purposes, start, end, scope_kind, scope
-        )
-        self.consent_patients[consent_id] = patient
-        consent = next(c for c in caller.client.consents(patient) if c.id == consent_id)
-        created = self.consent_resource(caller, consent)
-        reply = Reply(
-            201,
-            created,
-            {"Location": f"{self.base}/Consent/{consent_id}/_history/1", "ETag": etag(1)},
-        )
-        if caller.prefer.get("return") == "minimal":
-            reply.body = None
-        return reply
-
-    def consent_update(self, caller: Caller, consent_id: str, body: Any) -> Reply:
-        """Only revocation: status inactive becomes a consent.revoke by the patient."""
-        if not isinstance(body, dict) or body.get("resourceType") != "Consent":
-            raise invalid("the body must be a Consent")
-        if body.get("id") != consent_id:
-            raise invalid(f"the resource's id must be {consent_id!r}, as in the URL", ["id"])
-        consent = self.find_consent(caller, consent_id)
-        if body.get("status") != "inactive":
-            raise business_rule("a consent can only be revoked (status inactive); grant a new one")
-        if consent.status is ConsentStatus.REVOKED:
-            raise FhirError(409, "conflict", f"Consent/{consent_id} is already revoked")
-        if not self.ctx.custody.holds(consent.patient):
-            raise forbidden(f"this node does not hold the keys of Patient/{consent.patient}")
-        self.ctx.records_client(consent.patient).revoke_consent(
-            consent.patient, consent_id, "revoked through FHIR"
-        )
-        updated = next(c for c in caller.client.consents(consent.patient) if c.id == consent_id)
-        return Reply(200, self.consent_resource(caller, updated), {"ETag": etag(2)})
-
-    def consent_grantee(self, actors: list[Any]) -> tuple[GranteeKind, str]:
-        if len(actors) != 1 or not isinstance(actors[0], dict):
-            raise business_rule("a consent names exactly one provision.actor (the grantee)")
-        reference = actors[0].get("reference") or {}
-        identifier = reference.get("identifier") or {}
-        if identifier.get("system") == ROLE_SYSTEM and identifier.get("value"):
-            role = str(identifier["value"])
-            if role not in {r.value for r in Role}:
-                raise business_rule(f"unknown role {role!r}")
-            return GranteeKind.ROLE, role
-        text = reference.get("reference") or ""
-        kind = reference_type(text)
-        if kind == "Organization":
-            return GranteeKind.ORGANIZATION, reference_id(text)
-        if kind in ("Practitioner", "Device", "RelatedPerson", "Patient", "PractitionerRole"):
-            return GranteeKind.MEMBER, reference_id(text)
-        raise business_rule(
-            "provision.actor.reference must be Organization/, Practitioner/, Device/,"
-            f" RelatedPerson/ or Patient/ <ledger id>, or a {ROLE_SYSTEM} identifier"
-        )
-
-    def consent_purposes(self, codings: list[Any]) -> tuple[Purpose, ...]:
-        purposes: list[Purpose] = []
-        for coding in codings:
-            code = coding.get("code") if isinstance(coding, dict) else None
-            purpose = PURPOSES.get(str(code).upper()) if code else None
-            if purpose is None:
-                raise business_rule(
-                    f"provision.purpose {code!r}: use {', '.join(PURPOSE_CODES.values())}"
-                )
-            if purpose not in purposes:
-                purposes.append(purpose)
-        return tuple(purposes) or (Purpose.TREATMENT,)
-
-    def consent_scope(self, provision: Json) -> tuple[ScopeKind, tuple[str, ...]]:
-        kinds: list[tuple[ScopeKind, tuple[str, ...]]] = []
-        if provision.get("class"):
-            kinds.append(
-                (ScopeKind.RESOURCE_TYPES, tuple(str(c.get("code")) for c in provision["class"]))
-            )
-        if provision.get("code"):
-            codes = [
-                str(c.get("code"))
-                for concept in provision["code"]
-                for c in concept.get("coding", [])
-                if c.get("system") == CATEGORY_SYSTEM
-            ]
-            if not codes:
-                raise business_rule(f"provision.code takes {CATEGORY_SYSTEM} codings")
-            kinds.append((ScopeKind.CATEGORIES, tuple(codes)))
-        if provision.get("data"):
-            records = []
-            for item in provision["data"]:
-                reference = (item.get("reference") or {}).get("reference", "")
-                if not reference:
-                    raise business_rule("provision.data.reference must be <Type>/<id>")
-                records.append(reference_id(reference))
-            kinds.append((ScopeKind.RECORDS, tuple(records)))
-        if len(kinds) > 1:
-            raise business_rule("a consent's scope is one of class, code or data, not several")
-        return kinds[0] if kinds else (ScopeKind.ALL, ())
+        return FhirError(403, "forbidden", CONSENT_IS_THE_PATIENTS)
 
     # --- AuditEvent ------------------------------------------------------------------------
 
@@ -2008,23 +1975,68 @@ async def fhir_middleware(
                 not_supported(f"{request.method} {request.path} is not supported")
             )
         return error_response(FhirError(exc.status, "processing", exc.reason))
-    except Exception:
-        log.exception("FHIR request failed", extra={"path": request.path})
-        return error_response(FhirError(500, "exception", "internal error; see the node's log"))
+    except Exception as exc:
+        # Neither the answer nor the log quotes the exception: its message may hold PHI.
+        log.error("FHIR request failed: %s", exception_summary(exc), extra={"path": request.path})
+        return error_response(internal_error())
 
 
 async def read_body(request: web.Request) -> Any:
+    """The JSON body: 415 unless JSON, 413 beyond the size bound, 400 if it is not JSON or
+    nests deeper than any FHIR resource does (the parser is recursive)."""
     if request.content_type not in JSON_TYPES:
         raise FhirError(
             415,
             "not-supported",
             f"Content-Type {request.content_type!r}: send application/fhir+json",
         )
-    raw = await request.read()
+    ctx = request.app[GATEWAY].ctx
+    limit = ctx.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:
+        raise too_deep(ctx.max_json_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"the body is not valid JSON: {exc}") from None
+    if json_depth(body, ctx.max_json_depth) > ctx.max_json_depth:
+        raise too_deep(ctx.max_json_depth)
+    return body
+
+
+def body_too_large(limit: int) -> FhirError:
+    return FhirError(
+        413, "too-costly", f"the body is larger than {limit // (1024 * 1024)} MiB: send less"
+    )
+
+
+def too_deep(limit: int) -> FhirError:
+    return invalid(f"the body nests JSON more than {limit} levels deep; no FHIR resource does")
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep `value` nests arrays and objects, counted without recursion, up to limit + 1."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def authorize(request: web.Request, resource_type: str, interaction: str) -> AccessToken:
@@ -2035,6 +2047,12 @@ def authorize(request: web.Request, resource_type: str, interaction: str) -> Acc
         )
     except SmartError as exc:
         raise from_smart(exc) from None
+
+
+def refuse_consent_write(request: web.Request, interaction: str) -> FhirError:
+    """403 for a Consent write by a SMART client (after the usual 401 without a valid token)."""
+    token = authorize(request, "Consent", interaction)
+    return request.app[GATEWAY].refuse_consent_write(token.client_id, interaction)
 
 
 def known_type(resource_type: str) -> None:
@@ -2201,36 +2219,32 @@ async def search_post_handler(request: web.Request) -> web.Response:
 async def create_handler(request: web.Request) -> web.Response:
     resource_type = request.match_info["type"]
     known_type(resource_type)
+    if resource_type == "Consent":
+        raise refuse_consent_write(request, "c")
     if "create" not in RESOURCES[resource_type].interactions:
         raise not_supported(f"create is not supported on {resource_type}")
     token = authorize(request, resource_type, "c")
     body = await read_body(request)
     gateway = request.app[GATEWAY]
-    if resource_type == "Consent":
-        reply = await run(request, token, lambda c: gateway.consent_create(c, body))
-    else:
-        condition = request.headers.get("If-None-Exist")
-        reply = await run(
-            request, token, lambda c: gateway.create(c, resource_type, body, condition)
-        )
+    condition = request.headers.get("If-None-Exist")
+    reply = await run(request, token, lambda c: gateway.create(c, resource_type, body, condition))
     return fhir_response(reply)
 
 
 async def update_handler(request: web.Request) -> web.Response:
     resource_type, resource_id = request.match_info["type"], request.match_info["id"]
     known_type(resource_type)
+    if resource_type == "Consent":
+        raise refuse_consent_write(request, "u")
     if "update" not in RESOURCES[resource_type].interactions:
         raise not_supported(f"update is not supported on {resource_type}")
     token = authorize(request, resource_type, "u")
     body = await read_body(request)
     gateway = request.app[GATEWAY]
-    if resource_type == "Consent":
-        reply = await run(request, token, lambda c: gateway.consent_update(c, resource_id, body))
-    else:
-        if_match = request.headers.get("If-Match")
-        reply = await run(
-            request, token, lambda c: gateway.update(c, resource_type, resource_id, body, if_match)
-        )
+    if_match = request.headers.get("If-Match")
+    reply = await run(
+        request, token, lambda c: gateway.update(c, resource_type, resource_id, body, if_match)
+    )
     return fhir_response(reply)
 
 
@@ -2253,8 +2267,10 @@ async def bundle_handler(request: web.Request) -> web.Response:
     entries = body.get("entry") or []
     first = entries[0] if isinstance(entries, list) and entries else {}
     request_part = first.get("request") if isinstance(first, dict) else None
-    method = str((request_part or {}).get("method", "GET")).upper()
-    url = str((request_part or {}).get("url", "Patient")).strip("/")
+    if not isinstance(request_part, dict):
+        request_part = {}
+    method = str(request_part.get("method", "GET")).upper()
+    url = str(request_part.get("url", "Patient")).strip("/")
     resource_type = url.split("/")[0].split("?")[0] or "Patient"
     interaction = {"POST": "c", "PUT": "u", "DELETE": "d"}.get(method, "r" if "/" in url else "s")
     # The token is checked (401, 403) against the first entry; every entry is then checked
@@ -2270,6 +2286,8 @@ async def bundle_handler(request: web.Request) -> web.Response:
 
 async def unsupported_handler(request: web.Request) -> web.Response:
     segments = [s for s in request.path.split("/")[2:] if s]
+    if segments and segments[0] == "Consent" and request.method in WRITE_INTERACTIONS:
+        raise refuse_consent_write(request, WRITE_INTERACTIONS[request.method])
     if segments and segments[0] in RESOURCES and request.method in ("DELETE", "PATCH"):
         raise not_supported(
             f"{request.method} is not supported: records are never deleted; a patient may"

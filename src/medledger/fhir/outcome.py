@@ -4,12 +4,16 @@ says what kind of error it is.
 400 the request or resource is invalid; 401 no valid access token; 403 outside the token's
 scopes or refused by the ledger's access rules; 404 no such resource; 405 an interaction the
 server does not offer; 406/415 a format other than JSON; 409 a conflict with the ledger's state;
-410 the record was erased; 412 a version precondition (If-Match) failed; 422 the request is
-well-formed but breaks a business rule; 503 the network could not serve it just now.
+410 the record was erased; 412 a version precondition (If-Match) failed; 413 the body is too
+large; 422 the request is well-formed but breaks a business rule, or would cost more than one
+request may (too-costly: narrow it); 429 too many export jobs; 500 an unexpected failure (the
+answer says nothing of it; the node's log says where); 503 the network could not serve it just
+now.
 """
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -39,6 +43,7 @@ LEDGER_STATUS: Mapping[Code, tuple[int, str]] = {
     Code.EXPIRED: (422, "business-rule"),
     Code.ACCESS_DENIED: (403, "forbidden"),
     Code.ERASED: (410, "deleted"),
+    Code.INTERNAL: (500, "exception"),
 }
 
 # SMART/OAuth refusals: (HTTP status) -> FHIR issue type.
@@ -118,6 +123,27 @@ def business_rule(diagnostics: str) -> FhirError:
 
 def forbidden(diagnostics: str) -> FhirError:
     return FhirError(403, "forbidden", diagnostics)
+
+
+def too_costly(diagnostics: str, status: int = 422) -> FhirError:
+    """A request that would cost more than the server does per request (FHIR issue type
+    too-costly): the client narrows it and asks again."""
+    return FhirError(status, "too-costly", diagnostics)
+
+
+def internal_error() -> FhirError:
+    """What the client is told of an unexpected failure: nothing of its cause."""
+    return FhirError(500, "exception", "internal error; the node's log has the details")
+
+
+def exception_summary(error: BaseException) -> str:
+    """An unexpected exception for the node's log: its type and where it was raised, never its
+    message or values, which may quote what a sender sent (PHI)."""
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
+    where = " < ".join(
+        f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in frames[::-1]
+    )
+    return f"{type(error).__name__} in {where or 'unknown'}"
 
 
 def from_ledger(code: int, log: str) -> FhirError:

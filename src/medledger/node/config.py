@@ -33,6 +33,9 @@ MAX_CHAIN_ID_LEN = 50
 MAX_SOCKET_PATH_BYTES = 107
 
 _FIELDS = ("moniker", "chain_id", "abci_socket", "api_listen", "cometbft_rpc", "organization")
+# Keys of [node] that may be left out. public_url: the base URL clients reach this node's API
+# at (a reverse proxy's), when it is not the listen address.
+_OPTIONAL = ("public_url",)
 
 
 class ConfigError(Exception):
@@ -63,6 +66,7 @@ class NodeConfig:
     api_listen: str = "127.0.0.1:26660"
     cometbft_rpc: str = "http://127.0.0.1:26657"
     organization: str = "org-1"
+    public_url: str = ""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -127,6 +131,12 @@ class NodeConfig:
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
+    @property
+    def public_api_url(self) -> str:
+        """The base URL clients use for our HTTP API: `public_url`, else `api_url`. SMART token
+        audiences and the URLs in FHIR answers are built from it."""
+        return self.public_url.rstrip("/") or self.api_url
+
 
 def _validate(cfg: NodeConfig) -> None:
     for name in _FIELDS:
@@ -140,6 +150,10 @@ def _validate(cfg: NodeConfig) -> None:
     if any(ch.isspace() for ch in cfg.chain_id):
         raise ConfigError("[node] chain_id must not contain whitespace")
     parse_host_port(cfg.api_listen, "[node] api_listen")
+    if cfg.public_url and not cfg.public_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"[node] public_url must be an http:// or https:// URL, got {cfg.public_url!r}"
+        )
     if not cfg.cometbft_rpc.startswith(("http://", "https://")):
         raise ConfigError(
             f"[node] cometbft_rpc must be an http:// or https:// URL, got {cfg.cometbft_rpc!r}"
@@ -166,13 +180,13 @@ def load_node_config(home: Path | str) -> NodeConfig:
     table = document.get("node")
     if not isinstance(table, dict):
         raise ConfigError(f"{path} has no [node] table")
-    unknown = sorted(set(table) - set(_FIELDS))
+    unknown = sorted(set(table) - set(_FIELDS) - set(_OPTIONAL))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) in [node]: {', '.join(unknown)}")
     missing = [name for name in _FIELDS if name not in table]
     if missing:
         raise ConfigError(f"{path}: missing key(s) in [node]: {', '.join(missing)}")
-    values: dict[str, Any] = {name: table[name] for name in _FIELDS}
+    values: dict[str, Any] = {name: table[name] for name in (*_FIELDS, *_OPTIONAL) if name in table}
     for name, value in values.items():
         if not isinstance(value, str):
             raise ConfigError(f"{path}: [node] {name} must be a string")
@@ -198,6 +212,8 @@ def write_node_config(cfg: NodeConfig) -> Path:
     table = tomlkit.table()
     for name in _FIELDS:
         table[name] = getattr(cfg, name)
+    if cfg.public_url:
+        table["public_url"] = cfg.public_url
     document["node"] = table
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(tomlkit.dumps(document), encoding="utf-8")
