@@ -69,7 +69,7 @@ from bench.common import (
     terminate_cleanly,
     write_results,
 )
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.client.records import RecordsClient, RecordWrite
 from medledger.client.sdk import ClientError, LedgerClient, TxOutcome
 from medledger.crypto import package as packaging
@@ -269,6 +269,7 @@ class FetchProbe:
         self.keys = load_services_config(cfg.home).unlock_node_keys()
         self.issuer = f"node:{cfg.organization}"
         self.base = net.api(0)
+        self.audience = node_audience(net.configs[0].organization)
         self.watch = watch
         self.interval = interval
         self.round_trips: list[tuple[float, float]] = []  # (at, seconds)
@@ -283,7 +284,8 @@ class FetchProbe:
                 if not digest:
                     continue
                 path = f"/v1/packages/{digest}"
-                headers = {"Authorization": sign_request(self.keys, self.issuer, "GET", path)}
+                header = sign_request(self.keys, self.issuer, "GET", path, audience=self.audience)
+                headers = {"Authorization": header}
                 start = time.monotonic()
                 with contextlib.suppress(httpx.HTTPError):
                     http.get(self.base + path, headers=headers)

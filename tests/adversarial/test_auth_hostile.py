@@ -34,7 +34,8 @@ from medledger.api.auth import (
     sign_request,
 )
 from medledger.api.records import RecordServices, add_record_routes
-from medledger.client.sdk import QueryError
+from medledger.client.records import RecordsClient
+from medledger.client.sdk import LedgerClient, QueryError
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
@@ -133,6 +134,18 @@ async def test_a_token_made_for_one_node_is_refused_at_another(
     assert len(riverside.services.replays) == 0  # nothing was remembered or changed
     # The token is good where it was meant to go.
     assert (await st_mary.get("/v1/nodes", header)).status == 200
+    # The SDK signs each request for the node it calls.
+    sdk = RecordsClient(
+        LedgerClient("http://127.0.0.1:9"),
+        str(riverside.client.make_url("")).rstrip("/"),
+        doctor,
+        node_organization="riverside",
+    )
+    try:
+        assert await asyncio.to_thread(sdk.node_apis) == {"riverside": "http://127.0.0.1:9"}
+    finally:
+        sdk.close()
+        sdk.ledger.close()
     # A token with no audience at all is refused too.
     now = int(time.time())
     claims = {

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from e2e_network import Network, running_network, wait_until
 
-from medledger.api.auth import sign_request
+from medledger.api.auth import node_audience, sign_request
 from medledger.cli.claims import claim as claim_cli
 from medledger.client.claims import ClaimsClient, build_claim_response
 from medledger.client.records import AccessDenied, Disclosure, RecordsClient
@@ -518,9 +518,10 @@ def test_native_api_shows_claims_to_their_parties_only(network: Network, cast: C
     its history; a member of another organization does not; network-wide totals need an
     auditor."""
     api = network.configs[0].api_url
+    audience = node_audience(network.configs[0].organization)
 
     def get(keys: KeyPair, path: str) -> httpx.Response:
-        header = sign_request(keys, keys.member_id, "GET", path)
+        header = sign_request(keys, keys.member_id, "GET", path, audience=audience)
         return httpx.get(api + path, headers={"Authorization": header}, timeout=10)
 
     mine = get(cast.patient, f"/v1/claims?party=patient:{cast.patient.member_id}")
