@@ -27,6 +27,7 @@ from medledger.fhir.capability import RESOURCES
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.search import SEARCH_PARAMS
+from medledger.fhir.smart import TokenService
 
 ORIGIN = "http://127.0.0.1:26601"
 # Where each CapabilityStatement interaction is served.
@@ -47,8 +48,9 @@ def node_app() -> web.Application:
     app = build_http_app(cast(LedgerApplication, None), "http://127.0.0.1:1")
     add_record_routes(app, cast(RecordServices, None))
     add_claim_routes(app)
+    tokens = TokenService(cast(Any, None), f"{ORIGIN}/fhir/auth/token", cast(Any, None))
     app[FHIR_CONTEXT] = FhirContext(
-        "http://127.0.0.1:1", "chain", ORIGIN, "org", *cast(Any, (None, None, None, None))
+        "http://127.0.0.1:1", "chain", ORIGIN, "org", *cast(Any, (None, None, tokens, None))
     )
     add_fhir_routes(app)
     return app
