@@ -56,6 +56,50 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.package_fetch_failures = Gauge(
+            "medledger_package_fetch_failures",
+            "Failed attempts to fetch a package from a peer since start",
+            registry=self.registry,
+        )
+        self.packages_retrying = Gauge(
+            "medledger_packages_retrying",
+            "Missing packages that no peer has served yet after at least one attempt",
+            registry=self.registry,
+        )
+        self.uploads_pending = Gauge(
+            "medledger_uploads_pending",
+            "Uploaded packages that no committed record names yet",
+            registry=self.registry,
+        )
+        self.uploads_pending_bytes = Gauge(
+            "medledger_uploads_pending_bytes",
+            "Bytes of uploaded packages that no committed record names yet",
+            registry=self.registry,
+        )
+        self.uploads_expired = Gauge(
+            "medledger_uploads_expired",
+            "Uploaded packages deleted since start because no record named them in time",
+            registry=self.registry,
+        )
+        self.task_up = Gauge(
+            "medledger_task_up",
+            "1 while the background task runs, 0 while it waits to be restarted",
+            ["task"],
+            registry=self.registry,
+        )
+        self.task_restarts = Counter(
+            "medledger_task_restarts",
+            "Times a background task crashed and was restarted",
+            ["task"],
+            registry=self.registry,
+        )
+
+    def task_state(self, name: str, alive: bool, restarted: bool) -> None:
+        self.task_up.labels(task=name).set(1 if alive else 0)
+        counter = self.task_restarts.labels(task=name)
+        if restarted:
+            counter.inc()
+
     def check_tx(self, result: ResultLike) -> None:
         self.checks.labels(code=str(int(result.code))).inc()
 

@@ -34,8 +34,8 @@ from medledger.ledger.identity import is_active
 from medledger.ledger.model import Member, Organization, member_key, organization_key
 from medledger.ledger.records import (
     AUTHOR_ROLES,
-    Custody,
     MAX_PACKAGE_BYTES,
+    Custody,
     PackageRef,
     RecordStatus,
     RecordVersion,
@@ -45,8 +45,15 @@ from medledger.ledger.records import (
 from medledger.ledger.state import State
 from medledger.node.replication import Replicator
 from medledger.store.node_audit import NodeAuditLog
-from medledger.store.packages import CorruptPackage, PackageStore, PackageStoreError
+from medledger.store.packages import (
+    CorruptPackage,
+    ErasedPackage,
+    PackageStore,
+    PackageStoreError,
+    is_digest,
+)
 from medledger.store.sqlite import SqliteStore
+from medledger.store.uploads import PendingUploads, QuotaExceeded
 
 log = logging.getLogger("medledger.records")
 
@@ -62,6 +69,7 @@ class RecordServices:
     api_url: str
     audit: NodeAuditLog
     replays: ReplayCache
+    uploads: PendingUploads
 
 
 SERVICES = web.AppKey("record_services", RecordServices)
@@ -108,24 +116,62 @@ async def _authenticate(
 
 
 async def put_package(request: web.Request) -> web.Response:
-    """An author uploads a sealed package before submitting the record that names it."""
+    """An author uploads a sealed package before submitting the record that names it.
+
+    Until a committed record names it the upload is pending: it expires after the node's
+    upload time to live and counts against the uploader's quota. An erased package is never
+    stored again (410)."""
     services = request.app[SERVICES]
+    too_large = _problem(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")
+    if (request.content_length or 0) > MAX_PACKAGE_BYTES:
+        return too_large
     try:
         _, member = await _authenticate(request, services)
+        data = await request.read()
     except AuthError as exc:
         return _problem(exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
     if member is None or member.role not in UPLOADER_ROLES:
         return _problem(403, "only members who write records or claims upload packages")
-    data = await request.read()
     if len(data) > MAX_PACKAGE_BYTES:
-        return _problem(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")
+        return too_large
     digest = request.match_info["digest"]
+    if not is_digest(digest):
+        return _problem(400, "a package digest is 64 lowercase hex digits")
+    state = State(services.store)
+    ref = state.read(package_key(digest), PackageRef)
+    version = state.read(record_key(ref.record_id, ref.version), RecordVersion) if ref else None
+    if services.packages.is_erased(digest) or (
+        version is not None and version.status is RecordStatus.ERASED
+    ):
+        return _problem(410, "this package was erased with its record; it is never stored again")
+    if packaging.package_digest(data) != digest:
+        return _problem(400, "the package's bytes do not hash to the digest in the URL")
     try:
         packaging.decode_package(data)
-        created = services.packages.put(digest, data)
-    except (PackageStoreError, packaging.PackageError) as exc:
+    except packaging.PackageError as exc:
         return _problem(400, str(exc))
-    return web.json_response({"digest": digest}, status=201 if created else 200)
+    pending = ref is None and not services.packages.has(digest)
+    if pending:
+        try:
+            services.uploads.admit(member.id, digest, len(data))
+        except QuotaExceeded as exc:
+            response = _problem(429, str(exc))
+            response.headers["Retry-After"] = str(int(exc.retry_after))
+            return response
+    try:
+        created = services.packages.put(digest, data)
+    except ErasedPackage:
+        services.uploads.settle(digest)
+        return _problem(410, "this package was erased with its record; it is never stored again")
+    except PackageStoreError as exc:
+        services.uploads.settle(digest)
+        return _problem(400, str(exc))
+    body: dict[str, object] = {"digest": digest, "referenced": ref is not None}
+    if digest in services.uploads:
+        body["expires_in"] = int(services.uploads.limits.ttl_seconds)
+    return web.json_response(body, status=201 if created else 200)
 
 
 async def get_package(request: web.Request) -> web.Response:

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -23,19 +25,31 @@ from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
 from medledger.hl7.mllp import start_hl7_listener
 from medledger.ledger.app import BlockOutcome
-from medledger.ledger.records import RecordStatus, RecordVersion
+from medledger.ledger.records import (
+    PackageRef,
+    RecordStatus,
+    RecordVersion,
+    package_key,
+    record_key,
+)
 from medledger.ledger.state import State
 from medledger.node.config import load_node_config
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
 from medledger.node.services import load_services_config
+from medledger.node.tasks import Supervisor
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
 from medledger.store.sqlite import SqliteStore
+from medledger.store.uploads import PendingUploads
 from medledger.web.app import add_portal_routes
 
 log = logging.getLogger("medledger.node")
+
+
+# How often unreferenced uploads past their time to live are deleted.
+SWEEP_INTERVAL = 60.0
 
 
 def live_packages(store: SqliteStore) -> tuple[list[str], list[str]]:
@@ -47,6 +61,49 @@ def live_packages(store: SqliteStore) -> tuple[list[str], list[str]]:
     return live, erased
 
 
+def committed_package_size(store: SqliteStore, digest: str) -> int | None:
+    """The size the committed record naming `digest` declares for its package."""
+    state = State(store)
+    ref = state.read(package_key(digest), PackageRef)
+    if ref is None:
+        return None
+    version = state.read(record_key(ref.record_id, ref.version), RecordVersion)
+    return version.package_size if version is not None else None
+
+
+def is_referenced(store: SqliteStore, digest: str) -> bool:
+    """A committed record names the package."""
+    return State(store).get(package_key(digest)) is not None
+
+
+def commit_hook(replicator: Replicator, uploads: PendingUploads) -> Callable[[BlockOutcome], None]:
+    """What the node does after each block commits: destroy the packages it erased (for good:
+    the store keeps their tombstones), stop counting the uploads its records name as pending,
+    and fetch those records' packages it lacks."""
+
+    def after_commit(outcome: BlockOutcome) -> None:
+        for digest in (*outcome.packages_erased, *outcome.packages_stored):
+            uploads.settle(digest)
+        if outcome.packages_erased:
+            replicator.erase(outcome.packages_erased)
+        if outcome.packages_stored:
+            replicator.want(outcome.packages_stored)
+
+    return after_commit
+
+
+async def sweep_uploads(
+    uploads: PendingUploads, packages: PackageStore, store: SqliteStore, report: Callable[[], None]
+) -> None:
+    """Delete, every SWEEP_INTERVAL, the uploads no committed record named in time."""
+    while True:
+        await asyncio.sleep(min(SWEEP_INTERVAL, uploads.limits.ttl_seconds))
+        expired = uploads.sweep(packages, lambda digest: is_referenced(store, digest))
+        if expired:
+            log.info("unreferenced uploads expired", extra={"count": len(expired)})
+        report()
+
+
 async def serve_app(home: Path) -> None:
     cfg = load_node_config(home)
     services_cfg = load_services_config(cfg.home)
@@ -54,27 +111,51 @@ async def serve_app(home: Path) -> None:
     store = SqliteStore(cfg.state_dir / "state.db")
     metrics = Metrics()
     packages = PackageStore(services_cfg.packages_path)
+    uploads = PendingUploads(packages.root / "pending", services_cfg.upload_limits)
+    supervisor = Supervisor(observer=metrics)
 
     def report() -> None:
-        metrics.packages_missing.set(len(replicator.missing))
-        metrics.packages_fetched.set(replicator.fetched)
+        status = replicator.status()
+        metrics.packages_missing.set(status["missing"])
+        metrics.packages_fetched.set(status["fetched"])
+        metrics.packages_retrying.set(status["retrying"])
+        metrics.package_fetch_failures.set(status["failed_attempts"])
+        metrics.uploads_pending.set(len(uploads))
+        metrics.uploads_pending_bytes.set(uploads.total_bytes)
+        metrics.uploads_expired.set(uploads.expired_total)
 
     replicator = Replicator(
-        packages, node_keys, cfg.organization, services_cfg.peers, on_change=report
+        packages,
+        node_keys,
+        cfg.organization,
+        services_cfg.peers,
+        on_change=report,
+        expected_size=lambda digest: committed_package_size(store, digest),
     )
 
-    def after_commit(outcome: BlockOutcome) -> None:
-        if outcome.packages_erased:
-            replicator.erase(outcome.packages_erased)
-        if outcome.packages_stored:
-            replicator.want(outcome.packages_stored)
-
-    ledger_app = LedgerApplication(store, metrics, on_commit=after_commit)
+    ledger_app = LedgerApplication(store, metrics, on_commit=commit_hook(replicator, uploads))
     live, erased = live_packages(store)
     replicator.erase(erased)
     replicator.want(live)
+    referenced = set(live)
+    for digest in list(packages.digests()):
+        if digest in referenced:
+            uploads.settle(digest)
+    uploads.adopt((d for d in packages.digests() if d not in referenced), packages)
     audit = NodeAuditLog(cfg.state_dir / "node-audit.db")
-    http_app = build_http_app(ledger_app, cfg.cometbft_rpc)
+
+    def node_status() -> dict[str, Any]:
+        return {
+            "tasks": supervisor.status(),
+            "replication": replicator.status(),
+            "uploads": {
+                "pending": len(uploads),
+                "pending_bytes": uploads.total_bytes,
+                "expired": uploads.expired_total,
+            },
+        }
+
+    http_app = build_http_app(ledger_app, cfg.cometbft_rpc, status=node_status)
     add_record_routes(
         http_app,
         RecordServices(
@@ -87,6 +168,7 @@ async def serve_app(home: Path) -> None:
             api_url=cfg.api_url,
             audit=audit,
             replays=ReplayCache(),
+            uploads=uploads,
         ),
     )
     add_claim_routes(http_app)
@@ -106,12 +188,15 @@ async def serve_app(home: Path) -> None:
     add_portal_routes(http_app, cfg, services_cfg.peers)
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
-    runner = web.AppRunner(http_app, access_log=None, client_max_size=17 * 1024 * 1024)
+    # No access log: request lines name records and patients. (The body limit is the
+    # application's client_max_size; see build_http_app.)
+    runner = web.AppRunner(http_app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     await abci_server.start()
     hl7_listener = await start_hl7_listener(cfg.home, fhir_context)
-    replication = asyncio.create_task(replicator.run())
+    supervisor.start("replication", replicator.run)
+    supervisor.start("upload-sweep", lambda: sweep_uploads(uploads, packages, store, report))
     log.info(
         "app started",
         extra={
@@ -132,7 +217,7 @@ async def serve_app(home: Path) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     failed = fatal.done()
     stop_task.cancel()
-    replication.cancel()
+    await supervisor.stop()
     if hl7_listener is not None:
         await hl7_listener.stop()
     await abci_server.stop()

@@ -1,21 +1,41 @@
 """Package replication: after a block commits, every node fetches the packages it lacks from
 its peers, checks each against its digest, and retries with backoff until it has them.
-Erasure deletes a package as soon as the block that erases it commits."""
+Erasure deletes a package as soon as the block that erases it commits.
+
+Each digest has its own schedule: a digest no peer has (a record naming a package that was
+never uploaded) waits longer after each failed round, up to `max_backoff`, and is then retried
+at that slow pace for as long as a committed record names it; it never delays other digests,
+since fetches run concurrently (at most `concurrency` at once) and digests never tried go
+first. Whatever a peer answers or a digest contains, a fetch fails only for itself: every
+error is caught and the digest rescheduled. A peer's answer is read as a stream and abandoned
+as soon as it is longer than the record's declared package size (at most `MAX_PACKAGE_BYTES`),
+or when the whole exchange takes longer than `peer_timeout`.
+
+A fetch that completes after the package was erased is dropped: the package store keeps a
+tombstone of every erased digest and refuses to store it again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import httpx
 
 from medledger.api.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
-from medledger.store.packages import PackageStore, PackageStoreError
+from medledger.ledger.records import MAX_PACKAGE_BYTES
+from medledger.store.packages import ErasedPackage, PackageStore, PackageStoreError, is_digest
 
 log = logging.getLogger("medledger.replication")
+
+
+class PeerAnswerError(Exception):
+    """A peer's answer was refused (too large, wrong bytes)."""
 
 
 class Replicator:
@@ -26,41 +46,88 @@ class Replicator:
         organization: str,
         peers: dict[str, str],
         on_change: Callable[[], None] | None = None,
-        max_backoff: float = 30.0,
+        max_backoff: float = 300.0,
+        *,
+        first_backoff: float = 1.0,
+        concurrency: int = 8,
+        peer_timeout: float = 60.0,
+        expected_size: Callable[[str], int | None] | None = None,
     ) -> None:
         self.packages = packages
         self.node_keys = node_keys
         self.issuer = f"node:{organization}"
         self.peers = peers
         self.missing: set[str] = set()
-        self.erased: set[str] = set()
         self.fetched = 0
         self.failed_attempts = 0
+        self.invalid_digests = 0
         self._wake = asyncio.Event()
         self._on_change = on_change
+        self._first_backoff = first_backoff
         self._max_backoff = max_backoff
+        self._concurrency = max(1, concurrency)
+        self._peer_timeout = peer_timeout
+        self._expected_size = expected_size
+        self._attempts: dict[str, int] = {}
+        self._next_try: dict[str, float] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
 
-    def want(self, digests: list[str]) -> None:
+    @property
+    def erased(self) -> frozenset[str]:
+        return self.packages.erased()
+
+    def want(self, digests: Iterable[str]) -> None:
         """Packages that committed records reference; fetch those we lack."""
         for digest in digests:
-            if digest not in self.erased and not self.packages.has(digest):
+            if not is_digest(digest):
+                # The ledger only commits full-matched digests; whatever reaches here otherwise
+                # can name no package and must not reach a URL.
+                self.invalid_digests += 1
+                log.warning("ignoring a malformed package digest", extra={"digest": digest[:80]})
+                continue
+            if not self.packages.is_erased(digest) and not self.packages.has(digest):
                 self.missing.add(digest)
         self._changed()
 
-    def erase(self, digests: list[str]) -> None:
+    def erase(self, digests: Iterable[str]) -> None:
         for digest in digests:
-            self.erased.add(digest)
-            self.missing.discard(digest)
-            if self.packages.delete(digest):
+            self._forget(digest)
+            if not is_digest(digest):
+                continue
+            if self.packages.erase(digest):
                 log.info("package erased", extra={"digest": digest})
         self._changed()
 
     def heal(self, digest: str) -> None:
         """A stored package failed its digest check: fetch a good copy again."""
-        if digest not in self.erased:
+        if is_digest(digest) and not self.packages.is_erased(digest):
             self.missing.add(digest)
+            self._attempts.pop(digest, None)
+            self._next_try.pop(digest, None)
             log.warning("package damaged; fetching it again", extra={"digest": digest})
             self._changed()
+
+    def next_try_in(self, digest: str) -> float:
+        """Seconds until `digest` is tried again (0: now, or not scheduled)."""
+        due = self._next_try.get(digest)
+        if due is None:
+            return 0.0
+        return max(0.0, due - asyncio.get_running_loop().time())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "missing": len(self.missing),
+            "retrying": sum(1 for d in self.missing if self._attempts.get(d)),
+            "in_flight": len(self._in_flight),
+            "fetched": self.fetched,
+            "failed_attempts": self.failed_attempts,
+            "invalid_digests": self.invalid_digests,
+        }
+
+    def _forget(self, digest: str) -> None:
+        self.missing.discard(digest)
+        self._attempts.pop(digest, None)
+        self._next_try.pop(digest, None)
 
     def _changed(self) -> None:
         self._wake.set()
@@ -68,50 +135,103 @@ class Replicator:
             self._on_change()
 
     async def run(self) -> None:
-        backoff = 0.5
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            while True:
-                if not self.missing:
+        loop = asyncio.get_running_loop()
+        timeout = httpx.Timeout(10.0)
+        limits = httpx.Limits(max_connections=self._concurrency * 2)
+        async with httpx.AsyncClient(
+            timeout=timeout, limits=limits, follow_redirects=False
+        ) as client:
+            try:
+                while True:
                     self._wake.clear()
-                    await self._wake.wait()
-                    backoff = 0.5
-                    continue
-                progress = False
-                for digest in sorted(self.missing):
-                    if await self._fetch(client, digest):
-                        self.missing.discard(digest)
-                        progress = True
-                self._changed()
-                if self.missing and not progress:
-                    self._wake.clear()
+                    self._start_due(client, loop.time())
+                    delay = self._next_delay(loop.time())
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
+                        await asyncio.wait_for(self._wake.wait(), delay)
+            finally:
+                tasks = list(self._in_flight.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self._in_flight.clear()
+
+    def _start_due(self, client: httpx.AsyncClient, now: float) -> None:
+        # Digests never tried (0) first, then the longest waiting: a new package is not held
+        # up by many that no peer has.
+        waiting = sorted(
+            (self._next_try.get(d, 0.0), d) for d in self.missing if d not in self._in_flight
+        )
+        for due, digest in waiting:
+            if len(self._in_flight) >= self._concurrency or due > now:
+                break
+            self._in_flight[digest] = asyncio.create_task(
+                self._attempt(client, digest), name=f"fetch {digest[:16]}"
+            )
+
+    def _next_delay(self, now: float) -> float | None:
+        if len(self._in_flight) >= self._concurrency:
+            return None  # a finishing fetch wakes the loop
+        dues = [self._next_try.get(d, 0.0) for d in self.missing if d not in self._in_flight]
+        return max(0.0, min(dues) - now) if dues else None
+
+    async def _attempt(self, client: httpx.AsyncClient, digest: str) -> None:
+        try:
+            stored = await self._fetch(client, digest)
+        except Exception as exc:  # whatever happens, only this digest waits
+            self.failed_attempts += 1
+            log.warning(
+                "package fetch failed",
+                extra={"digest": digest, "error": f"{type(exc).__name__}: {exc}"[:200]},
+            )
+            stored = False
+        finally:
+            self._in_flight.pop(digest, None)
+        if stored or self.packages.is_erased(digest) or self.packages.has(digest):
+            self._forget(digest)
+        elif digest in self.missing:
+            attempts = self._attempts.get(digest, 0) + 1
+            self._attempts[digest] = attempts
+            delay = min(self._first_backoff * 2 ** min(attempts - 1, 30), self._max_backoff)
+            delay *= random.uniform(1.0, 1.25)  # nodes that failed together retry apart
+            self._next_try[digest] = asyncio.get_running_loop().time() + delay
+        self._changed()
+
+    def _size_limit(self, digest: str) -> int:
+        expected = self._expected_size(digest) if self._expected_size is not None else None
+        if expected is None or not 0 < expected <= MAX_PACKAGE_BYTES:
+            return MAX_PACKAGE_BYTES
+        return expected
 
     async def _fetch(self, client: httpx.AsyncClient, digest: str) -> bool:
-        path = f"/v1/packages/{digest}"
+        """Try each peer in turn; True once a copy matching the digest is stored."""
+        limit = self._size_limit(digest)
         for organization, base in self.peers.items():
+            if self.packages.is_erased(digest):
+                return False
             try:
-                response = await client.get(
-                    base.rstrip("/") + path,
-                    headers={
-                        "Authorization": sign_request(
-                            self.node_keys,
-                            self.issuer,
-                            "GET",
-                            path,
-                            audience=node_audience(organization),
-                        )
+                async with asyncio.timeout(self._peer_timeout):
+                    data = await self._fetch_from(client, organization, base, digest, limit)
+            except Exception as exc:  # a bad peer, URL or answer: try the next peer
+                self.failed_attempts += 1
+                log.warning(
+                    "peer did not serve a package",
+                    extra={
+                        "peer": organization,
+                        "digest": digest,
+                        "error": f"{type(exc).__name__}: {exc}"[:200],
                     },
                 )
-            except httpx.HTTPError:
-                self.failed_attempts += 1
                 continue
-            if response.status_code != 200:
+            if data is None:
                 self.failed_attempts += 1
                 continue
             try:
-                self.packages.put(digest, response.content)
+                # The store refuses an erased digest, also when the erasure committed while
+                # this fetch was waiting for the peer.
+                self.packages.put(digest, data)
+            except ErasedPackage:
+                log.info("dropped a package erased while it was fetched", extra={"digest": digest})
+                return False
             except PackageStoreError as exc:
                 # A peer that serves bytes not matching the digest is faulty; try the next.
                 log.warning(
@@ -122,3 +242,31 @@ class Replicator:
             self.fetched += 1
             return True
         return False
+
+    async def _fetch_from(
+        self, client: httpx.AsyncClient, organization: str, base: str, digest: str, limit: int
+    ) -> bytes | None:
+        """The peer's copy of the package, or None when it has none; PeerAnswerError when its
+        answer is longer than `limit` bytes."""
+        path = f"/v1/packages/{digest}"
+        headers = {
+            "Authorization": sign_request(
+                self.node_keys, self.issuer, "GET", path, audience=node_audience(organization)
+            ),
+            # The bytes must hash to the digest as sent; and no decompression bomb.
+            "Accept-Encoding": "identity",
+        }
+        async with client.stream("GET", base.rstrip("/") + path, headers=headers) as response:
+            if response.status_code != 200:
+                return None
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise PeerAnswerError(f"peer announced {declared} bytes, more than {limit}")
+            chunks: list[bytes] = []
+            received = 0
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received > limit:
+                    raise PeerAnswerError(f"peer sent more than {limit} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)

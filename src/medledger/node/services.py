@@ -4,6 +4,9 @@
 [services]
 passphrase_file = "keys/node.passphrase"   # unlocks keys/node.json at start (mode 0600)
 packages_dir = "packages"                  # the content-addressed package store
+upload_ttl_seconds = 3600                  # an upload no committed record names is deleted
+pending_upload_bytes_per_member = 268435456  # ... and counts against its uploader's quota
+pending_uploads_per_member = 2000
 
 [peers]                                    # other organizations' node APIs, for replication
 org-2 = "http://10.0.0.2:26612"
@@ -26,8 +29,15 @@ import tomlkit
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
 from medledger.node.config import CONFIG_FILE, ConfigError
+from medledger.store.uploads import UploadLimits
 
 PASSPHRASE_ENV = "MEDLEDGER_NODE_PASSPHRASE"
+# [services] keys of the limits on uploads that no committed record names.
+_UPLOAD_LIMITS = {
+    "upload_ttl_seconds": "ttl_seconds",
+    "pending_upload_bytes_per_member": "max_bytes_per_member",
+    "pending_uploads_per_member": "max_packages_per_member",
+}
 NODE_KEYSTORE = "keys/node.json"
 
 
@@ -37,6 +47,7 @@ class ServicesConfig:
     passphrase_file: str = "keys/node.passphrase"
     packages_dir: str = "packages"
     peers: dict[str, str] = field(default_factory=dict)
+    upload_limits: UploadLimits = field(default_factory=UploadLimits)
 
     def path(self, relative: str) -> Path:
         candidate = Path(relative)
@@ -75,10 +86,17 @@ def load_services_config(home: Path) -> ServicesConfig:
         raise ConfigError(f"{path}: [services] and [peers] must be tables")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in peers.items()):
         raise ConfigError(f"{path}: [peers] maps organization ids to URLs")
-    unknown = set(services) - {"passphrase_file", "packages_dir"}
+    unknown = set(services) - {"passphrase_file", "packages_dir", *_UPLOAD_LIMITS}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) in [services]: {', '.join(sorted(unknown))}")
+    limits: dict[str, int] = {}
+    for key, attribute in _UPLOAD_LIMITS.items():
+        value = services.get(key, getattr(UploadLimits(), attribute))
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{path}: [services] {key} must be a positive number")
+        limits[attribute] = int(value)
     return ServicesConfig(
+        upload_limits=UploadLimits(**limits),
         home=home,
         passphrase_file=str(services.get("passphrase_file", "keys/node.passphrase")),
         packages_dir=str(services.get("packages_dir", "packages")),

@@ -1,0 +1,440 @@
+"""Hostile members against a node's package store and key release, through the node's real
+HTTP application (aiohttp test server) over an in-process chain.
+
+The threat: an organization that holds a copy of another record's package (its node stores
+every package) must not turn that copy into key shares of the other record; uploads must not
+bring back what erasure destroyed or fill the node's disk with packages no record names; and
+the upload limit is the 16 MiB the ledger allows, not aiohttp's 1 MiB default."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import ORGANIZATIONS, Consortium, keys_for
+
+from medledger.abci.application import LedgerApplication
+from medledger.api.auth import ReplayCache, node_audience, sign_request
+from medledger.api.http import build_http_app
+from medledger.api.records import RecordServices, add_record_routes
+from medledger.crypto import package as packaging
+from medledger.crypto.keys import KeyPair
+from medledger.ledger.access import RequestAccess
+from medledger.ledger.app import BlockOutcome
+from medledger.ledger.consent import Purpose
+from medledger.ledger.model import Role
+from medledger.ledger.records import EraseRecord, PutRecord, threshold_for
+from medledger.ledger.transactions import EnrollMember
+from medledger.node.appmain import commit_hook
+from medledger.node.replication import Replicator
+from medledger.store.node_audit import NodeAuditLog
+from medledger.store.packages import ErasedPackage, PackageStore
+from medledger.store.uploads import PendingUploads, UploadLimits
+
+CUSTODIANS = tuple(sorted(org for org, _, _ in ORGANIZATIONS))
+THRESHOLD = threshold_for(len(CUSTODIANS))
+# Custodian nodes the tests run: as many as the threshold, so their shares are enough to
+# recover a data key.
+NODES = ("careplus", "northside-lab")
+
+
+@dataclass
+class Node:
+    """One custodian organization's node: its HTTP API, package store and release log."""
+
+    organization: str
+    client: TestClient  # type: ignore[type-arg]
+    services: RecordServices
+    after_commit: Callable[[BlockOutcome], None]
+
+    async def call(
+        self, keys: KeyPair, method: str, path: str, body: bytes = b""
+    ) -> ClientResponse:
+        header = sign_request(
+            keys, keys.member_id, method, path, body, audience=node_audience(self.organization)
+        )
+        return await self.client.request(method, path, data=body, headers={"Authorization": header})
+
+    async def upload(self, keys: KeyPair, package: bytes) -> ClientResponse:
+        return await self.call(
+            keys, "PUT", f"/v1/packages/{packaging.package_digest(package)}", package
+        )
+
+    async def release(self, keys: KeyPair, grant_id: str) -> ClientResponse:
+        body = json.dumps({"grant": grant_id}).encode()
+        return await self.call(keys, "POST", "/v1/keys/release", body)
+
+    def releases(self) -> list[dict[str, Any]]:
+        return self.services.audit.entries("key.release")
+
+
+async def start_node(
+    consortium: Consortium, root: Path, organization: str, limits: UploadLimits | None = None
+) -> Node:
+    node_keys = keys_for(f"{organization}/node")
+    packages = PackageStore(root / "packages")
+    services = RecordServices(
+        store=consortium.chain.store,
+        packages=packages,
+        replicator=Replicator(packages, node_keys, organization, {}),
+        node_keys=node_keys,
+        organization=organization,
+        peers={},
+        api_url="http://127.0.0.1:1",
+        audit=NodeAuditLog(root / "node-audit.db"),
+        replays=ReplayCache(),
+        uploads=PendingUploads(root / "packages" / "pending", limits),
+    )
+    app = build_http_app(LedgerApplication(consortium.chain.store), "http://127.0.0.1:1")
+    add_record_routes(app, services)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return Node(organization, client, services, commit_hook(services.replicator, services.uploads))
+
+
+@pytest.fixture
+async def nodes(consortium: Consortium, tmp_path: Path) -> AsyncIterator[dict[str, Node]]:
+    started = {org: await start_node(consortium, tmp_path / org, org) for org in NODES}
+    yield started
+    for node in started.values():
+        await node.client.close()
+        node.services.audit.close()
+
+
+class People:
+    def __init__(self, c: Consortium) -> None:
+        self.c = c
+        self.patient = self.enroll("st-mary", "patient-maria", Role.PATIENT)
+        self.doctor = self.enroll("st-mary", "dr-alice", Role.CLINICIAN)
+        # A clinician of another organization, which runs a node that stores every package.
+        self.attacker = self.enroll("riverside", "dr-mallory", Role.CLINICIAN)
+
+    def enroll(self, org: str, name: str, role: Role) -> KeyPair:
+        keys = keys_for(name)
+        body = EnrollMember(keys.verify_key, keys.encryption_key, role)
+        assert self.c.submit(self.c.admin(org), "member.enroll", body).ok
+        return keys
+
+
+@pytest.fixture
+def people(consortium: Consortium) -> People:
+    return People(consortium)
+
+
+PLAINTEXT = b'{"resourceType":"Condition","code":{"text":"Type 2 diabetes mellitus"}}'
+
+
+def seal(
+    record_id: str, people: People, author: KeyPair, plaintext: bytes = PLAINTEXT, version: int = 1
+) -> packaging.SealedRecord:
+    return packaging.seal_record(
+        plaintext,
+        record_id=record_id,
+        record_version=version,
+        patient=people.patient.member_id,
+        author=author.member_id,
+        patient_key=people.patient.encryption_key,
+        author_key=author.encryption_key,
+        custodians=[
+            packaging.Custodian(org, i + 1, keys_for(f"{org}/node").encryption_key)
+            for i, org in enumerate(CUSTODIANS)
+        ],
+        threshold=THRESHOLD,
+    )
+
+
+def put_body(record_id: str, patient: str, package: bytes, commitment: bytes) -> PutRecord:
+    return PutRecord(
+        record_id=record_id,
+        patient=patient,
+        resource_type="Condition",
+        category="problem-list-item",
+        package_digest=packaging.package_digest(package),
+        package_size=len(package),
+        commitment=commitment,
+        threshold=THRESHOLD,
+        custodians=CUSTODIANS,
+    )
+
+
+def commit(
+    c: Consortium, nodes: dict[str, Node], who: KeyPair, tx_type: str, body: object
+) -> BlockOutcome:
+    """One transaction in its own block, with each node's after-commit work done (as a node
+    does after CometBFT's Commit)."""
+    outcome = c.run(c.tx(who, tx_type, body))
+    assert outcome.results[0].ok, outcome.results[0].log
+    for node in nodes.values():
+        node.after_commit(outcome)
+    return outcome
+
+
+def grant_of(c: Consortium, who: KeyPair, record_id: str) -> str:
+    result = c.submit(who, "access.request", RequestAccess(record_id, Purpose.TREATMENT))
+    assert result.ok, result.log
+    return result.log.split("grant ")[1].split()[0]
+
+
+async def write_record(
+    c: Consortium, nodes: dict[str, Node], people: People, record_id: str
+) -> packaging.SealedRecord:
+    sealed = seal(record_id, people, people.doctor)
+    for node in nodes.values():
+        assert (await node.upload(people.doctor, sealed.package)).status == 201
+    body = put_body(record_id, people.patient.member_id, sealed.package, sealed.commitment)
+    commit(c, nodes, people.doctor, "record.put", body)
+    return sealed
+
+
+async def shares_released(
+    nodes: dict[str, Node], who: KeyPair, grant_id: str
+) -> tuple[list[packaging.Share], list[tuple[int, str]]]:
+    """The shares the nodes release to `who` for `grant_id`, and the refusals."""
+    shares, refusals = [], []
+    for node in nodes.values():
+        response = await node.release(who, grant_id)
+        answer = await response.json()
+        if response.status == 200:
+            sealed = base64.b64decode(answer["sealed_share"])
+            shares.append(packaging.unseal_share(sealed, who.encryption_secret))
+        else:
+            refusals.append((response.status, answer["error"]))
+    return shares, refusals
+
+
+def transplant(package: bytes) -> bytes:
+    """Record A's package with one byte of its patient envelope changed: a new digest, the
+    same sealed custodian shares."""
+    decoded = packaging.decode_package(package)
+    envelope = bytearray(decoded.patient_envelope)
+    envelope[-1] ^= 0x01
+    copy = msgspec.structs.replace(decoded, patient_envelope=bytes(envelope))
+    return msgspec.msgpack.encode(copy)
+
+
+async def test_a_transplanted_package_gets_no_shares_of_the_record_it_was_copied_from(
+    consortium: Consortium, nodes: dict[str, Node], people: People
+) -> None:
+    c = consortium
+    original = await write_record(c, nodes, people, "condition-a")
+
+    # The attacker uploads the altered copy and commits a record of their own naming it.
+    copy = transplant(original.package)
+    assert packaging.package_digest(copy) != original.digest
+    for node in nodes.values():
+        assert (await node.upload(people.attacker, copy)).status == 201
+    fake_commitment = hashlib.sha256(b"anything").digest()
+    body = put_body("condition-b", people.patient.member_id, copy, fake_commitment)
+    assert c.submit(people.attacker, "record.put", body).ok
+    # As record B's author, the ledger grants the attacker access to B.
+    grant_id = grant_of(c, people.attacker, "condition-b")
+
+    shares, refusals = await shares_released(nodes, people.attacker, grant_id)
+
+    # Had the custodians released, these shares would open record A.
+    if len(shares) >= THRESHOLD:
+        key = packaging.combine_shares(packaging.decode_package(original.package), shares)
+        leaked = packaging.decrypt_record(
+            packaging.decode_package(original.package), key, original.commitment
+        )
+        pytest.fail(f"record A leaked through a transplanted package: {leaked[:30]!r}")
+    assert shares == []
+    assert [status for status, _ in refusals] == [409] * len(nodes)
+    for _, reason in refusals:
+        assert "condition-a" in reason and "condition-b" in reason, reason
+        assert "no share released" in reason
+    for node in nodes.values():
+        [entry] = node.releases()
+        assert entry["outcome"] == "refused" and entry["target"] == grant_id
+        assert entry["actor"] == people.attacker.member_id
+
+    # The record the package really belongs to is still read through its own grant.
+    patient_grant = grant_of(c, people.patient, "condition-a")
+    shares, refusals = await shares_released(nodes, people.patient, patient_grant)
+    assert refusals == []
+    package = packaging.decode_package(original.package)
+    key = packaging.combine_shares(package, shares)
+    assert packaging.decrypt_record(package, key, original.commitment) == PLAINTEXT
+
+
+async def test_an_erased_record_is_not_read_through_a_copy_of_its_package(
+    consortium: Consortium, nodes: dict[str, Node], people: People
+) -> None:
+    c = consortium
+    original = await write_record(c, nodes, people, "condition-erased")
+    copy = transplant(original.package)
+    assert c.submit(
+        people.patient, "record.erase", EraseRecord("condition-erased", "patient request")
+    ).ok
+    for node in nodes.values():
+        assert (await node.upload(people.attacker, copy)).status == 201
+    body = put_body("condition-c", people.patient.member_id, copy, original.commitment)
+    assert c.submit(people.attacker, "record.put", body).ok
+    grant_id = grant_of(c, people.attacker, "condition-c")
+
+    shares, refusals = await shares_released(nodes, people.attacker, grant_id)
+
+    assert shares == []
+    assert {status for status, _ in refusals} == {409}
+    assert all("condition-erased" in reason for _, reason in refusals)
+
+
+# -- erasure ------------------------------------------------------------------------------------
+
+
+async def test_an_erased_package_is_never_stored_again(
+    consortium: Consortium, nodes: dict[str, Node], people: People, tmp_path: Path
+) -> None:
+    c = consortium
+    sealed = await write_record(c, nodes, people, "condition-gone")
+    commit(c, nodes, people.patient, "record.erase", EraseRecord("condition-gone", "GDPR Art. 17"))
+    for node in nodes.values():
+        assert not node.services.packages.has(sealed.digest)
+
+    # Someone who kept a copy uploads it again, to every node.
+    for node in nodes.values():
+        response = await node.upload(people.doctor, sealed.package)
+        assert response.status == 410
+        assert "erased" in (await response.json())["error"]
+        assert not node.services.packages.has(sealed.digest)
+        assert sealed.digest not in node.services.uploads
+
+    # The tombstone outlives a restart of the node's package store.
+    restarted = PackageStore(tmp_path / NODES[0] / "packages")
+    assert restarted.is_erased(sealed.digest)
+    with pytest.raises(ErasedPackage, match="erased"):
+        restarted.put(sealed.digest, sealed.package)
+    assert not restarted.has(sealed.digest)
+
+
+# -- uploads no record names --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def quota_node(consortium: Consortium, tmp_path: Path) -> AsyncIterator[Node]:
+    limits = UploadLimits(ttl_seconds=3600, max_bytes_per_member=10**9, max_packages_per_member=3)
+    node = await start_node(consortium, tmp_path / "quota", "careplus", limits)
+    yield node
+    await node.client.close()
+    node.services.audit.close()
+
+
+async def test_uploads_no_record_names_are_capped_per_member_and_expire(
+    consortium: Consortium, quota_node: Node, people: People
+) -> None:
+    c, node = consortium, quota_node
+    uploads = node.services.uploads
+    junk = [seal(f"junk-{i}", people, people.attacker).package for i in range(4)]
+    for package in junk[:3]:
+        response = await node.upload(people.attacker, package)
+        assert response.status == 201
+        assert (await response.json())["expires_in"] == 3600
+
+    refused = await node.upload(people.attacker, junk[3])
+    assert refused.status == 429
+    reason = (await refused.json())["error"]
+    assert "already has 3 packages" in reason and "no committed record names" in reason
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3600
+    assert not node.services.packages.has(packaging.package_digest(junk[3]))
+    assert uploads.usage(people.attacker.member_id) == (3, sum(len(p) for p in junk[:3]))
+
+    # The quota is the member's own: a colleague elsewhere still uploads.
+    honest = seal("honest-1", people, people.doctor)
+    assert (await node.upload(people.doctor, honest.package)).status == 201
+
+    # A committed record that names an upload makes it permanent and frees its quota.
+    named = junk[0]
+    decoded = packaging.decode_package(named)
+    body = put_body(decoded.record_id, people.patient.member_id, named, b"\0" * 32)
+    commit(c, {"careplus": node}, people.attacker, "record.put", body)
+    assert packaging.package_digest(named) not in uploads
+    assert (await node.upload(people.attacker, junk[3])).status == 201
+
+    # Past their time to live, the uploads still no record names are deleted; the named one
+    # stays.
+    expired = uploads.sweep(
+        node.services.packages,
+        lambda digest: node.services.store.get(f"package/{digest}".encode()) is not None,
+        now=time.time() + 3601,
+    )
+    gone = {packaging.package_digest(p) for p in junk[1:]} | {honest.digest}
+    assert set(expired) == gone
+    assert not any(node.services.packages.has(d) for d in gone)
+    assert node.services.packages.has(packaging.package_digest(named))
+    assert uploads.usage(people.attacker.member_id) == (0, 0)
+
+
+async def test_pending_uploads_and_their_quota_survive_a_restart(
+    consortium: Consortium, quota_node: Node, people: People, tmp_path: Path
+) -> None:
+    node = quota_node
+    for i in range(3):
+        package = seal(f"junk-{i}", people, people.attacker).package
+        assert (await node.upload(people.attacker, package)).status == 201
+    restarted = PendingUploads(
+        tmp_path / "quota" / "packages" / "pending", node.services.uploads.limits
+    )
+    assert restarted.usage(people.attacker.member_id)[0] == 3
+
+
+# -- the upload limit ---------------------------------------------------------------------------
+
+
+async def test_the_upload_limit_is_the_ledgers_16_mib_not_aiohttps_1_mib(
+    nodes: dict[str, Node], people: People
+) -> None:
+    node = nodes[NODES[0]]
+    big = seal("imaging-1", people, people.doctor, plaintext=b"x" * (2 * 1024 * 1024))
+    assert len(big.package) > 2 * 1024 * 1024
+    response = await node.upload(people.doctor, big.package)
+    assert response.status == 201, await response.text()
+    assert node.services.packages.has(big.digest)
+
+    oversized = b"\0" * (17 * 1024 * 1024)
+    digest = hashlib.sha256(oversized).hexdigest()
+    response = await node.call(people.doctor, "PUT", f"/v1/packages/{digest}", oversized)
+    assert response.status == 413
+    assert "at most 16777216 bytes" in (await response.json())["error"]
+    assert not node.services.packages.has(digest)
+
+    # Without a Content-Length (chunked), the body is cut off at the limit too.
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(17):
+            yield b"\0" * (1024 * 1024)
+
+    path = f"/v1/packages/{digest}"
+    header = sign_request(
+        people.doctor,
+        people.doctor.member_id,
+        "PUT",
+        path,
+        oversized,
+        audience=node_audience(node.organization),
+    )
+    response = await node.client.put(path, data=chunks(), headers={"Authorization": header})
+    assert response.status == 413
+    assert "at most 16777216 bytes" in (await response.json())["error"]
+    assert not node.services.packages.has(digest)
+
+
+async def test_a_digest_with_a_trailing_newline_is_not_a_digest(
+    nodes: dict[str, Node], people: People
+) -> None:
+    node = nodes[NODES[0]]
+    sealed = seal("obs-nl", people, people.doctor)
+    response = await node.call(
+        people.doctor, "PUT", f"/v1/packages/{sealed.digest}%0A", sealed.package
+    )
+    assert response.status == 400
+    assert "64 lowercase hex digits" in (await response.json())["error"]
+    assert list(node.services.packages.digests()) == []

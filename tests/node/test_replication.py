@@ -1,0 +1,230 @@
+"""Replication against hostile and broken peers, over real sockets: a digest no peer has, a
+malformed digest, a peer that trickles or floods its answer, and an erasure that commits while
+a fetch is under way. Each must cost only the digest concerned, and the replication task
+keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import keys_for
+
+from medledger.node.replication import Replicator
+from medledger.store.packages import ErasedPackage, PackageStore
+
+NOTHING = "0" * 64  # sorts before every other digest, as the first a replicator tries
+
+
+def package(tag: str) -> tuple[str, bytes]:
+    data = f"sealed package {tag} ".encode() + os.urandom(512)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Peer:
+    """A peer node's package API played by the test: `packages` are served as they are,
+    `handlers` answer for particular digests however the test likes."""
+
+    packages: dict[str, bytes] = field(default_factory=dict)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    server: TestServer | None = None
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        self.asked.append(digest)
+        if digest in self.handlers:
+            return await self.handlers[digest](request)
+        if digest in self.packages:
+            return web.Response(body=self.packages[digest])
+        return web.json_response({"error": "not here"}, status=404)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/v1/packages/{digest}", self._get)
+        self.server = TestServer(app)
+        await self.server.start_server()
+        return str(self.server.make_url("/"))
+
+
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Wait until `predicate()` holds (the deadline only keeps a broken build from hanging)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Harness:
+    store: PackageStore
+    replicator: Replicator
+    task: asyncio.Task[None]
+    peers: list[Peer]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    started: list[Harness] = []
+
+    async def start(*peers: Peer, **options: object) -> Harness:
+        urls = {f"peer-{i}": await p.start() for i, p in enumerate(peers)}
+        store = PackageStore(tmp_path / "packages")
+        replicator = Replicator(store, keys_for("st-mary/node"), "st-mary", urls, **options)  # type: ignore[arg-type]
+        task = asyncio.create_task(replicator.run())
+        started.append(Harness(store, replicator, task, list(peers)))
+        return started[-1]
+
+    yield start
+    for h in started:
+        h.task.cancel()
+        await asyncio.gather(h.task, return_exceptions=True)
+        for peer in h.peers:
+            assert peer.server is not None
+            await peer.server.close()
+
+
+async def test_a_malformed_digest_does_not_stop_replication(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    digest, data = package("real")
+    h = await harness(Peer(packages={digest: data}))
+
+    # A digest with a trailing newline (which `re.match("^...$")` lets through) would make
+    # httpx raise InvalidURL.
+    h.replicator.want([NOTHING + "\n", digest])
+
+    await eventually(lambda: h.store.has(digest) or h.task.done(), "the real package")
+    assert not h.task.done(), h.task.exception()
+    assert h.store.get(digest) == data
+    assert h.replicator.status()["invalid_digests"] == 1
+    assert h.replicator.missing == set()
+
+
+async def test_a_digest_no_peer_has_waits_on_its_own(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    digest, data = package("real")
+    peer = Peer(packages={digest: data})
+    h = await harness(peer, first_backoff=30.0)
+    h.replicator.want([NOTHING])
+    await eventually(lambda: h.replicator.next_try_in(NOTHING) > 0, "the first failed round")
+
+    h.replicator.want([digest])
+    await eventually(lambda: h.store.has(digest), "the real package")
+
+    # The missing digest was asked for once and waits at least its backoff before the next
+    # round; the real one did not wait for it.
+    assert peer.asked.count(NOTHING) == 1
+    assert h.replicator.next_try_in(NOTHING) > 20
+    assert h.replicator.missing == {NOTHING}
+    assert h.replicator.status()["retrying"] == 1
+    assert not h.task.done()
+
+
+async def test_a_peer_that_trickles_its_answer_does_not_hold_up_other_packages(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    digest, data = package("real")
+    stop = asyncio.Event()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        # One byte every 100 ms: never idle long enough for a read timeout.
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while not stop.is_set():
+            try:
+                await response.write(b"x")
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.1)
+        return response
+
+    h = await harness(Peer(packages={digest: data}, handlers={NOTHING: trickle}))
+    h.replicator.want([NOTHING, digest])
+    try:
+        await eventually(lambda: h.store.has(digest), "the real package")
+        assert NOTHING in h.replicator.missing
+        assert not h.task.done()
+    finally:
+        stop.set()
+
+
+async def test_a_peer_answer_longer_than_the_package_is_cut_off(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    digest, data = package("real")
+    flood_total = 64 * 1024 * 1024
+    flood = {"sent": 0, "cut_off": False}
+
+    async def flood_answer(request: web.Request) -> web.StreamResponse:
+        # Chunked, so there is no Content-Length to refuse up front.
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b"\0" * 65536
+        try:
+            while flood["sent"] < flood_total:
+                await response.write(chunk)
+                flood["sent"] += len(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            # aiohttp cancels a handler whose client went away.
+            flood["cut_off"] = True
+            raise
+        return response
+
+    flooder = Peer(handlers={digest: flood_answer})
+    honest = Peer(packages={digest: data})
+    h = await harness(flooder, honest, expected_size=lambda d: len(data))
+    h.replicator.want([digest])
+
+    await eventually(lambda: h.store.has(digest), "the honest peer's copy")
+    await eventually(lambda: flood["cut_off"], "the flooding peer to be cut off")
+    assert flood["sent"] < flood_total
+    assert h.store.get(digest) == data
+    assert h.replicator.failed_attempts >= 1
+
+
+async def test_a_fetch_finishing_after_an_erasure_does_not_bring_the_package_back(
+    harness: Callable[..., Awaitable[Harness]], tmp_path: Path
+) -> None:
+    digest, data = package("to-erase")
+    asked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        asked.set()
+        await release.wait()
+        return web.Response(body=data)
+
+    h = await harness(Peer(handlers={digest: slow}))
+    h.replicator.want([digest])
+    await asyncio.wait_for(asked.wait(), 30)
+
+    # The erasure commits while the peer is still answering.
+    h.replicator.erase([digest])
+    release.set()
+    await eventually(lambda: h.replicator.status()["in_flight"] == 0, "the fetch to end")
+
+    assert not h.store.has(digest)
+    assert h.replicator.missing == set()
+    # Nor does a restart, or an upload, store it again.
+    restarted = PackageStore(tmp_path / "packages")
+    with pytest.raises(ErasedPackage):
+        restarted.put(digest, data)
+    assert not restarted.has(digest)
+    h.replicator.want([digest])
+    assert h.replicator.missing == set()
