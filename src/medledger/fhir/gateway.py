@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -755,6 +756,7 @@ class FhirGateway:
             total = len(items)
             page = items[query.offset : query.offset + query.count]
         else:
+            query = self.paged(query)
             ordered = sort_items(
                 allowed, query.sort, metadata=lambda v: (v.time_ns, v.record_id), content=None
             )
@@ -773,6 +775,14 @@ class FhirGateway:
         return self.searchset(
             f"{self.base}/{query.resource_type}", query.link_params(), query, total, entries, notes
         )
+
+    def paged(self, query: SearchQuery) -> SearchQuery:
+        """A page whose records are chosen by metadata holds at most as many as one request
+        may issue access requests for (a server may serve fewer than _count; the Bundle's
+        links follow the page size it chose)."""
+        if 0 < self.ctx.max_search_grants < query.count:
+            return dataclasses.replace(query, count=self.ctx.max_search_grants)
+        return query
 
     def notes(self, withheld: int, failures: Sequence[str], ignored: Sequence[str]) -> list[Json]:
         issues = []
@@ -868,7 +878,9 @@ class FhirGateway:
         params: Sequence[tuple[str, str]],
         strict: bool,
     ) -> Json:
-        query = parse_search("_history", [p for p in params if p[0] in ("_count", "_page")])
+        query = self.paged(
+            parse_search("_history", [p for p in params if p[0] in ("_count", "_page")])
+        )
         since = next((v for k, v in params if k == "_since"), None)
         unknown = [k for k, _ in params if k not in ("_count", "_page", "_since", "patient", "_id")]
         if unknown and strict:
@@ -939,7 +951,9 @@ class FhirGateway:
     # --- $everything -----------------------------------------------------------------------
 
     def everything(self, caller: Caller, patient_id: str, params: list[tuple[str, str]]) -> Json:
-        query = parse_search("$everything", [p for p in params if p[0] in ("_count", "_page")])
+        query = self.paged(
+            parse_search("$everything", [p for p in params if p[0] in ("_count", "_page")])
+        )
         allowed_params = ("_count", "_page", "_since", "_type")
         unknown = [k for k, _ in params if k not in allowed_params]
         if unknown and caller.strict:
