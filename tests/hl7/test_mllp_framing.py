@@ -5,6 +5,7 @@ configuration; and a python-hl7 MLLP client talking to the listener and its proc
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from hl7.mllp import open_hl7_connection
 from hl7_samples import oru
 from test_oru import FakeLedger, FakePatients
 
+from medledger.hl7.config import address_allowed
 from medledger.hl7.ingest import Hl7Processor, RecordWriter
 from medledger.hl7.mllp import (
     FrameTooLarge,
@@ -146,11 +148,22 @@ async def test_python_hl7_client_gets_aa_and_ar() -> None:
     assert len(ledger.commits) == 1
 
 
-async def test_oversize_nak_is_a_bare_ar() -> None:
-    answer = oversize_nak(_processor(FakeLedger()))()
+async def test_oversize_nak_is_a_bare_ar_naming_the_limit() -> None:
+    answer = oversize_nak(_processor(FakeLedger()), 2048)()
     message = hl7.parse(answer.decode())
     assert str(message.segment("MSA")(1)) == "AR"
-    assert "exceeds" in str(message.segment("MSA")(3))
+    assert str(message.segment("MSA")(3)) == "the message exceeds 2048 bytes"
+
+
+def test_peer_addresses_against_the_allow_list() -> None:
+    allowed = (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00::/8"))
+    assert address_allowed("10.1.2.3", allowed)
+    assert address_allowed("::ffff:10.1.2.3", allowed)  # IPv4 on a dual-stack socket
+    assert address_allowed("fd00::5", allowed)
+    assert not address_allowed("10.2.0.1", allowed)
+    assert not address_allowed("127.0.0.1", allowed)
+    assert not address_allowed("", allowed)
+    assert address_allowed("192.0.2.1", None)
 
 
 def _write_config(home: Path, table: str) -> Path:
@@ -170,6 +183,23 @@ def test_hl7_config(tmp_path: Path) -> None:
     assert config is not None
     assert config.address == ("127.0.0.1", 2575) and config.member == "lis1"
     assert config.application == "MEDLEDGER"
+    assert (config.max_connections, config.idle_timeout_seconds, config.workers) == (32, 60.0, 8)
+    assert config.max_message_bytes == 1024 * 1024
+    assert config.allowed_senders is None and config.allowed_addresses is None
+    assert config.match_without_authority is False
+    limited = load_hl7_config(
+        _write_config(
+            tmp_path / "d",
+            '[hl7]\nlisten = "127.0.0.1:2575"\nmember = "lis1"\nmax_connections = 4\n'
+            'idle_timeout_seconds = 2.5\nallowed_senders = ["LIS^LAB"]\n'
+            'allowed_addresses = ["10.0.0.0/8", "fd00::1"]\nmatch_without_authority = true\n',
+        )
+    )
+    assert limited is not None
+    assert (limited.max_connections, limited.idle_timeout_seconds) == (4, 2.5)
+    assert limited.allowed_senders == frozenset({("LIS", "LAB")})
+    assert [str(n) for n in limited.allowed_addresses or ()] == ["10.0.0.0/8", "fd00::1/128"]
+    assert limited.match_without_authority is True
     assert config.zone.utcoffset(datetime(2026, 1, 1)) is not None
     for table in (
         '[hl7]\nlisten = "127.0.0.1:2575"\n',

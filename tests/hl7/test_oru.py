@@ -392,7 +392,25 @@ def test_unknown_patient_is_an_ae_and_writes_nothing(
     assert str(err(4)) == "E"
 
 
-def test_identifier_without_authority_resolves_by_value(processor: Hl7Processor) -> None:
+def test_identifier_without_authority_is_not_matched_by_default(
+    processor: Hl7Processor, ledger: FakeLedger
+) -> None:
+    outcome = processor.process(oru("B0", authority=""))
+    assert outcome.code is AckCode.ERROR
+    assert outcome.reason == (
+        "unknown patient identifier (identifiers without an assigning authority, PID-3.4,"
+        " are not matched on this node)"
+    )
+    only_bare = oru("B0", authority="").replace("~123-45-6789^^^SSA^SS", "")
+    outcome = processor.process(only_bare)
+    assert outcome.code is AckCode.ERROR and "names its assigning authority" in outcome.reason
+    assert not ledger.sealed
+
+
+def test_identifier_without_authority_resolves_by_value_when_configured(
+    ledger: FakeLedger,
+) -> None:
+    processor = Hl7Processor(lambda: ledger, FakePatients(), match_without_authority=True)
     assert processor.process(oru("B1", authority="")).code is AckCode.ACCEPT
     # ... but one with a different authority is not the same patient.
     assert processor.process(oru("B2", authority="OTHERHOSP")).code is AckCode.ERROR
@@ -503,4 +521,5 @@ def test_a_defect_still_answers(ledger: FakeLedger) -> None:
     processor = Hl7Processor(broken, FakePatients(), clock=lambda: NOW)
     outcome = processor.process(oru("D1"))
     assert outcome.code is AckCode.ERROR
-    assert "RuntimeError: boom" in outcome.reason
+    # The sender learns the kind of failure, not its text (which may quote internals).
+    assert outcome.reason == "the results could not be recorded: RuntimeError"

@@ -3,7 +3,8 @@ takes them over the network.
 
 It runs on the node, in its home directory: it acts as the node's custodial laboratory-system
 member (the `[hl7] member` of medledger.toml, or `--member`), unlocked with the node's
-passphrase, and resolves patients through the node's patient index. Each message is mapped,
+passphrase, and resolves patients through the node's patient index. The `[hl7]` sender
+allow-list and patient-matching rule apply as they do over MLLP. Each message is mapped,
 validated and committed in a transaction of its own, exactly as over MLLP; a file may hold
 several messages (segments separated by CR, LF or CRLF; a message begins at each MSH).
 
@@ -23,6 +24,7 @@ from rich.progress import Progress
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient
+from medledger.hl7.config import load_hl7_config, zone_named
 from medledger.hl7.ingest import (
     Hl7Processor,
     LedgerRecordWriter,
@@ -30,7 +32,6 @@ from medledger.hl7.ingest import (
     RecordWriter,
     decode_payload,
 )
-from medledger.hl7.mllp import load_hl7_config, zone_named
 from medledger.hl7.oru import split_messages
 from medledger.node.config import ConfigError, load_node_config
 from medledger.node.custody import Custody, CustodyError
@@ -111,6 +112,8 @@ def import_hl7(
         zone=zone,
         application=hl7_config.application if hl7_config is not None else "MEDLEDGER",
         facility=cfg.organization,
+        allowed_senders=hl7_config.allowed_senders if hl7_config is not None else None,
+        match_without_authority=hl7_config is not None and hl7_config.match_without_authority,
     )
     items: list[_Item] = []
     try:

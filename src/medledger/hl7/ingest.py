@@ -13,15 +13,24 @@ ORU^R01, AE for content that cannot be recorded or a ledger that refuses the tra
 reason in the NAK). Packages sealed and uploaded for a transaction the ledger then refuses stay
 unreferenced in the node's package store; no record points to them.
 
-Messages are processed one at a time per node: the upsert decision reads the ledger, and two
-messages about the same order must not decide on the same state.
+Messages from different connections are processed side by side. The upsert decision reads the
+ledger, and two messages about the same order must not decide on the same state: the decision
+and the commit hold a lock on each record id the message writes (ids derive from the sender and
+the order), so messages about the same records take turns and all others do not wait.
+
+Before anything is parsed a message is held to the node's bounds (`hl7.bounds`); after its MSH is
+read, to the sender allow-list; a patient is matched on the assigning authority and value of a
+PID-3 identifier, never on a bare value that another authority may have issued to someone else,
+unless the operator asked for that (`match_without_authority`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Protocol
@@ -33,12 +42,14 @@ from medledger.client.sdk import ClientError, QueryError, TxRejected
 from medledger.crypto.package import PackageError
 from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.hl7.ack import build_ack, build_bare_ack
+from medledger.hl7.bounds import check_bounds, loggable, summary, withhold_library_content
 from medledger.hl7.oru import (
     AckCode,
     ErrorLocation,
     Header,
     Hl7Error,
     MappedRecord,
+    PatientResults,
     check_header,
     map_message,
     parse_message,
@@ -50,6 +61,7 @@ from medledger.ledger.errors import Code
 from medledger.ledger.records import PutRecord, PutRecords, RecordStatus
 
 log = logging.getLogger("medledger.hl7")
+withhold_library_content()
 
 
 class PatientLookup(Protocol):
@@ -143,8 +155,49 @@ class Outcome:
         return self.code is AckCode.ACCEPT
 
 
+class RecordLocks:
+    """A lock per record id, held while a message decides on and commits its records; a lock
+    lives only while some message holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def holding(self, record_ids: Iterable[str]) -> Iterator[None]:
+        # Taken in sorted order, so that two messages sharing some records cannot deadlock.
+        ids = sorted(set(record_ids))
+        with self._guard:
+            locks = []
+            for record_id in ids:
+                lock, users = self._locks.get(record_id, (threading.Lock(), 0))
+                self._locks[record_id] = (lock, users + 1)
+                locks.append(lock)
+        taken: list[threading.Lock] = []
+        try:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+            with self._guard:
+                for record_id in ids:
+                    lock, users = self._locks[record_id]
+                    if users == 1:
+                        del self._locks[record_id]
+                    else:
+                        self._locks[record_id] = (lock, users - 1)
+
+
 class Hl7Processor:
-    """Processes ORU^R01 messages for one node, acting as its laboratory system's member."""
+    """Processes ORU^R01 messages for one node, acting as its laboratory system's member.
+
+    `allowed_senders` holds the (MSH-3, MSH-4) pairs that may send (None: any);
+    `match_without_authority` lets a PID-3 identifier without an assigning authority match a
+    patient on its value alone (when exactly one patient has that value under any authority).
+    """
 
     def __init__(
         self,
@@ -155,21 +208,26 @@ class Hl7Processor:
         application: str = "MEDLEDGER",
         facility: str = "",
         clock: Callable[[], datetime] | None = None,
+        allowed_senders: frozenset[tuple[str, str]] | None = None,
+        match_without_authority: bool = False,
     ) -> None:
         self._writer = writer
         self._patients = patients
         self.zone = zone
         self.application = application
         self.facility = facility
+        self.allowed_senders = allowed_senders
+        self.match_without_authority = match_without_authority
         self._clock = clock or (lambda: datetime.now(UTC).astimezone())
-        self._lock = threading.Lock()
+        self._locks = RecordLocks()
 
     @staticmethod
     def _control_id() -> str:
         return str(hl7.generate_message_control_id())
 
     def reject_unreadable(self, text: str, error: Hl7Error) -> str:
-        """The AR for bytes that are not a message this node can read (e.g. too large)."""
+        """The AR for bytes that are not a message this node can read (e.g. too large), or that
+        it will not read (from a peer address that is not allowed)."""
         return self._bare_ack(text, error, self._control_id(), self._clock())
 
     def _bare_ack(self, text: str, error: Hl7Error, control_id: str, now: datetime) -> str:
@@ -188,98 +246,141 @@ class Hl7Processor:
         try:
             return self._process(text)
         except Exception as exc:  # a defect here must still answer the sender
-            log.exception("hl7 message processing failed")
+            log.error(
+                "hl7 message processing failed", extra={**summary(text), **_log_exception(exc)}
+            )
             error = Hl7Error(AckCode.ERROR, f"internal error: {type(exc).__name__}", "207")
-            ack = self._bare_ack(text, error, self._control_id(), self._clock())
+            try:
+                ack = self._bare_ack(text, error, self._control_id(), self._clock())
+            except Exception:
+                ack = self._bare_ack("", error, self._control_id(), self._clock())
             return Outcome(AckCode.ERROR, "", error.reason, ack)
 
     def _process(self, text: str) -> Outcome:
-        with self._lock:
-            now = self._clock()
-            control_id = self._control_id()
-            try:
-                message = parse_message(text)
-            except Hl7Error as error:
-                log.info("hl7 message not parsed", extra=_log_fields(error))
-                ack = self._bare_ack(text, error, control_id, now)
-                return Outcome(AckCode.REJECT, "", error.reason, ack)
-            header = read_header(message)
-            try:
-                outcome = self._commit(message, header)
-            except Hl7Error as error:
-                log.info(
-                    "hl7 message not accepted",
-                    extra={"control_id": header.control_id, **_log_fields(error)},
-                )
-                ack = build_ack(
-                    message,
-                    error.ack,
-                    control_id=control_id,
-                    now=now,
-                    application=self.application,
-                    facility=self.facility,
-                    error=error,
-                )
-                return Outcome(error.ack, header.control_id, error.reason, ack)
-            written, unchanged, tx_hash, patients = outcome
-            reason = (
-                f"{len(written)} records written"
-                if written
-                else "already recorded: the results are unchanged"
+        now = self._clock()
+        control_id = self._control_id()
+        try:
+            check_bounds(text)
+            message = parse_message(text)
+        except Hl7Error as error:
+            log.info("hl7 message not parsed", extra={**summary(text), **_log_fields(error)})
+            ack = self._bare_ack(text, error, control_id, now)
+            return Outcome(error.ack, "", error.reason, ack)
+        header = read_header(message)
+        try:
+            outcome = self._commit(message, header)
+        except Hl7Error as error:
+            log.info(
+                "hl7 message not accepted", extra={**_log_header(header), **_log_fields(error)}
             )
             ack = build_ack(
                 message,
-                AckCode.ACCEPT,
+                error.ack,
                 control_id=control_id,
                 now=now,
                 application=self.application,
                 facility=self.facility,
-                text="" if written else reason,
+                error=error,
             )
-            log.info(
-                "hl7 message accepted",
-                extra={"control_id": header.control_id, "written": len(written), "tx": tx_hash},
+            return Outcome(error.ack, header.control_id, error.reason, ack)
+        written, unchanged, tx_hash, patients = outcome
+        reason = (
+            f"{len(written)} records written"
+            if written
+            else "already recorded: the results are unchanged"
+        )
+        ack = build_ack(
+            message,
+            AckCode.ACCEPT,
+            control_id=control_id,
+            now=now,
+            application=self.application,
+            facility=self.facility,
+            text="" if written else reason,
+        )
+        log.info(
+            "hl7 message accepted",
+            extra={**_log_header(header), "written": len(written), "tx": tx_hash},
+        )
+        return Outcome(
+            AckCode.ACCEPT,
+            header.control_id,
+            reason,
+            ack,
+            written,
+            unchanged,
+            tx_hash,
+            patients,
+        )
+
+    def _check_sender(self, header: Header) -> None:
+        """AR unless MSH-3^MSH-4 is on the allow-list (when there is one)."""
+        if self.allowed_senders is None:
+            return
+        if (header.sending_application, header.sending_facility) not in self.allowed_senders:
+            raise Hl7Error(
+                AckCode.REJECT,
+                f"MSH-3/4: sender {loggable(header.sending_application)} at"
+                f" {loggable(header.sending_facility)} is not allowed on this node",
+                "207",
+                ErrorLocation("MSH", 1, 3),
             )
-            return Outcome(
-                AckCode.ACCEPT,
-                header.control_id,
-                reason,
-                ack,
-                written,
-                unchanged,
-                tx_hash,
-                patients,
+
+    def _resolve(self, group: PatientResults) -> str:
+        """The ledger patient of a PID group. Without `match_without_authority`, identifiers
+        that name no assigning authority are not used: the same MRN may belong to another
+        patient of another authority."""
+        identifiers = group.identifiers
+        if self.match_without_authority:
+            return resolve_patient(
+                identifiers, self._patients.resolve, self._patients.resolve_any, group.sequence
             )
+        named = tuple(i for i in identifiers if i.systems())
+        location = ErrorLocation("PID", group.sequence, 3)
+        if not named:
+            raise Hl7Error(
+                AckCode.ERROR,
+                "PID-3: no patient identifier names its assigning authority (PID-3.4);"
+                " this node matches patients on assigning authority and identifier",
+                "101",
+                location,
+            )
+        try:
+            return resolve_patient(named, self._patients.resolve, _no_bare_match, group.sequence)
+        except Hl7Error as error:
+            if error.error_code != "204" or len(named) == len(identifiers):
+                raise
+            raise Hl7Error(
+                error.ack,
+                f"{error.reason} (identifiers without an assigning authority, PID-3.4, are"
+                " not matched on this node)",
+                error.error_code,
+                error.location,
+            ) from None
 
     def _commit(
         self, message: Any, header: Header
     ) -> tuple[tuple[str, ...], tuple[str, ...], str, tuple[str, ...]]:
+        self._check_sender(header)
         check_header(header)
         oru = read_oru(message, header)
-        patients = [
-            resolve_patient(
-                group.identifiers,
-                self._patients.resolve,
-                self._patients.resolve_any,
-                group.sequence,
-            )
-            for group in oru.patients
-        ]
+        patients = [self._resolve(group) for group in oru.patients]
         records = map_message(oru, patients, self.zone)
         resources = [(record, _validated(record)) for record in records]
         try:
-            writer = self._writer()
-            bodies: list[PutRecord] = []
-            written: list[str] = []
-            unchanged: list[str] = []
-            for record, resource in resources:
-                previous = self._previous_version(writer, record, resource)
-                if previous is None:
-                    unchanged.append(record.record_id)
-                    continue
-                bodies.append(writer.seal(resource, record.patient, record.record_id, previous))
-                written.append(record.record_id)
-            tx_hash = writer.commit(bodies) if bodies else ""
+            with self._locks.holding(record.record_id for record in records):
+                writer = self._writer()
+                bodies: list[PutRecord] = []
+                written: list[str] = []
+                unchanged: list[str] = []
+                for record, resource in resources:
+                    previous = self._previous_version(writer, record, resource)
+                    if previous is None:
+                        unchanged.append(record.record_id)
+                        continue
+                    bodies.append(writer.seal(resource, record.patient, record.record_id, previous))
+                    written.append(record.record_id)
+                tx_hash = writer.commit(bodies) if bodies else ""
         except Hl7Error:
             raise
         except TxRejected as exc:
@@ -287,9 +388,11 @@ class Hl7Processor:
         except (ClientError, PackageError, FhirValidationError) as exc:
             raise Hl7Error(AckCode.ERROR, f"the results could not be recorded: {exc}") from None
         except Exception as exc:  # a custody or configuration problem of this node
-            log.exception("hl7 message failed")
+            log.error(
+                "hl7 message not recorded", extra={**_log_header(header), **_log_exception(exc)}
+            )
             raise Hl7Error(
-                AckCode.ERROR, f"the results could not be recorded: {type(exc).__name__}: {exc}"
+                AckCode.ERROR, f"the results could not be recorded: {type(exc).__name__}"
             ) from None
         return tuple(written), tuple(unchanged), tx_hash, tuple(dict.fromkeys(patients))
 
@@ -317,6 +420,26 @@ class Hl7Processor:
         if stored.current and writer.content(record.record_id) == resource:
             return None
         return stored.version
+
+
+def _no_bare_match(value: str) -> str | None:
+    return None
+
+
+def _log_header(header: Header) -> dict[str, str]:
+    return {
+        "control_id": loggable(header.control_id),
+        "message_type": loggable(f"{header.message_type}^{header.trigger}"),
+        "sender": loggable(f"{header.sending_application}^{header.sending_facility}"),
+    }
+
+
+def _log_exception(exc: BaseException) -> dict[str, str]:
+    """An unexpected exception as the node log may show it: its type and the line of our code
+    (or a library's) it came from, never its text, which may quote the message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return {"exception": type(exc).__name__, "where": where}
 
 
 def _log_fields(error: Hl7Error) -> dict[str, str]:

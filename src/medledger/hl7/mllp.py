@@ -26,23 +26,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import tomllib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, tzinfo
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from medledger.fhir.context import FhirContext
-from medledger.hl7.ingest import Hl7Processor, LedgerRecordWriter, RecordWriter, decode_payload
+from medledger.hl7.config import (
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Hl7Config,
+    IpNetwork,
+    address_allowed,
+    load_hl7_config,
+    zone_named,
+)
+from medledger.hl7.ingest import (
+    Hl7Processor,
+    LedgerRecordWriter,
+    PatientLookup,
+    RecordWriter,
+    decode_payload,
+)
 from medledger.hl7.oru import AckCode, Hl7Error
-from medledger.node.config import CONFIG_FILE, ConfigError, parse_host_port
+from medledger.node.config import ConfigError
 
 log = logging.getLogger("medledger.hl7")
 
 START_BLOCK = 0x0B
 END_BLOCK = b"\x1c\x0d"
-MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 READ_SIZE = 64 * 1024
 
 
@@ -100,8 +114,39 @@ class MllpDecoder:
 Handler = Callable[[bytes], Awaitable[bytes]]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one listener allows its peers."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    allowed_addresses: tuple[IpNetwork, ...] | None = None
+
+
+@dataclass
+class ListenerStats:
+    """Counts since start of what the listener refused or cut short."""
+
+    accepted: int = 0
+    over_capacity: int = 0
+    address_refused: int = 0
+    idle_closed: int = 0
+    oversize: int = 0
+    failed: int = 0
+
+
+class _Closed(Exception):
+    """The connection ends (the reason has been logged and counted)."""
+
+
 class MllpServer:
-    """An asyncio MLLP server that answers each message with what `handler` returns."""
+    """An asyncio MLLP server that answers each message with what `handler` returns.
+
+    `on_oversize` builds the answer to a frame over the limit, `on_address_refused` the answer
+    to the first message from a peer outside `limits.allowed_addresses` (each from the bytes
+    received); without them such a connection is closed without an answer. `on_stop` runs once
+    the server has stopped (to release what the handler holds)."""
 
     def __init__(
         self,
@@ -109,16 +154,39 @@ class MllpServer:
         host: str,
         port: int,
         *,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        limits: Limits | None = None,
+        max_message_bytes: int | None = None,
         on_oversize: Callable[[], bytes] | None = None,
+        on_address_refused: Callable[[bytes, str], bytes] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
+        limits = limits or Limits()
+        if max_message_bytes is not None:
+            limits = Limits(
+                limits.max_connections,
+                limits.idle_timeout_seconds,
+                max_message_bytes,
+                limits.allowed_addresses,
+            )
         self.handler = handler
         self.host = host
         self.port = port
-        self.max_message_bytes = max_message_bytes
+        self.limits = limits
         self.on_oversize = on_oversize
+        self.on_address_refused = on_address_refused
+        self.on_stop = on_stop
+        self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.limits.max_message_bytes
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._connections)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
@@ -136,32 +204,40 @@ class MllpServer:
                     await task
             await self._server.wait_closed()
             self._server = None
+            if self.on_stop is not None:
+                self.on_stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer_address(writer)
+        if len(self._connections) >= self.limits.max_connections:
+            self.stats.over_capacity += 1
+            log.warning(
+                "mllp connection refused: too many connections",
+                extra={
+                    "peer": peer,
+                    "max_connections": self.limits.max_connections,
+                    "refused": self.stats.over_capacity,
+                },
+            )
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
-        peer = writer.get_extra_info("peername")
-        decoder = MllpDecoder(self.max_message_bytes)
+        self.stats.accepted += 1
         try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                try:
-                    messages = decoder.feed(data)
-                except FrameTooLarge:
-                    log.warning("mllp frame too large", extra={"peer": str(peer)})
-                    if self.on_oversize is not None:
-                        writer.write(frame(self.on_oversize()))
-                        await writer.drain()
-                    break
-                for message in messages:
-                    answer = await self.handler(message)
-                    writer.write(frame(answer))
-                    await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            await self._converse(reader, writer, peer)
+        except (_Closed, ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only stop() cancels a connection; ending normally keeps asyncio (3.11) from
+            # logging the cancelled task as an unhandled exception.
+            pass
+        except Exception as exc:  # nothing a peer sends may end the listener
+            self.stats.failed += 1
+            log.error(
+                "mllp connection failed", extra={"peer": peer, "exception": type(exc).__name__}
+            )
         finally:
             if task is not None:
                 self._connections.discard(task)
@@ -169,70 +245,77 @@ class MllpServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        """Answer the peer's messages in order until it closes, idles, or is refused."""
+        allowed = address_allowed(peer, self.limits.allowed_addresses)
+        decoder = MllpDecoder(self.limits.max_message_bytes)
+        idle = self.limits.idle_timeout_seconds
+        loop = asyncio.get_running_loop()
+        # A connection must complete a message within `idle` of connecting or of its last
+        # answer: a byte now and then does not keep it open.
+        deadline = loop.time() + idle
+        while True:
+            data = await self._read(reader, deadline, peer)
+            if not data:
+                return
+            try:
+                messages = decoder.feed(data)
+            except FrameTooLarge:
+                self.stats.oversize += 1
+                log.warning(
+                    "mllp frame too large: connection closed",
+                    extra={"peer": peer, "max_message_bytes": self.limits.max_message_bytes},
+                )
+                if self.on_oversize is not None:
+                    await self._send(writer, self.on_oversize(), peer)
+                return
+            for message in messages:
+                if not allowed:
+                    self.stats.address_refused += 1
+                    log.warning("mllp peer address not allowed", extra={"peer": peer})
+                    if self.on_address_refused is not None:
+                        await self._send(writer, self.on_address_refused(message, peer), peer)
+                    return
+                await self._send(writer, await self.handler(message), peer)
+            if messages:
+                deadline = loop.time() + idle
 
-# -- configuration and the node's listener -------------------------------------------------------
+    async def _read(self, reader: asyncio.StreamReader, deadline: float, peer: str) -> bytes:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(reader.read(READ_SIZE), remaining)
+        except TimeoutError:
+            self.stats.idle_closed += 1
+            log.info(
+                "mllp connection closed: no complete message within the idle timeout",
+                extra={"peer": peer, "idle_timeout_seconds": self.limits.idle_timeout_seconds},
+            )
+            raise _Closed from None
+
+    async def _send(self, writer: asyncio.StreamWriter, answer: bytes, peer: str) -> None:
+        """Write one answer; a peer that does not read it within the idle timeout is cut off."""
+        writer.write(frame(answer))
+        try:
+            await asyncio.wait_for(writer.drain(), self.limits.idle_timeout_seconds)
+        except TimeoutError:
+            self.stats.idle_closed += 1
+            log.info("mllp connection closed: the peer does not read", extra={"peer": peer})
+            writer.transport.abort()
+            raise _Closed from None
 
 
-@dataclass(frozen=True)
-class Hl7Config:
-    """The `[hl7]` table of a node's medledger.toml."""
-
-    listen: str
-    member: str
-    timezone: str = "UTC"
-    application: str = "MEDLEDGER"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return parse_host_port(self.listen, "[hl7] listen")
-
-    @property
-    def zone(self) -> tzinfo:
-        return zone_named(self.timezone)
+def _peer_address(writer: asyncio.StreamWriter) -> str:
+    peername = writer.get_extra_info("peername")
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername or "")
 
 
-def zone_named(name: str) -> tzinfo:
-    if name.upper() == "UTC":
-        return UTC
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"[hl7] timezone: unknown time zone {name!r}") from None
-
-
-_HL7_KEYS = ("listen", "member", "timezone", "application")
-
-
-def load_hl7_config(home: Path) -> Hl7Config | None:
-    """The `[hl7]` table of HOME/medledger.toml; None when the node runs no HL7 listener."""
-    path = home / CONFIG_FILE
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    table = document.get("hl7")
-    if table is None:
-        return None
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [hl7] must be a table")
-    unknown = sorted(set(table) - set(_HL7_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) in [hl7]: {', '.join(unknown)}")
-    for key in _HL7_KEYS:
-        if key in table and (not isinstance(table[key], str) or not table[key].strip()):
-            raise ConfigError(f"{path}: [hl7] {key} must be a non-empty string")
-    for key in ("listen", "member"):
-        if key not in table:
-            raise ConfigError(f"{path}: [hl7] needs {key}")
-    config = Hl7Config(
-        listen=table["listen"],
-        member=table["member"],
-        timezone=table.get("timezone", "UTC"),
-        application=table.get("application", "MEDLEDGER"),
-    )
-    config.address  # noqa: B018 - validates listen
-    config.zone  # noqa: B018 - validates timezone
-    return config
+# -- the node's listener ---------------------------------------------------------------------------
 
 
 def processor_for(config: Hl7Config, context: FhirContext) -> Hl7Processor:
@@ -241,35 +324,87 @@ def processor_for(config: Hl7Config, context: FhirContext) -> Hl7Processor:
     def writer() -> RecordWriter:
         return LedgerRecordWriter(context.records_client(config.member))
 
+    return processor_from(config, writer, context.patients, context.organization)
+
+
+def processor_from(
+    config: Hl7Config,
+    writer: Callable[[], RecordWriter],
+    patients: PatientLookup,
+    organization: str,
+) -> Hl7Processor:
+    """A processor with the `[hl7]` table's rules, writing through `writer`."""
     return Hl7Processor(
         writer,
-        context.patients,
+        patients,
         zone=config.zone,
         application=config.application,
-        facility=context.organization,
+        facility=organization,
+        allowed_senders=config.allowed_senders,
+        match_without_authority=config.match_without_authority,
     )
 
 
-def message_handler(processor: Hl7Processor) -> Handler:
-    """An MLLP handler: decode, process in a worker thread, encode the answer. Messages from
-    all connections take turns here, so that waiting ones hold no worker thread."""
-    turn = asyncio.Lock()
+def message_handler(processor: Hl7Processor, executor: ThreadPoolExecutor | None = None) -> Handler:
+    """An MLLP handler: decode, process on a worker thread (of `executor`, else the loop's
+    default), encode the answer. It never raises: whatever fails becomes an AE."""
 
     async def handle(payload: bytes) -> bytes:
-        text, codec = decode_payload(payload)
-        async with turn:
-            outcome = await asyncio.to_thread(processor.process, text)
-        return outcome.ack.encode(codec, errors="replace")
+        loop = asyncio.get_running_loop()
+        try:
+            text, codec = decode_payload(payload)
+            outcome = await loop.run_in_executor(executor, processor.process, text)
+            return outcome.ack.encode(codec, errors="replace")
+        except Exception as exc:
+            log.error("hl7 message handling failed", extra={"exception": type(exc).__name__})
+            error = Hl7Error(AckCode.ERROR, f"internal error: {type(exc).__name__}", "207")
+            return processor.reject_unreadable("", error).encode("utf-8")
 
     return handle
 
 
-def oversize_nak(processor: Hl7Processor) -> Callable[[], bytes]:
+def oversize_nak(
+    processor: Hl7Processor, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> Callable[[], bytes]:
     def answer() -> bytes:
-        error = Hl7Error(AckCode.REJECT, f"the message exceeds {MAX_MESSAGE_BYTES} bytes", "207")
+        error = Hl7Error(AckCode.REJECT, f"the message exceeds {max_message_bytes} bytes", "207")
         return processor.reject_unreadable("", error).encode("utf-8")
 
     return answer
+
+
+def address_nak(processor: Hl7Processor) -> Callable[[bytes, str], bytes]:
+    def answer(payload: bytes, peer: str) -> bytes:
+        error = Hl7Error(
+            AckCode.REJECT,
+            f"this node does not accept HL7 messages from address {peer}",
+            "207",
+        )
+        text, codec = decode_payload(payload[:4096])
+        return processor.reject_unreadable(text, error).encode(codec, errors="replace")
+
+    return answer
+
+
+def listener_for(config: Hl7Config, processor: Hl7Processor) -> MllpServer:
+    """The MLLP server the `[hl7]` table describes, on its own worker threads (not started)."""
+    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="hl7")
+    host, port = config.address
+    limits = Limits(
+        config.max_connections,
+        config.idle_timeout_seconds,
+        config.max_message_bytes,
+        config.allowed_addresses,
+    )
+    return MllpServer(
+        message_handler(processor, executor),
+        host,
+        port,
+        limits=limits,
+        on_oversize=oversize_nak(processor, config.max_message_bytes),
+        on_address_refused=address_nak(processor),
+        on_stop=lambda: executor.shutdown(wait=False, cancel_futures=True),
+    )
 
 
 async def start_hl7_listener(home: Path, context: FhirContext) -> MllpServer | None:
@@ -279,9 +414,25 @@ async def start_hl7_listener(home: Path, context: FhirContext) -> MllpServer | N
         return None
     if not context.custody.holds(config.member):
         raise ConfigError(f"[hl7] member {config.member}: this node holds no keys for it")
-    processor = processor_for(config, context)
-    host, port = config.address
-    server = MllpServer(message_handler(processor), host, port, on_oversize=oversize_nak(processor))
+    server = listener_for(config, processor_for(config, context))
     await server.start()
     log.info("hl7 listener started", extra={"listen": config.listen, "member": config.member})
     return server
+
+
+__all__ = [
+    "FrameTooLarge",
+    "Hl7Config",
+    "Limits",
+    "ListenerStats",
+    "MllpDecoder",
+    "MllpServer",
+    "frame",
+    "listener_for",
+    "load_hl7_config",
+    "message_handler",
+    "oversize_nak",
+    "processor_from",
+    "start_hl7_listener",
+    "zone_named",
+]
