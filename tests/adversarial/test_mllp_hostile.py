@@ -30,7 +30,7 @@ import pytest
 
 from medledger.client.sdk import TxRejected
 from medledger.hl7.config import load_hl7_config
-from medledger.hl7.ingest import RecordWriter, StoredRecord
+from medledger.hl7.ingest import Hl7Processor, RecordWriter, StoredRecord
 from medledger.hl7.mllp import MllpDecoder, MllpServer, frame, listener_for, processor_from
 from medledger.hl7.oru import MRN_SYSTEM_PREFIX
 from medledger.ledger.records import PutRecord
@@ -39,7 +39,7 @@ from medledger.node.mpi import PatientIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hl7"))
 
-from hl7_samples import AUTHORITY, MRN, bmp, oru
+from hl7_samples import AUTHORITY, CBC, MRN, bmp, oru
 
 PATIENT = "p" + "1" * 39  # St. Mary's patient with MRN48213
 OTHER_PATIENT = "p" + "2" * 39  # another hospital's patient who has the same MRN
@@ -118,6 +118,7 @@ class Lab:
     """A running listener and what stands behind it."""
 
     server: MllpServer
+    processor: Hl7Processor
     ledger: LabLedger
     index: PatientIndex
 
@@ -157,10 +158,11 @@ async def running_lab(tmp_path: Path, settings: str = "") -> AsyncIterator[Lab]:
     def writer() -> RecordWriter:
         return ledger
 
-    server = listener_for(config, processor_from(config, writer, index, "st-mary"))
+    processor = processor_from(config, writer, index, "st-mary")
+    server = listener_for(config, processor)
     await server.start()
     try:
-        yield Lab(server, ledger, index)
+        yield Lab(server, processor, ledger, index)
     finally:
         await server.stop()
         index.close()
@@ -328,6 +330,13 @@ async def test_a_blocked_connection_does_not_stop_another(tmp_path: Path) -> Non
         # SLOW-1 has not committed yet: it waits for SLOW-1, then amends what SLOW-1 wrote.
         third = await Peer.connect(lab)
         await third.send(oru("SLOW-2", status="C", values={"718-7": "11.4"}))
+        for _ in range(int(WAIT / 0.01)):
+            if lab.processor.locks.contended():
+                break
+            await asyncio.sleep(0.01)
+        assert lab.processor.locks.contended(), "SLOW-2 does not wait for SLOW-1's records"
+        # Only SLOW-1's records are sealed for this patient so far.
+        assert sum(body.patient == PATIENT for body in lab.ledger.sealed) == len(CBC) + 1
         release.set()
         assert msa(await blocked.answer())[:2] == ("AA", "SLOW-1")
         code, control_id, text = msa(await third.answer())

@@ -190,6 +190,11 @@ class RecordLocks:
                     else:
                         self._locks[record_id] = (lock, users - 1)
 
+    def contended(self) -> int:
+        """How many records a message waits for (another holds them)."""
+        with self._guard:
+            return sum(1 for _, users in self._locks.values() if users > 1)
+
 
 class Hl7Processor:
     """Processes ORU^R01 messages for one node, acting as its laboratory system's member.
@@ -219,7 +224,7 @@ class Hl7Processor:
         self.allowed_senders = allowed_senders
         self.match_without_authority = match_without_authority
         self._clock = clock or (lambda: datetime.now(UTC).astimezone())
-        self._locks = RecordLocks()
+        self.locks = RecordLocks()
 
     @staticmethod
     def _control_id() -> str:
@@ -368,7 +373,7 @@ class Hl7Processor:
         records = map_message(oru, patients, self.zone)
         resources = [(record, _validated(record)) for record in records]
         try:
-            with self._locks.holding(record.record_id for record in records):
+            with self.locks.holding(record.record_id for record in records):
                 writer = self._writer()
                 bodies: list[PutRecord] = []
                 written: list[str] = []
