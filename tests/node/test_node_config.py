@@ -17,6 +17,8 @@ from medledger.node.config import (
     load_node_config,
     write_node_config,
 )
+from medledger.node.services import load_services_config
+from medledger.store.uploads import UploadLimits
 
 
 def sample(home: Path, **changes: str) -> NodeConfig:
@@ -167,3 +169,19 @@ def test_find_cometbft_falls_back_to_path(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="cannot find the cometbft binary"):
         find_cometbft()
+
+
+def test_upload_limits_are_read_from_services(tmp_path: Path) -> None:
+    path = tmp_path / "medledger.toml"
+    path.write_text("[services]\n", encoding="utf-8")
+    assert load_services_config(tmp_path).upload_limits == UploadLimits()
+    path.write_text(
+        "[services]\nupload_ttl_seconds = 600\npending_uploads_per_member = 10\n",
+        encoding="utf-8",
+    )
+    limits = load_services_config(tmp_path).upload_limits
+    assert (limits.ttl_seconds, limits.max_packages_per_member) == (600, 10)
+    assert limits.max_bytes_per_member == UploadLimits().max_bytes_per_member
+    path.write_text("[services]\npending_upload_bytes_per_member = -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="pending_upload_bytes_per_member must be a positive"):
+        load_services_config(tmp_path)
