@@ -45,6 +45,7 @@ def encode(value: Any) -> bytes:
 
 def decode(data: bytes, kind: type[T]) -> T:
     """Decode canonical bytes into `kind`; non-canonical or malformed input is refused."""
+    check_nesting(data)
     try:
         value = msgspec.msgpack.decode(data, type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -52,6 +53,63 @@ def decode(data: bytes, kind: type[T]) -> T:
     if _encoder.encode(value) != data:
         raise LedgerError(Code.MALFORMED, f"{_name(kind)} is not in canonical encoding")
     return value
+
+
+MAX_NESTING = 32
+
+# MessagePack headers: for each first byte, how many bytes of length (or payload) follow it.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_FIXED |= {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: length bytes
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length bytes, then a type byte
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # array and map
+
+
+def check_nesting(data: bytes, limit: int = MAX_NESTING) -> None:
+    """Refuse MessagePack nested deeper than `limit` before a decoder sees it.
+
+    The decoder recurses, and Python's recursion limit counts the frames already on the stack,
+    which differ between the ABCI server and the in-process driver: a value nested near the
+    limit could be refused by one replica and accepted by another. This walk is iterative, so
+    its answer depends only on the bytes."""
+    pending: list[int] = []  # items still to read in each open container
+    position, end = 0, len(data)
+    while position < end:
+        byte = data[position]
+        position += 1
+        count = 0
+        if byte <= 0x7F or byte >= 0xE0:
+            pass
+        elif 0x80 <= byte <= 0x8F:
+            count = 2 * (byte & 0x0F)
+        elif 0x90 <= byte <= 0x9F:
+            count = byte & 0x0F
+        elif 0xA0 <= byte <= 0xBF:
+            position += byte & 0x1F
+        elif byte in _FIXED:
+            position += _FIXED[byte]
+        elif byte in _SIZED:
+            width = _SIZED[byte]
+            position += width + int.from_bytes(data[position : position + width], "big")
+        elif byte in _EXT:
+            width = _EXT[byte]
+            position += width + 1 + int.from_bytes(data[position : position + width], "big")
+        elif byte in _CONTAINERS:
+            width, per_item = _CONTAINERS[byte]
+            count = per_item * int.from_bytes(data[position : position + width], "big")
+            position += width
+        else:
+            raise LedgerError(Code.MALFORMED, f"invalid MessagePack byte 0x{byte:02x}")
+        while pending and pending[-1] == 0:
+            pending.pop()
+        if pending:
+            pending[-1] -= 1
+        if count:
+            if count > end - position:
+                raise LedgerError(Code.MALFORMED, "MessagePack container longer than its data")
+            pending.append(count)
+            if len(pending) > limit:
+                raise LedgerError(Code.MALFORMED, f"values nest at most {limit} levels deep")
 
 
 def tx_hash(raw: bytes) -> bytes:

@@ -126,6 +126,11 @@ def check_transaction(
     if sender.role not in rule.roles:
         raise LedgerError(Code.UNAUTHORIZED, f"role {sender.role} may not send {envelope.type}")
     try:
+        codec.check_nesting(envelope.body)
+    except LedgerError as err:
+        message = f"invalid {envelope.type} body: {err.message}"
+        raise LedgerError(Code.INVALID_BODY, message) from None
+    try:
         body = msgspec.msgpack.decode(envelope.body, type=rule.body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise LedgerError(Code.INVALID_BODY, f"invalid {envelope.type} body: {exc}") from None
