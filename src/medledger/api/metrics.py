@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -94,6 +94,16 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.hl7_connections = Gauge(
+            "medledger_hl7_connections",
+            "MLLP connections since start, by what became of them (accepted, over_capacity,"
+            " address_refused, idle_closed, oversize, failed)",
+            ["event"],
+            registry=self.registry,
+        )
+        # Read at every scrape: counts kept by components that know nothing of Prometheus.
+        self.collectors: list[Callable[[], None]] = []
+
     def task_state(self, name: str, alive: bool, restarted: bool) -> None:
         self.task_up.labels(task=name).set(1 if alive else 0)
         counter = self.task_restarts.labels(task=name)
@@ -111,5 +121,11 @@ class Metrics:
         for result in results:
             self.txs.labels(type=result.type or "invalid", code=str(int(result.code))).inc()
 
+    def hl7_listener(self, counts: dict[str, int]) -> None:
+        for event, count in counts.items():
+            self.hl7_connections.labels(event=event).set(count)
+
     def render(self) -> bytes:
+        for collect in self.collectors:
+            collect()
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from medledger.api.auth import ReplayCache
+from medledger.api.auth import Admission, ReplayCache
 from medledger.ledger.clients import ClientStatus, SmartClient, jwk_algorithm, load_client
 from medledger.ledger.errors import LedgerError
 from medledger.ledger.identity import is_active, load_member
@@ -189,7 +189,12 @@ class TokenService:
         expires = int(claims["exp"])  # type: ignore[call-overload]
         if expires - now > MAX_ASSERTION_LIFETIME + 30:
             raise SmartError(401, "invalid_client", "assertion exp is more than five minutes ahead")
-        if not self._replays.check_and_add(str(claims["jti"]), expires, now):
+        admission = self._replays.admit(str(claims["jti"]), expires, now)
+        if admission is Admission.FULL:
+            raise SmartError(
+                503, "temporarily_unavailable", "too many token requests in flight; retry shortly"
+            )
+        if admission is not Admission.NEW:
             raise SmartError(401, "invalid_client", "assertion jti was already used")
         return claims
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -176,10 +177,11 @@ async def serve_app(home: Path) -> None:
         rpc_url=cfg.cometbft_rpc,
         chain_id=cfg.chain_id,
         api_url=cfg.api_url,
+        public_url=cfg.public_api_url,
         organization=cfg.organization,
         custody=Custody(cfg.home / "custody", services_cfg.node_passphrase()),
         patients=PatientIndex(cfg.state_dir / "patients.db"),
-        tokens=TokenService(store, f"{cfg.api_url}/fhir/auth/token", audit),
+        tokens=TokenService(store, f"{cfg.public_api_url}/fhir/auth/token", audit),
         audit=audit,
     )
     held = fhir_context.custody.unlock_all()
@@ -195,6 +197,9 @@ async def serve_app(home: Path) -> None:
     await web.TCPSite(runner, host, port).start()
     await abci_server.start()
     hl7_listener = await start_hl7_listener(cfg.home, fhir_context)
+    if hl7_listener is not None:
+        listener = hl7_listener
+        metrics.collectors.append(lambda: metrics.hl7_listener(dataclasses.asdict(listener.stats)))
     supervisor.start("replication", replicator.run)
     supervisor.start("upload-sweep", lambda: sweep_uploads(uploads, packages, store, report))
     log.info(
