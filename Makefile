@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_HOME ?= demo/testnet
 
-.PHONY: setup demo demo-down test lint typecheck unit e2e bench bench-records bench-fhir bench-all clean
+.PHONY: setup demo demo-down test lint typecheck unit e2e fuzz bench bench-records bench-fhir bench-all clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,11 @@ e2e: setup
 
 test: setup lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The fuzz tests of tests/adversarial/ with many more examples than `make test` runs
+# (MEDLEDGER_FUZZ_EXAMPLES=N to choose; about 20 minutes at the default).
+fuzz: setup
+	MEDLEDGER_FUZZ_EXAMPLES=$${MEDLEDGER_FUZZ_EXAMPLES:-3000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/adversarial/test_fuzz.py
 
 bench: setup
 	$(PY) bench/run.py
