@@ -11,10 +11,12 @@ from tendermint.crypto import keys_pb2
 
 from medledger import __version__
 from medledger.abci import queries
+from medledger.abci.statesync import StateSync
 from medledger.api.metrics import Metrics
 from medledger.ledger.app import BlockOutcome, Ledger
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import TxResult
+from medledger.store.snapshots import SnapshotStore
 from medledger.store.sqlite import SqliteStore
 
 log = logging.getLogger("medledger.app")
@@ -42,6 +44,7 @@ def _events(result: TxResult) -> list[abci.Event]:
 
 
 CommitHook = Callable[[BlockOutcome], None]
+RestoreHook = Callable[[int], None]
 
 
 class LedgerApplication:
@@ -50,9 +53,16 @@ class LedgerApplication:
         store: SqliteStore,
         metrics: Metrics | None = None,
         on_commit: CommitHook | None = None,
+        snapshots: SnapshotStore | None = None,
+        on_restore: RestoreHook | None = None,
     ) -> None:
         self.store = store
         self.ledger = Ledger(store)
+        self.snapshots = snapshots
+        self.state_sync = StateSync(store, snapshots)
+        # Called after a state sync restored the state at a height: the node then fetches the
+        # packages the restored records name.
+        self.on_restore = on_restore
         self.metrics = metrics or Metrics()
         # Called after each Commit with the block's outcome: the node then fetches the packages
         # the block's records name and destroys those it erased.
@@ -136,4 +146,36 @@ class LedgerApplication:
         if self.on_commit is not None and self._pending is not None:
             self.on_commit(self._pending)
         self._pending = None
+        if self.snapshots is not None and self.snapshots.due(height):
+            try:
+                self.snapshots.take_in_background(self.store.path, height)
+            except Exception:  # a failed snapshot must not stop consensus
+                log.exception("snapshot could not start", extra={"height": height})
         return abci.ResponseCommit()
+
+    # --- state sync (the snapshot connection) --------------------------------------------
+
+    def list_snapshots(self, req: abci.RequestListSnapshots) -> abci.ResponseListSnapshots:
+        return self.state_sync.list_snapshots()
+
+    def load_snapshot_chunk(
+        self, req: abci.RequestLoadSnapshotChunk
+    ) -> abci.ResponseLoadSnapshotChunk:
+        return self.state_sync.load_snapshot_chunk(req)
+
+    def offer_snapshot(self, req: abci.RequestOfferSnapshot) -> abci.ResponseOfferSnapshot:
+        if self.ledger.height != 0 or self.ledger.app_hash:
+            # A node with state of its own does not take someone else's.
+            return abci.ResponseOfferSnapshot(result=abci.ResponseOfferSnapshot.ABORT)
+        return self.state_sync.offer_snapshot(req)
+
+    def apply_snapshot_chunk(
+        self, req: abci.RequestApplySnapshotChunk
+    ) -> abci.ResponseApplySnapshotChunk:
+        response = self.state_sync.apply_snapshot_chunk(req)
+        if self.state_sync.restored_height and self.ledger.height == 0:
+            self.ledger.reload_committed()
+            self.metrics.height.set(self.ledger.height)
+            if self.on_restore is not None:
+                self.on_restore(self.ledger.height)
+        return response

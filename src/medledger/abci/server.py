@@ -35,11 +35,19 @@ class Application(Protocol):
     ) -> abci.ResponseProcessProposal: ...
     def finalize_block(self, req: abci.RequestFinalizeBlock) -> abci.ResponseFinalizeBlock: ...
     def commit(self, req: abci.RequestCommit) -> abci.ResponseCommit: ...
+    def list_snapshots(self, req: abci.RequestListSnapshots) -> abci.ResponseListSnapshots: ...
+    def load_snapshot_chunk(
+        self, req: abci.RequestLoadSnapshotChunk
+    ) -> abci.ResponseLoadSnapshotChunk: ...
+    def offer_snapshot(self, req: abci.RequestOfferSnapshot) -> abci.ResponseOfferSnapshot: ...
+    def apply_snapshot_chunk(
+        self, req: abci.RequestApplySnapshotChunk
+    ) -> abci.ResponseApplySnapshotChunk: ...
 
 
 def dispatch(app: Application, request: abci.Request) -> abci.Response:
-    """Answer one request. Snapshot and vote-extension requests get the neutral answers of an
-    application that offers no snapshots and adds no vote extensions."""
+    """Answer one request. Vote-extension requests get the neutral answers of an application
+    that adds no vote extensions."""
     kind = request.WhichOneof("value")
     match kind:
         case "echo":
@@ -71,18 +79,16 @@ def dispatch(app: Application, request: abci.Request) -> abci.Response:
                 )
             )
         case "list_snapshots":
-            return abci.Response(list_snapshots=abci.ResponseListSnapshots())
+            return abci.Response(list_snapshots=app.list_snapshots(request.list_snapshots))
         case "offer_snapshot":
-            return abci.Response(
-                offer_snapshot=abci.ResponseOfferSnapshot(result=abci.ResponseOfferSnapshot.REJECT)
-            )
+            return abci.Response(offer_snapshot=app.offer_snapshot(request.offer_snapshot))
         case "load_snapshot_chunk":
-            return abci.Response(load_snapshot_chunk=abci.ResponseLoadSnapshotChunk())
+            return abci.Response(
+                load_snapshot_chunk=app.load_snapshot_chunk(request.load_snapshot_chunk)
+            )
         case "apply_snapshot_chunk":
             return abci.Response(
-                apply_snapshot_chunk=abci.ResponseApplySnapshotChunk(
-                    result=abci.ResponseApplySnapshotChunk.ABORT
-                )
+                apply_snapshot_chunk=app.apply_snapshot_chunk(request.apply_snapshot_chunk)
             )
     return abci.Response(exception=abci.ResponseException(error=f"unknown request {kind}"))
 

@@ -83,6 +83,12 @@ class Ledger:
         self.app_hash = app_hash
         self.chain_id = chain_id
 
+    def reload_committed(self) -> None:
+        """Take the store's committed height and app hash as ours (after a state sync wrote a
+        snapshot's state into the store)."""
+        self.height, self.app_hash, self.chain_id = self.store.committed()
+        self._staged = None
+
     def init_chain(self, chain_id: str, time_ns: int, app_state: bytes) -> BlockOutcome:
         """Write the genesis state at height 0 and commit it at once. CometBFT calls InitChain
         again if it restarts before the first block, so a repeat starts from scratch."""

@@ -42,6 +42,7 @@ from medledger.node.services import load_services_config
 from medledger.node.tasks import Supervisor
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
+from medledger.store.snapshots import SnapshotStore, load_snapshot_settings
 from medledger.store.sqlite import SqliteStore
 from medledger.store.uploads import PendingUploads
 from medledger.web.app import add_portal_routes
@@ -134,7 +135,20 @@ async def serve_app(home: Path) -> None:
         expected_size=lambda digest: committed_package_size(store, digest),
     )
 
-    ledger_app = LedgerApplication(store, metrics, on_commit=commit_hook(replicator, uploads))
+    def restored(height: int) -> None:
+        """State sync wrote a peer's snapshot: fetch the packages its records name."""
+        live, erased = live_packages(store)
+        replicator.erase(erased)
+        replicator.want(live)
+        log.info("state synced", extra={"height": height, "packages": len(live)})
+
+    ledger_app = LedgerApplication(
+        store,
+        metrics,
+        on_commit=commit_hook(replicator, uploads),
+        snapshots=SnapshotStore(cfg.state_dir / "snapshots", load_snapshot_settings(cfg.home)),
+        on_restore=restored,
+    )
     live, erased = live_packages(store)
     replicator.erase(erased)
     replicator.want(live)

@@ -8,9 +8,11 @@ queries, execution's base state) go through a second connection that sees commit
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -342,3 +344,177 @@ class SqliteStore:
         for bucket, leaf in rows:
             leaves[bucket * 32 : (bucket + 1) * 32] = leaf
         return BucketTree.from_leaves_bytes(self.depth, bytes(leaves))
+
+
+# --- state sync: reading a snapshot's rows, restoring them --------------------------------------
+
+# One snapshot record: ("kv", key, value), ("audit", index, height, subject, data),
+# ("block", height, time_ns, txs, results, audit_size, app_hash) for the snapshot's own block, and
+# last ("meta", height, app_hash, chain_id, audit_size).
+SnapshotRecord = tuple[Any, ...]
+
+
+class SnapshotReader:
+    """Committed state at one height, read through a connection of its own that holds a read
+    transaction: commits that follow do not change what it reads (SQLite WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("BEGIN")
+        meta = dict(self._conn.execute("SELECT name, value FROM meta").fetchall())
+        self.height = int(meta.get("height", 0))
+        self.app_hash = bytes(meta.get("app_hash", b""))
+        self.chain_id = bytes(meta.get("chain_id", b"")).decode()
+        self.audit_size = int(meta.get("audit_size", 0))
+
+    def records(self) -> Iterator[SnapshotRecord]:
+        """Every row the state at this height consists of, in one deterministic order."""
+        for key, value in self._conn.execute("SELECT key, value FROM kv ORDER BY key"):
+            yield ("kv", bytes(key), bytes(value))
+        for idx, height, subject, data in self._conn.execute(
+            "SELECT idx, height, subject, data FROM audit_leaves WHERE idx < ? ORDER BY idx",
+            (self.audit_size,),
+        ):
+            yield ("audit", int(idx), int(height), str(subject), bytes(data))
+        row = self._conn.execute(
+            "SELECT height, time_ns, txs, results, audit_size, app_hash FROM blocks"
+            " WHERE height = ?",
+            (self.height,),
+        ).fetchone()
+        if row is not None:
+            yield (
+                "block",
+                int(row[0]),
+                int(row[1]),
+                bytes(row[2]),
+                bytes(row[3]),
+                int(row[4]),
+                bytes(row[5] or b""),
+            )
+        yield ("meta", self.height, self.app_hash, self.chain_id, self.audit_size)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
+        self._conn.close()
+
+
+class RestoreError(Exception):
+    """A snapshot's rows do not make a consistent state (out of order, missing, malformed)."""
+
+
+class Restore:
+    """Rows of a snapshot written into an empty store inside one transaction; nothing is
+    visible until `commit`, and `abort` leaves the store empty again."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        if store.committed()[0] != 0 or store.audit_size() != 0:
+            raise RestoreError("state sync needs an empty state database")
+        self._store = store
+        self._conn = store._writer
+        store.discard_staged()
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._next_audit = 0
+        self.meta: tuple[int, bytes, str, int] | None = None
+
+    def add(self, records: list[SnapshotRecord]) -> None:
+        kv: list[tuple[bytes, bytes, bytes, int]] = []
+        leaves: list[tuple[int, int, str, bytes]] = []
+        depth = self._store.depth
+        for record in records:
+            if self.meta is not None:
+                raise RestoreError("rows after the snapshot's last record")
+            match record:
+                case ("kv", bytes() as key, bytes() as value):
+                    kv.append(
+                        (key, value, statetree.value_hash(value), statetree.bucket_of(key, depth))
+                    )
+                case ("audit", int() as idx, int() as height, str() as subject, bytes() as data):
+                    if idx != self._next_audit:
+                        raise RestoreError(f"audit entry {idx} where {self._next_audit} was due")
+                    self._next_audit += 1
+                    leaves.append((idx, height, subject, data))
+                case (
+                    "block",
+                    int() as height,
+                    int() as time_ns,
+                    bytes() as txs,
+                    bytes() as results,
+                    int() as audit_size,
+                    bytes() as app_hash,
+                ):
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO blocks"
+                        " (height, time_ns, txs, results, audit_size, app_hash)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (height, time_ns, txs, results, audit_size, app_hash),
+                    )
+                case (
+                    "meta",
+                    int() as height,
+                    bytes() as app_hash,
+                    str() as chain_id,
+                    int() as audit_size,
+                ):
+                    self.meta = (height, app_hash, chain_id, audit_size)
+                case _:
+                    raise RestoreError("a snapshot row of unknown shape")
+        try:
+            self._conn.executemany(
+                "INSERT INTO kv (key, value, value_hash, bucket) VALUES (?, ?, ?, ?)", kv
+            )
+        except sqlite3.IntegrityError:
+            raise RestoreError("a state key appears twice") from None
+        self._conn.executemany(
+            "INSERT INTO audit_leaves (idx, height, subject, data) VALUES (?, ?, ?, ?)", leaves
+        )
+
+    def finish(self) -> tuple[bytes, bytes, int]:
+        """Rebuild the state tree and the audit log's nodes from the rows; returns (state root,
+        audit root, audit size) for the caller to check against the app hash it trusts."""
+        if self.meta is None:
+            raise RestoreError("the snapshot ended before its last record")
+        audit_size = self.meta[3]
+        if audit_size != self._next_audit:
+            raise RestoreError(f"{self._next_audit} audit entries; the snapshot says {audit_size}")
+        tree = BucketTree(self._store.depth)
+        filled: list[tuple[int, bytes]] = []
+        current: int | None = None
+        entries: list[tuple[bytes, bytes]] = []
+        rows = self._conn.execute("SELECT bucket, key, value_hash FROM kv ORDER BY bucket, key")
+        for bucket, key, vhash in [*rows, (None, b"", b"")]:
+            if bucket != current and current is not None:
+                leaf = statetree.bucket_leaf(entries)
+                filled.append((current, leaf))
+                tree.set_bucket_leaf(current, leaf)
+                entries = []
+            current = bucket
+            entries.append((bytes(key), bytes(vhash)))
+        self._conn.executemany("INSERT INTO buckets (bucket, leaf) VALUES (?, ?)", filled)
+        nodes = _BufferedNodeTable(self._conn)
+        log = merkle.MerkleLog(nodes, 0)
+        for (data,) in self._conn.execute("SELECT data FROM audit_leaves ORDER BY idx"):
+            log.append(bytes(data))
+        nodes.flush()
+        return tree.root(), log.root(), log.size
+
+    def commit(self) -> None:
+        assert self.meta is not None
+        height, app_hash, chain_id, audit_size = self.meta
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+            [
+                ("height", height),
+                ("app_hash", app_hash),
+                ("chain_id", chain_id.encode()),
+                ("audit_size", audit_size),
+            ],
+        )
+        self._conn.execute("COMMIT")
+        self._store._committed_tree = self._store._load_tree()
+        self._store._working_tree = self._store._load_tree()
+        self._store._cache.clear()
+
+    def abort(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
