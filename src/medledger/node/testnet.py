@@ -359,6 +359,41 @@ def _set_peers(node_home: Path, peers: Sequence[str]) -> None:
     _save_toml(path, document)
 
 
+def enable_state_sync(
+    node_home: Path | str,
+    rpc_servers: Sequence[str],
+    trust_height: int,
+    trust_hash: str,
+    trust_period: str = "168h",
+) -> None:
+    """Make a new node join by state sync: at its first start CometBFT asks its peers for
+    snapshots, verifies the header of the snapshot's height with its light client (from the
+    trusted height and hash, through two RPC servers), and the application restores the
+    snapshot's state only if it hashes to that header's app hash. Then it block-syncs the rest."""
+    if len(rpc_servers) < 2:
+        raise TestnetError("state sync needs at least two RPC servers to check headers against")
+    path = Path(node_home) / "config" / "config.toml"
+    document = _load_toml(path)
+    statesync = _table(document, "statesync")
+    statesync["enable"] = True
+    statesync["rpc_servers"] = ",".join(rpc_servers)
+    statesync["trust_height"] = trust_height
+    statesync["trust_hash"] = trust_hash
+    statesync["trust_period"] = trust_period
+    _save_toml(path, document)
+
+
+def write_snapshot_settings(node_home: Path | str, interval: int, keep: int = 2) -> None:
+    """The `[snapshots]` table of a node's medledger.toml (see medledger.store.snapshots)."""
+    path = Path(node_home) / "medledger.toml"
+    document = _load_toml(path)
+    table = tomlkit.table()
+    table["interval"] = interval
+    table["keep"] = keep
+    document["snapshots"] = table
+    _save_toml(path, document)
+
+
 # -- manifest --------------------------------------------------------------------------------
 
 
