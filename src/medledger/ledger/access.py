@@ -2,7 +2,7 @@
 
 The patient, a delegate the patient registered, and the care team of the organization that
 authored a record (its clinicians, emergency and lab staff and its EHR and LIS systems, for
-treatment and operations) have access. Anyone else — the author organization's billing staff
+treatment, payment and operations) have access. Anyone else — the author organization's billing staff
 and auditors included — needs an active consent that covers the record and the purpose at the
 block's time. A practitioner in
 the emergency role may break the glass with a stated reason: the grant is short-lived and
@@ -60,10 +60,12 @@ class Basis(StrEnum):
     CLAIM_PROVIDER = "claim-provider"
 
 
-# The author organization's care team reads its own records for care and for running the care
-# (HIPAA's treatment and health care operations); payment and research need the patient's consent.
+# The author organization's care team (and its EHR and LIS systems) uses its own records for
+# treatment, payment and health care operations, as HIPAA permits a covered entity (45 CFR
+# 164.506); research needs the patient's consent, and so does every other role of the
+# organization — its billing staff and auditors included.
 CARE_TEAM_ROLES = AUTHOR_ROLES
-CARE_TEAM_PURPOSES = frozenset({Purpose.TREATMENT, Purpose.OPERATIONS})
+CARE_TEAM_PURPOSES = frozenset({Purpose.TREATMENT, Purpose.PAYMENT, Purpose.OPERATIONS})
 
 
 class RequestAccess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -187,7 +189,7 @@ def decide(
 
 def is_care_team(member: Member, version: RecordVersion, purpose: Purpose) -> bool:
     """The author-organization basis: a care-team role of the organization that wrote the
-    record, reading for treatment or operations."""
+    record, reading for treatment, payment or operations."""
     return (
         member.organization == version.author_organization
         and member.role in CARE_TEAM_ROLES
