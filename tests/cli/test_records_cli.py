@@ -278,3 +278,28 @@ def test_errors_are_one_clear_line_and_change_nothing(cli: Cli, tmp_path: Path) 
     assert "wrong passphrase" in line
     line = cli.fails("record", "list", "--patient", patient, "--node", "http://127.0.0.1:1")
     assert "cannot reach" in line
+
+
+def test_a_patient_names_a_delegate_and_nobody_else_can(cli: Cli) -> None:
+    patient, outsider = cli.ids["patient"], cli.ids["outsider"]
+    # The doctor cannot make anyone the patient's delegate, themselves included.
+    result = cli.run(
+        "consent",
+        "add-delegate",
+        "--key",
+        "doctor",
+        "--relationship",
+        "proxy",
+        "doctor",
+        who="doctor",
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "role clinician may not send delegate.add" in result.stderr
+    out = cli.ok(
+        "consent", "add-delegate", "--key", "patient", "--relationship", "caregiver", "outsider"
+    )
+    assert f"{outsider} is your delegate (caregiver)" in out
+    trail = cli.ok("audit", "--key", "patient", "--patient", patient, "--format", "json")
+    assert "delegate.add" in trail
+    out = cli.ok("consent", "remove-delegate", "--key", "patient", "outsider")
+    assert f"{outsider} is no longer a delegate of {patient}" in out

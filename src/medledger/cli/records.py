@@ -47,6 +47,7 @@ from medledger.crypto.keystore import Keyring, KeystoreError
 from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger.access import Basis, EmergencyReason, Grant
 from medledger.ledger.consent import (
+    RELATIONSHIPS,
     Consent,
     ConsentStatus,
     GranteeKind,
@@ -609,6 +610,53 @@ def revoke(
     with records_session(keys_dir, key_name, passphrase, node_url, api_url) as client:
         outcome = client.revoke_consent(member_ref(keys_dir, patient), consent_id, reason)
     click.echo(f"consent {consent_id} revoked in block {outcome.height}")
+
+
+@consent.command("add-delegate")
+@member_options
+@click.argument("delegate")
+@click.option(
+    "--relationship",
+    required=True,
+    type=click.Choice(sorted(RELATIONSHIPS)),
+    help="How the delegate relates to you.",
+)
+def add_delegate(
+    key_name: str,
+    keys_dir: Path,
+    passphrase: str | None,
+    node_url: str,
+    api_url: str,
+    delegate: str,
+    relationship: str,
+) -> None:
+    """Name DELEGATE (member id or keystore name) to manage your consents and read your
+    records. Only you can: the transaction is signed with your own key."""
+    with records_session(keys_dir, key_name, passphrase, node_url, api_url) as client:
+        delegate_id = member_ref(keys_dir, delegate)
+        outcome = client.add_delegate(client.member_id, delegate_id, relationship)
+    click.echo(f"{delegate_id} is your delegate ({relationship}) from block {outcome.height}")
+
+
+@consent.command("remove-delegate")
+@member_options
+@click.option("--patient", default=None, help="The patient (default: yourself).")
+@click.argument("delegate")
+def remove_delegate(
+    key_name: str,
+    keys_dir: Path,
+    passphrase: str | None,
+    node_url: str,
+    api_url: str,
+    patient: str | None,
+    delegate: str,
+) -> None:
+    """Remove DELEGATE: by the patient, or by the admin of the patient's organization."""
+    with records_session(keys_dir, key_name, passphrase, node_url, api_url) as client:
+        patient_id = member_ref(keys_dir, patient) if patient else client.member_id
+        delegate_id = member_ref(keys_dir, delegate)
+        outcome = client.remove_delegate(patient_id, delegate_id)
+    click.echo(f"{delegate_id} is no longer a delegate of {patient_id} (block {outcome.height})")
 
 
 def _consent_status(item: Consent, now_ns: int) -> str:

@@ -44,6 +44,7 @@ from medledger.ledger.consent import (
     Purpose,
     RevokeConsent,
     ScopeKind,
+    SetDelegate,
 )
 from medledger.ledger.errors import Code
 from medledger.ledger.execution import AuditEntry
@@ -536,6 +537,15 @@ class RecordsClient:
     def revoke_consent(self, patient_id: str, consent_id: str, reason: str = "") -> TxOutcome:
         body = RevokeConsent(patient_id, consent_id, reason)
         return self.ledger.submit(self.keys, "consent.revoke", body, sender=self.member_id)
+
+    def add_delegate(self, patient_id: str, delegate_id: str, relationship: str) -> TxOutcome:
+        """Name a delegate (guardian, proxy, ...): signed by the patient themselves only."""
+        body = SetDelegate(patient_id, delegate_id, relationship)
+        return self.ledger.submit(self.keys, "delegate.add", body, sender=self.member_id)
+
+    def remove_delegate(self, patient_id: str, delegate_id: str) -> TxOutcome:
+        body = SetDelegate(patient_id, delegate_id)
+        return self.ledger.submit(self.keys, "delegate.remove", body, sender=self.member_id)
 
     def consents(self, patient_id: str) -> list[Consent]:
         return self.ledger.query("/consents", patient_id, list[Consent])  # type: ignore[no-any-return]
