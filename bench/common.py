@@ -45,6 +45,7 @@ from medledger.crypto.keys import KeyPair, member_id_for
 from medledger.crypto.keystore import load_keystore
 from medledger.ledger import codec
 from medledger.ledger.codec import Envelope
+from medledger.ledger.mempool import MAX_PENDING_PER_SENDER
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, RotateKey
 from medledger.node.config import NodeConfig, find_cometbft
@@ -65,6 +66,9 @@ RESULTS_DIR = ROOT / "bench" / "results"
 CHAIN_ID = "medledger-bench"
 PASSPHRASE = "bench passphrase"
 NODES = 4
+# Enrollments come from one admin per node; CheckTx admits at most MAX_PENDING_PER_SENDER
+# pending transactions per sender, so the enrolling admins keep half of that in flight each.
+ENROLL_WINDOW = NODES * MAX_PENDING_PER_SENDER // 2
 RPC_OFFSET = 1
 BATCH = 10  # CometBFT's default [rpc] max_request_batch_size
 
@@ -902,7 +906,7 @@ def enroll_rotators(net: Testnet, count: int) -> RawLedger:
                     break
                 enroll = sign_enrollments(net.admins, rpc_urls, pending)
                 await driver.run(
-                    enroll, seconds=120, senders_per_node=1, window=10**9, until=enroll.done
+                    enroll, seconds=120, senders_per_node=1, window=ENROLL_WINDOW, until=enroll.done
                 )
                 await driver.drain(60)
                 rotate.add(enroll.enrolled)

@@ -58,6 +58,7 @@ import tomlkit
 
 from bench.common import (
     CHAIN_ID,
+    ENROLL_WINDOW,
     NODES,
     PASSPHRASE,
     RESULTS_DIR,
@@ -504,7 +505,7 @@ def run_medledger(
                 t = time.monotonic()
                 enroll = sign_enrollments(admins, rpc_urls, pending)
                 await driver.run(
-                    enroll, seconds=120, senders_per_node=1, window=10**9, until=enroll.done
+                    enroll, seconds=120, senders_per_node=1, window=ENROLL_WINDOW, until=enroll.done
                 )
                 await driver.drain(60)
                 rotate.add(enroll.enrolled)
