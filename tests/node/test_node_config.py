@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import medledger
+from medledger.crypto.keys import KeyPair
 from medledger.node.config import (
     COMETBFT_ENV,
+    CONFIG_ERROR_EXIT,
     ConfigError,
     NodeConfig,
     find_cometbft,
     load_node_config,
     write_node_config,
 )
-from medledger.node.services import load_services_config
+from medledger.node.custody import Custody
+from medledger.node.services import (
+    check_hl7_member,
+    load_services_config,
+    require_custodial_member,
+)
+from medledger.node.testnet import init_testnet
 from medledger.store.uploads import UploadLimits
 
 
@@ -185,3 +197,89 @@ def test_upload_limits_are_read_from_services(tmp_path: Path) -> None:
     path.write_text("[services]\npending_upload_bytes_per_member = -1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="pending_upload_bytes_per_member must be a positive"):
         load_services_config(tmp_path)
+
+
+# -- configuration errors stop the node instead of a restart loop ----------------------------
+
+CONFIG_PASSPHRASE = "config test passphrase"
+
+
+def node_with_hl7_member(tmp_path: Path, member_of: Callable[[KeyPair], str]) -> NodeConfig:
+    """A one-validator node home whose custody holds a laboratory system `lis`, with an
+    `[hl7]` table naming `member_of(its keys)` as the member."""
+    (cfg,) = init_testnet(
+        tmp_path / "net", 1, passphrase=CONFIG_PASSPHRASE, base_port=27600, fast_kdf=True
+    )
+    services = load_services_config(cfg.home)
+    lis = Custody(cfg.home / "custody", services.node_passphrase(), fast_kdf=True).create("lis")
+    with open(cfg.config_path, "a", encoding="utf-8") as handle:
+        handle.write(f'\n[hl7]\nlisten = "127.0.0.1:27609"\nmember = "{member_of(lis)}"\n')
+    return cfg
+
+
+def test_a_keystore_name_as_member_names_the_key_and_the_id_it_expects(tmp_path: Path) -> None:
+    custody = Custody(tmp_path / "custody", CONFIG_PASSPHRASE, fast_kdf=True)
+    lis = custody.create("lis")
+    require_custodial_member(custody, lis.member_id, "[hl7] member")
+    with pytest.raises(ConfigError) as raised:
+        require_custodial_member(custody, "lis", "[hl7] member")
+    assert str(raised.value) == (
+        "[hl7] member = 'lis' is the name of a custodial keystore; [hl7] member takes its"
+        f" member id: [hl7] member = {lis.member_id!r}"
+    )
+    with pytest.raises(ConfigError, match=r"\[hl7\] member = 'ab12': this node holds no keys"):
+        require_custodial_member(custody, "ab12", "[hl7] member")
+    with pytest.raises(ConfigError, match=f"held: lis = {lis.member_id}"):
+        require_custodial_member(custody, "ab12", "[hl7] member")
+
+
+def test_a_wrong_node_passphrase_is_a_configuration_error(tmp_path: Path) -> None:
+    (cfg,) = init_testnet(
+        tmp_path / "net", 1, passphrase=CONFIG_PASSPHRASE, base_port=27600, fast_kdf=True
+    )
+    (cfg.home / "keys" / "node.passphrase").write_text("not the passphrase\n")
+    with pytest.raises(ConfigError, match=r"cannot unlock the node's keys \(keys/node\.json\)"):
+        load_services_config(cfg.home).unlock_node_keys()
+
+
+def test_the_node_app_stops_on_a_keystore_name_with_exit_status_78(tmp_path: Path) -> None:
+    cfg = node_with_hl7_member(tmp_path, lambda lis: "lis")
+    lis_id = Custody(cfg.home / "custody", CONFIG_PASSPHRASE).members()[0].member_id
+    app = subprocess.run(
+        [sys.executable, "-m", "medledger.cli.main", "node", "app", "--home", str(cfg.home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert app.returncode == CONFIG_ERROR_EXIT
+    last = app.stderr.strip().splitlines()[-1]
+    assert last == (
+        "configuration error: [hl7] member = 'lis' is the name of a custodial keystore;"
+        f" [hl7] member takes its member id: [hl7] member = {lis_id!r}"
+    )
+    # Nothing was served: the check runs before any socket opens.
+    assert not cfg.socket_path.exists()
+
+
+def test_the_supervisor_does_not_restart_a_configuration_error(tmp_path: Path) -> None:
+    cfg = node_with_hl7_member(tmp_path, lambda lis: "lis")
+    run = subprocess.run(
+        [sys.executable, "-m", "medledger.cli.main", "node", "run", "--home", str(cfg.home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == CONFIG_ERROR_EXIT
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    names = [event.get("event") for event in events]
+    assert "node.restarting" not in names
+    assert names.count("app.started") == 1
+    assert "cometbft.started" not in names
+    (stopped,) = [event for event in events if event.get("event") == "node.config_error"]
+    assert stopped["error"].startswith("configuration error: [hl7] member = 'lis' is the name")
+
+
+def test_a_member_id_the_node_holds_passes_the_start_check(tmp_path: Path) -> None:
+    cfg = node_with_hl7_member(tmp_path, lambda lis: lis.member_id)
+    services = load_services_config(cfg.home)
+    check_hl7_member(cfg.home, Custody(cfg.home / "custody", services.node_passphrase()))

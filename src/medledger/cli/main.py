@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -17,6 +18,7 @@ from medledger.cli.keys import keys
 from medledger.cli.portal import portal
 from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
+from medledger.node.config import CONFIG_ERROR_EXIT, CONFIG_ERROR_PREFIX, ConfigError
 
 
 @click.group()
@@ -33,10 +35,14 @@ def node() -> None:
 @node.command("run")
 @click.option("--home", type=click.Path(path_type=Path), required=True, help="Node home directory.")
 def node_run(home: Path) -> None:
-    """Run one node in the foreground (app first, then CometBFT; Ctrl-C stops both)."""
+    """Run one node in the foreground (app first, then CometBFT; Ctrl-C stops both). A
+    configuration error stops it with exit status 78 and a message naming the key."""
     from medledger.node.supervisor import run_node
 
-    sys.exit(run_node(home))
+    try:
+        sys.exit(run_node(home))
+    except ConfigError as exc:
+        _config_error(exc)
 
 
 @node.command("app")
@@ -47,7 +53,17 @@ def node_app(home: Path) -> None:
     from medledger.node.logging import configure_json_logging
 
     configure_json_logging()
-    asyncio.run(serve_app(home))
+    try:
+        asyncio.run(serve_app(home))
+    except ConfigError as exc:
+        _config_error(exc)
+
+
+def _config_error(exc: ConfigError) -> NoReturn:
+    """Exit with CONFIG_ERROR_EXIT, which the supervisor does not restart: the same file would
+    fail the same way. The supervisor quotes the last line of this output in its log."""
+    click.echo(f"{CONFIG_ERROR_PREFIX}{exc}", err=True)
+    sys.exit(CONFIG_ERROR_EXIT)
 
 
 cli.add_command(testnet)

@@ -38,7 +38,7 @@ from medledger.node.config import load_node_config
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
-from medledger.node.services import load_services_config
+from medledger.node.services import check_hl7_member, load_services_config
 from medledger.node.tasks import Supervisor
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
@@ -199,6 +199,8 @@ async def serve_app(home: Path) -> None:
         audit=audit,
     )
     held = fhir_context.custody.unlock_all()
+    # A wrong [hl7] table stops the node here, before any socket opens (see node app).
+    check_hl7_member(cfg.home, fhir_context.custody)
     http_app[FHIR_CONTEXT] = fhir_context
     add_fhir_routes(http_app)
     add_portal_routes(http_app, cfg, services_cfg.peers)

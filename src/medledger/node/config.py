@@ -38,6 +38,13 @@ _FIELDS = ("moniker", "chain_id", "abci_socket", "api_listen", "cometbft_rpc", "
 _OPTIONAL = ("public_url",)
 
 
+# The exit status of a node process stopped by a configuration error (sysexits.h EX_CONFIG):
+# the supervisor does not restart it, since the same file would fail the same way.
+CONFIG_ERROR_EXIT = 78
+# How a node process that stops on a configuration error begins its last line of output.
+CONFIG_ERROR_PREFIX = "configuration error: "
+
+
 class ConfigError(Exception):
     """A node configuration is missing or invalid, or a required tool cannot be found."""
 

@@ -27,8 +27,10 @@ from pathlib import Path
 import tomlkit
 
 from medledger.crypto.keys import KeyPair
-from medledger.crypto.keystore import load_keystore
+from medledger.crypto.keystore import KeystoreError, load_keystore
+from medledger.hl7.config import load_hl7_config
 from medledger.node.config import CONFIG_FILE, ConfigError
+from medledger.node.custody import Custody
 from medledger.store.uploads import UploadLimits
 
 PASSPHRASE_ENV = "MEDLEDGER_NODE_PASSPHRASE"
@@ -71,7 +73,14 @@ class ServicesConfig:
             ) from None
 
     def unlock_node_keys(self) -> KeyPair:
-        return load_keystore(self.home / NODE_KEYSTORE, self.node_passphrase())
+        try:
+            return load_keystore(self.home / NODE_KEYSTORE, self.node_passphrase())
+        except KeystoreError as exc:
+            raise ConfigError(
+                f"cannot unlock the node's keys ({NODE_KEYSTORE}): {exc}; [services]"
+                f" passphrase_file (or ${PASSPHRASE_ENV}) must hold the passphrase they were"
+                " sealed with"
+            ) from None
 
 
 def load_services_config(home: Path) -> ServicesConfig:
@@ -123,3 +132,31 @@ def write_services_config(home: Path, peers: dict[str, str], passphrase: str | N
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(passphrase + "\n")
+
+
+def require_custodial_member(custody: Custody, member: str, key: str) -> None:
+    """A configuration key that names a member the node signs for (`[hl7] member`) must name
+    the member id of one of its custodial identities; a ConfigError that names the key, the
+    value and what it expects otherwise — most often the keystore's name instead of its id."""
+    if custody.holds(member):
+        return
+    held = custody.members()
+    by_name = next((public for public in held if public.name == member), None)
+    if by_name is not None:
+        raise ConfigError(
+            f"{key} = {member!r} is the name of a custodial keystore; {key} takes its member"
+            f" id: {key} = {by_name.member_id!r}"
+        )
+    listing = ", ".join(f"{p.name} = {p.member_id}" for p in held) or "none yet"
+    raise ConfigError(
+        f"{key} = {member!r}: this node holds no keys for it; {key} must be the member id of"
+        f" one of the node's custodial identities (`medledger custody list --home HOME`;"
+        f" held: {listing})"
+    )
+
+
+def check_hl7_member(home: Path, custody: Custody) -> None:
+    """At start, before any socket opens: the `[hl7]` table parses and its member is held."""
+    config = load_hl7_config(home)
+    if config is not None:
+        require_custodial_member(custody, config.member, "[hl7] member")

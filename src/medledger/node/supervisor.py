@@ -4,8 +4,11 @@ Rules (DESIGN §2): the application starts first; CometBFT starts only once the 
 Unix socket accepts connections, and is pointed at it (`--proxy_app unix://SOCKET`, `--abci
 socket`). If either process exits, the other is stopped and both are started again in the same
 order, after a back-off that doubles on every quick failure (up to a ceiling) and resets once the
-pair has run stably. SIGINT or SIGTERM stops the pair — CometBFT first, then the application,
-each with SIGTERM and SIGKILL after a timeout — and the supervisor returns.
+pair has run stably. An application that exits with CONFIG_ERROR_EXIT (78) found its
+configuration wrong: the supervisor stops, quoting the application's last line of output,
+and returns 78 instead of restarting into the same error. SIGINT or SIGTERM stops the pair —
+CometBFT first, then the application, each with SIGTERM and SIGKILL after a timeout — and the
+supervisor returns.
 
 Child output is appended to HOME/logs/app.log and HOME/logs/cometbft.log. HOME/app.pid and
 HOME/cometbft.pid name the current children; HOME/node.pid names the supervisor. The supervisor
@@ -33,6 +36,8 @@ from typing import Any, TextIO
 from pythonjsonlogger.json import JsonFormatter
 
 from medledger.node.config import (
+    CONFIG_ERROR_EXIT,
+    CONFIG_ERROR_PREFIX,
     MAX_SOCKET_PATH_BYTES,
     ConfigError,
     NodeConfig,
@@ -158,6 +163,8 @@ class NodeSupervisor:
         self.poll_interval = poll_interval
         self.restarts = 0
         self.stop_reason: str | None = None
+        # The application's message when it exited with CONFIG_ERROR_EXIT.
+        self.config_error: str | None = None
         self._stop_logged = False
         self._stop = threading.Event()
         self._app: _Child | None = None
@@ -194,7 +201,8 @@ class NodeSupervisor:
 
     def run(self) -> int:
         """Supervise the pair until `request_stop`; 0 after a requested stop, 1 when
-        `max_restarts` was exceeded."""
+        `max_restarts` was exceeded, CONFIG_ERROR_EXIT when the application found its
+        configuration wrong."""
         cfg = self.cfg
         self._claim_home()
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +226,15 @@ class NodeSupervisor:
                 self._log_stopping()
                 self._stop_pair()
                 if reason is None or self.stopping:
+                    break
+                if self.config_error is not None:
+                    self._event(
+                        "node.config_error",
+                        f"stopped: {self.config_error}",
+                        logging.ERROR,
+                        error=self.config_error,
+                    )
+                    status = CONFIG_ERROR_EXIT
                     break
                 if self.max_restarts is not None and self.restarts >= self.max_restarts:
                     self._event(
@@ -317,6 +334,7 @@ class NodeSupervisor:
                 return None
             code = self._app.proc.poll()
             if code is not None:
+                self._note_config_error(self._app, code)
                 self._event(
                     "app.exited", "application exited before serving", logging.ERROR, code=code
                 )
@@ -352,6 +370,7 @@ class NodeSupervisor:
                     continue
                 code = child.proc.poll()
                 if code is not None:
+                    self._note_config_error(child, code)
                     self._event(
                         f"{child.name}.exited",
                         f"{child.name} exited",
@@ -361,6 +380,10 @@ class NodeSupervisor:
                     )
                     return f"{child.name} exited with code {code}"
         return None
+
+    def _note_config_error(self, child: _Child, code: int) -> None:
+        if child.name == "app" and code == CONFIG_ERROR_EXIT:
+            self.config_error = _config_error_line(self.cfg.log_dir / APP_LOG)
 
     def _stop_child(self, child: _Child | None) -> None:
         if child is None:
@@ -406,6 +429,24 @@ class NodeSupervisor:
         self._cometbft = None
         self._stop_child(self._app)
         self._app = None
+
+
+def _config_error_line(log_file: Path) -> str:
+    """The application's configuration error: the last line of its log that reports one."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        tail = ""
+    for line in reversed(tail.splitlines()):
+        if line.startswith(CONFIG_ERROR_PREFIX):
+            return line
+    return (
+        f"{CONFIG_ERROR_PREFIX}the application exited with status {CONFIG_ERROR_EXIT}"
+        f" (see {log_file})"
+    )
 
 
 @contextlib.contextmanager
