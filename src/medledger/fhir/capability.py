@@ -98,8 +98,21 @@ RESOURCES: Mapping[str, ResourceSupport] = {
             "MedicationStatement",
             "ServiceRequest",
             "FamilyMemberHistory",
+            "MedicationAdministration",
+            "Device",
+            "ImagingStudy",
+            "SupplyDelivery",
+            "Specimen",
         )
     },
+    "Medication": ResourceSupport(
+        RECORD_INTERACTIONS,
+        "A Medication bound to a patient by context: it is created in a transaction Bundle"
+        " together with the patient's records that refer to it (MedicationRequest.medication"
+        "Reference, MedicationAdministration, ...), and is stored as an encrypted record of"
+        " that patient. A Medication no record of the transaction refers to, or one that"
+        " records of two patients refer to, is refused (422).",
+    ),
     "Consent": ResourceSupport(
         ("read", "search-type"),
         "The ledger's consents, read-only here. A consent is the patient's: only the patient or"

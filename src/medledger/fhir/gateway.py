@@ -384,6 +384,52 @@ def patient_element(resource_type: str) -> str:
     return param.paths[0] if param is not None else "subject"
 
 
+# Record types without a patient element: a resource of one is a record of the patient whose
+# records in the same transaction refer to it (a Synthea or EHR Medication beside its
+# MedicationRequest).
+CONTEXT_BOUND_TYPES = frozenset({"Medication"})
+
+
+def context_patient(plan_key: str, plans: Sequence[Mapping[str, Any]]) -> str:
+    """The one patient whose other records in `plans` refer to `plan_key` (`Type/id`)."""
+    patients = sorted(
+        {
+            str(plan["patient"])
+            for plan in plans
+            if plan.get("patient") and plan_key in set(references_in(plan["resource"]))
+        }
+    )
+    if not patients:
+        raise unbound(plan_key.split("/")[0])
+    if len(patients) > 1:
+        raise business_rule(
+            f"{plan_key.split('/')[0]} is referred to by records of {len(patients)} patients;"
+            " a record belongs to one patient: send one copy per patient"
+        )
+    return patients[0]
+
+
+def unbound(resource_type: str) -> FhirError:
+    return business_rule(
+        f"{resource_type} is stored as a record of the patient whose records refer to it: send"
+        " it in a transaction Bundle with a record that refers to it (MedicationRequest,"
+        " MedicationAdministration, MedicationDispense, ...)"
+    )
+
+
+def references_in(value: Any) -> Iterable[str]:
+    """Every Reference.reference string in a resource."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                yield item
+            else:
+                yield from references_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from references_in(item)
+
+
 def in_entry(error: FhirError, position: int) -> FhirError:
     """An error about a resource, re-located into entry `position` of a Bundle."""
     where = f"Bundle.entry[{position}]"
@@ -1155,6 +1201,8 @@ class FhirGateway:
         else:
             if if_none_exist:
                 raise not_supported("conditional create is supported for Patient only", 400)
+            if resource_type in CONTEXT_BOUND_TYPES:
+                raise unbound(resource_type)
             patient = self.resolve_patient(caller, resource)
             record_id = str(uuid.uuid4())
             resource["id"] = record_id
@@ -1209,7 +1257,7 @@ class FhirGateway:
             )
         if resource_type == "Patient":
             self.check_identifiers(resource, record_id)
-        else:
+        elif resource_type not in CONTEXT_BOUND_TYPES:  # stays with its patient
             patient = self.resolve_patient(caller, resource)
             if patient != history.head.patient:
                 raise business_rule("a record cannot move to another patient")
@@ -1322,6 +1370,10 @@ class FhirGateway:
                     resource["id"] = plan["id"]
                     self.check_identifiers(resource, None if plan.get("pending") else plan["id"])
                     plan["patient"] = plan["id"]
+                elif plan["type"] in CONTEXT_BOUND_TYPES:
+                    if plan["method"] == "POST":
+                        resource["id"] = plan["id"]
+                        plan["context_bound"] = True  # its patient is decided below
                 else:
                     if plan["method"] == "POST":
                         resource["id"] = plan["id"]
@@ -1334,6 +1386,12 @@ class FhirGateway:
                 raise in_entry(from_validation(exc), position) from None
             except FhirError as exc:
                 raise in_entry(exc, position) from None
+        for position, plan in enumerate(plans):
+            if plan.get("context_bound"):
+                try:
+                    plan["patient"] = context_patient(f"{plan['type']}/{plan['id']}", plans)
+                except FhirError as exc:
+                    raise in_entry(exc, position) from None
 
         # Enroll the new patients, then put their real ids everywhere.
         enrolled: dict[str, str] = {}

@@ -229,7 +229,14 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
         _date("period", "context.period", "DocumentReference-period"),
     ),
     # Further record types: stored, read and searched by patient, _id and _lastUpdated.
-    "CarePlan": _table(_patient(), _token("status", "status", "CarePlan-status")),
+    "CarePlan": _table(
+        _patient(),
+        _subject("CarePlan-subject"),
+        # US Core SHALL: patient + category (assess-plan), matched on every category coding.
+        _token("category", "category", "CarePlan-category"),
+        _token("status", "status", "CarePlan-status"),
+        _date("date", "period", "clinical-date"),
+    ),
     "CareTeam": _table(_patient(), _token("status", "status", "CareTeam-status")),
     "Goal": _table(
         _patient(), _token("lifecycle-status", "lifecycleStatus", "Goal-lifecycle-status")
@@ -238,6 +245,44 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
     "ServiceRequest": _table(_patient(), _token("status", "status", "ServiceRequest-status")),
     "FamilyMemberHistory": _table(
         _patient("patient"), _token("status", "status", "FamilyMemberHistory-status")
+    ),
+    # Issue 11: the further clinical types Synthea and US Core 6.1 send, each with the US Core
+    # search parameters of its profile where it has one (Specimen, Device) or R4's otherwise.
+    "MedicationAdministration": _table(
+        _patient(),
+        _subject("MedicationAdministration-subject"),
+        _token("code", "medication", "medications-code"),
+        _token("status", "status", "medications-status"),
+        _date("effective-time", "effective", "MedicationAdministration-effective-time"),
+    ),
+    "Device": _table(
+        _patient("patient"),
+        _token("type", "type", "Device-type"),
+        _token("status", "status", "Device-status"),
+    ),
+    "ImagingStudy": _table(
+        _patient(),
+        _subject("ImagingStudy-subject"),
+        _token("status", "status", "ImagingStudy-status"),
+        _token("modality", "series.modality", "ImagingStudy-modality"),
+        _date("started", "started", "ImagingStudy-started"),
+    ),
+    "SupplyDelivery": _table(
+        _patient("patient"),
+        _token("status", "status", "SupplyDelivery-status"),
+    ),
+    "Specimen": _table(
+        _patient(),
+        _subject("Specimen-subject"),
+        _token("type", "type", "Specimen-type"),
+        _token("status", "status", "Specimen-status"),
+        _date("collected", "collection.collected", "Specimen-collected"),
+    ),
+    # A Medication has no patient element: it is stored as a record of the patient whose
+    # record refers to it in the same transaction (see the gateway's `medication_patient`).
+    "Medication": _table(
+        _token("code", "code", "medications-code"),
+        _token("status", "status", "Medication-status"),
     ),
     "Consent": {
         "_id": _p("_id", "token", "id", "Resource-id", "Ledger consent id.", METADATA),
@@ -298,6 +343,10 @@ SORT_DATE: Mapping[str, str] = {
     "DiagnosticReport": "date",
     "Immunization": "date",
     "DocumentReference": "date",
+    "CarePlan": "date",
+    "MedicationAdministration": "effective-time",
+    "ImagingStudy": "started",
+    "Specimen": "collected",
     "Patient": "birthdate",
     "Consent": "date",
     "AuditEvent": "date",

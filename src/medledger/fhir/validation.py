@@ -5,7 +5,10 @@ validated with its R4B (4.3.0) models: R4B changed only the medication-definitio
 subscription resources, and its clinical, administrative and financial resources (Patient,
 Observation, Condition, MedicationRequest, AllergyIntolerance, Immunization, Claim, ...) are the
 same as R4's. A resource that uses an element new in R4B would be accepted although R4 lacks it;
-that is the one known difference.
+that is the one known difference. Every official R4 example of the types stored here validates
+(tests/fhir/test_public_resources.py reads each file). Where R4 itself requires an element, so
+does validation: R4's Narrative.div is 1..1, so a `text` without `div` is refused as R4 refuses
+it. An Observation's subject may be a Patient, Group, Device or Location, as R4 allows.
 
 A resource is valid when it is a JSON object with a `resourceType` naming a concrete FHIR
 resource, the model accepts it (structure, cardinality, datatypes, choice elements), and its
@@ -234,6 +237,11 @@ REQUIRED_CODES: Mapping[str, Mapping[str, frozenset[str]]] = {
     "ImagingStudy": {
         "status": frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"})
     },
+    "Device": {"status": frozenset({"active", "inactive", "entered-in-error", "unknown"})},
+    "SupplyDelivery": {
+        "status": frozenset({"in-progress", "completed", "abandoned", "entered-in-error"})
+    },
+    "Medication": {"status": frozenset({"active", "inactive", "entered-in-error"})},
     "QuestionnaireResponse": {
         "status": frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
     },

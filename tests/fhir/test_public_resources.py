@@ -1,0 +1,533 @@
+"""Third-party FHIR that nobody here wrote: every official R4 (4.0.1) example and every entry of
+the public Synthea bundles validates; the clinical types real EHRs send beyond the first
+fifteen (Medication, MedicationAdministration, Device, ImagingStudy, SupplyDelivery, Specimen)
+are stored as encrypted records on a real 4-validator network, read back as sent and found by
+their US Core search parameters; and every official R4 example of a stored type is accepted
+through the gateway's write path.
+
+The data is read in place from ../shared/testdata (see its SOURCES.md); the tests skip, saying
+so, where that folder is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from medledger.fhir.capability import RECORD_TYPES, RESOURCES
+from medledger.fhir.search import SEARCH_PARAMS
+from medledger.fhir.validation import validate_resource
+from medledger.ledger.clients import RegisterClient
+from medledger.ledger.model import Role
+from medledger.ledger.transactions import EnrollMember
+from medledger.node.custody import Custody
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from e2e_network import Network, running_network
+
+Json = dict[str, Any]
+
+TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
+R4_EXAMPLES = TESTDATA / "fhir-r4-examples"
+SYNTHEA = TESTDATA / "synthea"
+ABSENT = f"third-party test data not found at {TESTDATA} (see the project's testing notes)"
+
+# Claims go to the claims ledger (fhir/claims.py), not through the records write path.
+CLAIM_TYPES = frozenset({"Claim", "ExplanationOfBenefit", "Coverage"})
+# The clinical types issue 11 adds as records.
+NEW_RECORD_TYPES = (
+    "Medication",
+    "MedicationAdministration",
+    "Device",
+    "ImagingStudy",
+    "SupplyDelivery",
+    "Specimen",
+)
+
+
+def example_files() -> list[Path]:
+    return sorted(R4_EXAMPLES.glob("*.json")) if R4_EXAMPLES.is_dir() else []
+
+
+def synthea_files() -> list[Path]:
+    if not SYNTHEA.is_dir():
+        return []
+    files = sorted(SYNTHEA.glob("*.json"))
+    # The support bundles (organizations, practitioners) first, as the data's notes say.
+    return sorted(files, key=lambda f: "Information" not in f.name)
+
+
+def resources_of(document: Json) -> list[Json]:
+    """A resource, or the resources of a Bundle's entries."""
+    if document.get("resourceType") != "Bundle":
+        return [document]
+    return [e["resource"] for e in document.get("entry", []) if "resource" in e]
+
+
+def load(path: Path) -> Json:
+    document = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+# --- validation: every file, every entry ------------------------------------------------------
+
+
+@pytest.mark.skipif(not R4_EXAMPLES.is_dir(), reason=ABSENT)
+@pytest.mark.parametrize("path", example_files(), ids=lambda p: p.name)
+def test_every_official_r4_example_validates(path: Path) -> None:
+    for resource in resources_of(load(path)):
+        checked = validate_resource(resource)
+        assert checked.resource_type == resource["resourceType"]
+        # Validating the canonical form again gives it back unchanged.
+        assert validate_resource(checked.canonical).canonical == checked.canonical
+
+
+@pytest.mark.skipif(not SYNTHEA.is_dir(), reason=ABSENT)
+@pytest.mark.parametrize("path", synthea_files(), ids=lambda p: p.name[:24])
+def test_every_synthea_entry_validates(path: Path) -> None:
+    bundle = load(path)
+    entries = bundle["entry"]
+    assert entries
+    for position, entry in enumerate(entries):
+        resource = entry["resource"]
+        try:
+            validate_resource(resource)
+        except ValueError as exc:  # pragma: no cover - the message names the entry
+            pytest.fail(f"{path.name} entry {position} ({resource['resourceType']}): {exc}")
+
+
+@pytest.mark.parametrize("subject", ["Group/g1", "Device/d1", "Location/l1", "Patient/p1"])
+def test_an_observation_about_a_group_device_or_location_validates(subject: str) -> None:
+    """R4 Observation.subject: Reference(Patient | Group | Device | Location)."""
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "subject": {"reference": subject},
+        "valueQuantity": {"value": 36.6, "unit": "Cel"},
+    }
+    assert validate_resource(observation).patient_reference == subject
+
+
+def test_a_narrative_without_div_is_refused_as_r4_refuses_it() -> None:
+    """R4 Narrative.div is 1..1: the R4B models are not stricter than R4 here."""
+    report = {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "code": {"text": "CBC"},
+        "text": {"status": "generated"},
+    }
+    with pytest.raises(ValueError, match="div"):
+        validate_resource(report)
+    report["text"]["div"] = '<div xmlns="http://www.w3.org/1999/xhtml">CBC</div>'
+    validate_resource(report)
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "status"),
+    [("Device", "broken"), ("SupplyDelivery", "done"), ("Medication", "current")],
+)
+def test_status_codes_of_the_new_types_come_from_r4_value_sets(
+    resource_type: str, status: str
+) -> None:
+    resource: Json = {"resourceType": resource_type, "status": status}
+    if resource_type == "Device":
+        resource["patient"] = {"reference": "Patient/p1"}
+    with pytest.raises(ValueError, match=f"{resource_type}.status"):
+        validate_resource(resource)
+
+
+def test_the_new_clinical_types_are_records_searchable_by_patient() -> None:
+    for resource_type in NEW_RECORD_TYPES:
+        assert resource_type in RECORD_TYPES
+        support = RESOURCES[resource_type]
+        assert {"create", "read", "update", "search-type"} <= set(support.interactions)
+        params = SEARCH_PARAMS[resource_type]
+        if resource_type != "Medication":  # bound to its patient by context
+            assert "patient" in params
+    assert {"patient", "category"} <= set(SEARCH_PARAMS["CarePlan"])  # US Core SHALL
+    assert {"patient", "type"} <= set(SEARCH_PARAMS["Device"])
+    assert {"patient"} <= set(SEARCH_PARAMS["Specimen"])
+
+
+@pytest.mark.skipif(not SYNTHEA.is_dir() or not R4_EXAMPLES.is_dir(), reason=ABSENT)
+def test_every_clinical_type_of_the_public_data_is_a_record_type() -> None:
+    """Measured on every entry: what the records write path does not take is only directory
+    data (Organization, Practitioner, PractitionerRole, Location), claims, and Provenance
+    (served as the ledger's own view of each record version)."""
+    seen: Counter[str] = Counter()
+    for path in [*synthea_files(), *example_files()]:
+        for resource in resources_of(load(path)):
+            seen[resource["resourceType"]] += 1
+    not_records = {t for t in seen if t not in RECORD_TYPES}
+    directory = {"Organization", "Practitioner", "PractitionerRole", "Location"}
+    assert not_records <= directory | CLAIM_TYPES | {"Provenance", "Parameters"}
+    assert seen["Observation"] > 1000 and seen["Organization"] > 1000  # every entry counted
+
+
+# --- the write path, on a real network --------------------------------------------------------
+
+BASE_PORT = 31700
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+SERVER_META = ("versionId", "lastUpdated")
+
+
+@dataclass
+class Site:
+    base: str
+    token_url: str
+    key: ed25519.Ed25519PrivateKey
+
+    def headers(self) -> dict[str, str]:
+        claims = {
+            "iss": "ehr",
+            "sub": "ehr",
+            "aud": self.token_url,
+            "exp": int(time.time()) + 240,
+            "jti": str(uuid.uuid4()),
+        }
+        form = {
+            "grant_type": "client_credentials",
+            "scope": "system/*.cruds",
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": jwt.encode(claims, self.key, algorithm="EdDSA"),
+        }
+        answer = httpx.post(self.token_url, data=form, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return {"Authorization": f"Bearer {answer.json()['access_token']}", **FHIR_JSON}
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    with running_network(tmp_path_factory.mktemp("public") / "net", BASE_PORT) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def site(network: Network) -> Site:
+    cfg = network.configs[0]
+    passphrase = (cfg.home / "keys" / "node.passphrase").read_text().strip()
+    ehr = Custody(cfg.home / "custody", passphrase, fast_kdf=True).create("ehr-0")
+    ledger = network.client(0)
+    admin = network.admins[0]
+    ledger.submit(
+        admin, "member.enroll", EnrollMember(ehr.verify_key, ehr.encryption_key, Role.EHR)
+    )
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = str(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
+    ledger.submit(
+        admin, "client.register", RegisterClient("ehr", ehr.member_id, jwk, ("system/*.cruds",))
+    )
+    base = f"{cfg.api_url}/fhir"
+    return Site(base, f"{base}/auth/token", key)
+
+
+def transaction(site: Site, entries: list[tuple[str, Json]]) -> httpx.Response:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": url, "resource": r, "request": {"method": "POST", "url": r["resourceType"]}}
+            for url, r in entries
+        ],
+    }
+    return httpx.post(site.base, json=bundle, headers=site.headers(), timeout=120)
+
+
+def rewrite(value: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: mapping.get(v, v) if k == "reference" and isinstance(v, str) else rewrite(v, mapping)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [rewrite(v, mapping) for v in value]
+    return value
+
+
+def as_sent(resource: Json) -> Json:
+    """A resource without what the server assigns (id, meta.versionId, meta.lastUpdated),
+    in its canonical form (the form validation stores)."""
+    body = copy.deepcopy(resource)
+    body.pop("id", None)
+    meta = {k: v for k, v in body.pop("meta", {}).items() if k not in SERVER_META}
+    if meta:
+        body["meta"] = meta
+    return json.loads(validate_resource({**body, "id": "x"}).canonical) | {"id": None}
+
+
+def read_back(site: Site, location: str) -> Json:
+    type_and_id = "/".join(location.split("/")[:2])
+    answer = httpx.get(f"{site.base}/{type_and_id}", headers=site.headers(), timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert isinstance(body, dict)
+    return body
+
+
+def search(site: Site, query: str) -> list[Json]:
+    answer = httpx.get(f"{site.base}/{query}", headers=site.headers(), timeout=60)
+    assert answer.status_code == 200, answer.text
+    return [e["resource"] for e in answer.json().get("entry", []) if e["search"]["mode"] == "match"]
+
+
+def patient(family: str) -> Json:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:medledger:test:public", "value": str(uuid.uuid4())}],
+        "name": [{"family": family, "given": ["Ana"]}],
+        "gender": "female",
+        "birthDate": "1980-04-02",
+    }
+
+
+SNOMED = "http://snomed.info/sct"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def chart(patient_url: str) -> list[tuple[str, Json]]:
+    """One patient's resources of the new types, as Synthea and US Core write them."""
+    medication = f"urn:uuid:{uuid.uuid4()}"
+    rx = {"coding": [{"system": RXNORM, "code": "308136", "display": "amlodipine 2.5 MG"}]}
+    return [
+        (medication, {"resourceType": "Medication", "status": "active", "code": rx}),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "order",
+                "medicationReference": {"reference": medication},
+                "subject": {"reference": patient_url},
+                "authoredOn": "2024-03-01",
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "MedicationAdministration",
+                "status": "completed",
+                "medicationReference": {"reference": medication},
+                "subject": {"reference": patient_url},
+                "effectiveDateTime": "2024-03-02T08:00:00+00:00",
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "Device",
+                "status": "active",
+                "udiCarrier": [{"deviceIdentifier": "09504000059118", "carrierHRF": "(01)0950"}],
+                "type": {"coding": [{"system": SNOMED, "code": "72506001"}]},
+                "patient": {"reference": patient_url},
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "ImagingStudy",
+                "status": "available",
+                "subject": {"reference": patient_url},
+                "started": "2024-03-03T10:00:00+00:00",
+                "numberOfSeries": 1,
+                "series": [
+                    {
+                        "uid": "1.2.840.99999999.1.1",
+                        "modality": {
+                            "system": "http://dicom.nema.org/resources/ontology/DCM",
+                            "code": "DX",
+                        },
+                    }
+                ],
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "SupplyDelivery",
+                "status": "completed",
+                "patient": {"reference": patient_url},
+                "suppliedItem": {
+                    "itemCodeableConcept": {"coding": [{"system": SNOMED, "code": "1"}]}
+                },
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "Specimen",
+                "status": "available",
+                "type": {"coding": [{"system": SNOMED, "code": "122555007"}]},
+                "subject": {"reference": patient_url},
+                "collection": {"collectedDateTime": "2024-03-04T07:30:00+00:00"},
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "CarePlan",
+                "status": "active",
+                "intent": "plan",
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category",
+                                "code": "assess-plan",
+                            }
+                        ]
+                    }
+                ],
+                "subject": {"reference": patient_url},
+            },
+        ),
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(sys.platform == "win32", reason="real processes")
+def test_new_clinical_types_are_stored_read_back_and_searched(site: Site) -> None:
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [(patient_url, patient("Okafor")), *chart(patient_url)]
+    answer = transaction(site, entries)
+    assert answer.status_code == 200, answer.text
+    locations = [e["response"]["location"] for e in answer.json()["entry"]]
+    assigned = {
+        url: "/".join(loc.split("/")[:2]) for (url, _), loc in zip(entries, locations, strict=True)
+    }
+    patient_ref = assigned[patient_url]
+    for (_, sent), location in zip(entries[1:], locations[1:], strict=True):
+        returned = read_back(site, location)
+        assert returned["id"] == location.split("/")[1]
+        assert as_sent(returned) == as_sent(rewrite(sent, assigned)), sent["resourceType"]
+    by_type = {sent["resourceType"]: assigned[url] for url, sent in entries}
+    for resource_type in (
+        "MedicationAdministration",
+        "Device",
+        "ImagingStudy",
+        "SupplyDelivery",
+        "Specimen",
+    ):
+        found = search(site, f"{resource_type}?patient={patient_ref}")
+        assert [f"{resource_type}/{r['id']}" for r in found] == [by_type[resource_type]]
+    # US Core SHALL and SHOULD searches of the types held.
+    assert len(search(site, f"CarePlan?patient={patient_ref}&category=assess-plan")) == 1
+    assert search(site, f"CarePlan?patient={patient_ref}&category=assess-plan-other") == []
+    assert len(search(site, f"Device?patient={patient_ref}&type={SNOMED}|72506001")) == 1
+    assert search(site, f"Device?patient={patient_ref}&type={SNOMED}|1") == []
+    assert len(search(site, f"Specimen?patient={patient_ref}&type=122555007")) == 1
+    assert len(search(site, f"ImagingStudy?patient={patient_ref}&modality=DX")) == 1
+    assert len(search(site, f"Specimen?patient={patient_ref}&collected=2024-03-04")) == 1
+    assert search(site, f"Specimen?patient={patient_ref}&collected=2024-03-05") == []
+    medication = by_type["Medication"]
+    assert [r["id"] for r in search(site, f"Medication?_id={medication.split('/')[1]}")] == [
+        medication.split("/")[1]
+    ]
+    everything = httpx.get(
+        f"{site.base}/{patient_ref}/$everything", headers=site.headers(), timeout=60
+    ).json()
+    types = {e["resource"]["resourceType"] for e in everything["entry"] if "resource" in e}
+    assert set(NEW_RECORD_TYPES) <= types
+
+
+@pytest.mark.e2e
+def test_a_medication_no_record_refers_to_is_refused(site: Site) -> None:
+    medication = {"resourceType": "Medication", "code": {"text": "aspirin"}}
+    answer = httpx.post(
+        f"{site.base}/Medication", json=medication, headers=site.headers(), timeout=60
+    )
+    assert answer.status_code == 422, answer.text
+    assert "refer" in answer.json()["issue"][0]["diagnostics"]
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    answer = transaction(
+        site,
+        [(patient_url, patient("Lone")), (f"urn:uuid:{uuid.uuid4()}", medication)],
+    )
+    assert answer.status_code == 422, answer.text
+    assert "Bundle.entry[1]" in json.dumps(answer.json())
+
+
+@pytest.mark.e2e
+def test_a_medication_two_patients_refer_to_is_refused(site: Site) -> None:
+    first, second, medication = (f"urn:uuid:{uuid.uuid4()}" for _ in range(3))
+
+    def order(patient_url: str) -> Json:
+        return {
+            "resourceType": "MedicationRequest",
+            "status": "active",
+            "intent": "order",
+            "medicationReference": {"reference": medication},
+            "subject": {"reference": patient_url},
+        }
+
+    answer = transaction(
+        site,
+        [
+            (first, patient("One")),
+            (second, patient("Two")),
+            (medication, {"resourceType": "Medication", "code": {"text": "aspirin"}}),
+            (f"urn:uuid:{uuid.uuid4()}", order(first)),
+            (f"urn:uuid:{uuid.uuid4()}", order(second)),
+        ],
+    )
+    assert answer.status_code == 422, answer.text
+    assert "2 patients" in json.dumps(answer.json())
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not R4_EXAMPLES.is_dir(), reason=ABSENT)
+def test_every_official_r4_example_of_a_stored_type_is_accepted_and_reads_back(
+    site: Site,
+) -> None:
+    """Each example file of a record type (Claims go to the claims ledger) is posted in one
+    transaction with a new patient its patient references are pointed at; each reads back as
+    sent. The R4 examples that name no patient at all cannot be a patient's record: they are
+    counted and must be refused saying so."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    entries: list[tuple[str, Json]] = [(patient_url, patient("Example"))]
+    no_patient: list[str] = []
+    for path in example_files():
+        for resource in resources_of(load(path)):
+            resource_type = resource["resourceType"]
+            if resource_type not in RECORD_TYPES or resource_type in ("Patient", "Medication"):
+                continue
+            body = copy.deepcopy(resource)
+            body.pop("id", None)
+            element = "patient" if "patient" in body else "subject"
+            if not isinstance(body.get(element), dict):
+                no_patient.append(path.name)
+                continue
+            body[element] = {"reference": patient_url}
+            entries.append((f"urn:uuid:{uuid.uuid4()}", body))
+    assert len(entries) > 50
+    assert no_patient == ["Observation-decimal.json"]
+    decimal = load(R4_EXAMPLES / "Observation-decimal.json")
+    refused = httpx.post(
+        f"{site.base}/Observation", json=decimal, headers=site.headers(), timeout=60
+    )
+    assert refused.status_code == 422, refused.text
+    assert "Observation.subject must reference the patient" in refused.text
+    answer = transaction(site, entries)
+    assert answer.status_code == 200, answer.text
+    locations = [e["response"]["location"] for e in answer.json()["entry"]]
+    assigned = {
+        url: "/".join(loc.split("/")[:2]) for (url, _), loc in zip(entries, locations, strict=True)
+    }
+    for (_, sent), location in zip(entries[1:], locations[1:], strict=True):
+        assert as_sent(read_back(site, location)) == as_sent(rewrite(sent, assigned))
