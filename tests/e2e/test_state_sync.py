@@ -1,10 +1,12 @@
-"""State sync on a real network: four validators take snapshots every few blocks; a fifth
-organization, admitted by governance, joins well above genesis by state sync instead of
-replaying every block, ends with the same app hash as the others, and receives the packages
-of the records written before it joined through replication."""
+"""State sync and restarts on a real network: four validators take snapshots every few blocks;
+a fifth organization, admitted by governance, joins well above genesis by state sync instead of
+replaying every block, ends with the same app hash as the others, and receives the packages of
+the records written before it joined through replication. Then every node is stopped under load
+and started again, and no committed transaction is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ from e2e_network import (
     CHAIN_ID,
     PASSPHRASE,
     Network,
+    TxStream,
     choose_ports,
     rpc_result,
     wait_until,
@@ -140,3 +143,32 @@ def test_a_new_member_joins_by_state_sync_well_above_genesis(network: Network) -
     assert joined.query("/member", patient.member_id)["id"] == patient.member_id
     package = joiner.home / "packages" / written.digest[:2] / written.digest
     wait_until(package.exists, 90, "the record's package on the state-synced node")
+
+
+def test_a_restart_of_every_node_under_load_loses_no_committed_transaction(
+    network: Network,
+) -> None:
+    """Stop every node while transactions are still streaming in, start them again: every
+    transaction that had committed is there, on every node, with one app hash."""
+    committed: list[KeyPair] = []
+    with TxStream(network, admin=1, node=1, count=400, interval=0.02) as stream:
+        wait_until(lambda: len(stream.hashes) >= 60, 120, "sixty transactions broadcast")
+        for keys, tx_hash in zip(stream.keys, list(stream.hashes), strict=False):
+            with contextlib.suppress(Exception):
+                if rpc_result(network.configs[0], "tx", hash="0x" + tx_hash)["tx_result"]:
+                    committed.append(keys)
+        assert len(committed) >= 20, "too few transactions committed before the stop"
+        testnet_down(network.home)
+    testnet_up(network.home)
+
+    def every_height() -> int:
+        heights = network.heights()
+        return max(heights.values()) if None not in heights.values() else 0  # type: ignore[type-var]
+
+    top = wait_until(every_height, 120, "every node's RPC after the restart")
+    network.wait_all_at(top + 2, timeout=240)
+    network.assert_same_app_hash(top + 2)
+    for index in range(len(network.configs)):
+        client = network.client(index)
+        for keys in committed:
+            assert client.query("/member", keys.member_id)["id"] == keys.member_id
