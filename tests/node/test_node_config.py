@@ -283,3 +283,15 @@ def test_a_member_id_the_node_holds_passes_the_start_check(tmp_path: Path) -> No
     cfg = node_with_hl7_member(tmp_path, lambda lis: lis.member_id)
     services = load_services_config(cfg.home)
     check_hl7_member(cfg.home, Custody(cfg.home / "custody", services.node_passphrase()))
+
+
+def test_a_keystore_name_as_registration_member_is_named_too(tmp_path: Path) -> None:
+    cfg = node_with_hl7_member(tmp_path, lambda lis: lis.member_id)
+    services = load_services_config(cfg.home)
+    custody = Custody(cfg.home / "custody", services.node_passphrase(), fast_kdf=True)
+    ehr = custody.create("ehr")
+    with open(cfg.config_path, "a", encoding="utf-8") as handle:
+        handle.write('registration_member = "ehr"\n')
+    with pytest.raises(ConfigError) as raised:
+        check_hl7_member(cfg.home, custody)
+    assert f"[hl7] registration_member = {ehr.member_id!r}" in str(raised.value)

@@ -5,6 +5,9 @@ After enrolling practitioners and patients it writes a small synthetic chart for
 grants and revokes consents, has a clinician of another organization read a record under
 consent, and has an emergency physician break the glass on a record written at another
 organization — so that `record`, `consent`, `audit` and `export` have something to show.
+For the integration team (medledger.cli.demo_integration) it registers a sample EHR SMART
+client, runs an HL7 listener on node 0 and prints a token request, a FHIR search and an MLLP
+send that work as printed.
 
 Idempotent: a second run reuses the network (starting it if it is down) and adds nothing twice.
 The keystores it writes are protected by a demo passphrase kept beside them in
@@ -21,6 +24,12 @@ from pathlib import Path
 
 import click
 
+from medledger.cli.demo_integration import (
+    Integration,
+    configure_hl7_listener,
+    hl7_listen_address,
+    set_up_integration,
+)
 from medledger.cli.portal import install_keystore
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
@@ -33,8 +42,10 @@ from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, Propose, SetParameter, Vote
 from medledger.node.config import NodeConfig, load_node_config
 from medledger.node.testnet import (
+    DEFAULT_BASE_PORT,
     init_testnet,
     node_homes,
+    node_status,
     testnet_status,
     testnet_up,
     wait_for_height,
@@ -258,16 +269,27 @@ def _first_written_by(cast: Cast, patient: str, record_ids: list[str], organizat
 
 @click.command()
 @click.option("--home", type=click.Path(path_type=Path), default=Path("demo/testnet"))
-def main(home: Path) -> None:
+@click.option(
+    "--base-port",
+    type=int,
+    default=DEFAULT_BASE_PORT,
+    show_default=True,
+    help="First port of a new network (each node takes 10).",
+)
+def main(home: Path, base_port: int) -> None:
     """Start (or reuse) the demo network and fill it with sample participants."""
     root = home.parent
     secret = _passphrase(root)
     if not (home / "testnet.toml").exists():
         click.echo(f"creating a 4-validator network in {home} ...")
-        init_testnet(home, 4, passphrase=secret)
+        init_testnet(home, 4, passphrase=secret, base_port=base_port)
+    homes = node_homes(home)
+    # Node 0's HL7 listener is configured before the node starts; a node that already runs
+    # without it is restarted once its members are enrolled.
+    node0_was_running = node_status(homes[0]).running
+    _lis, hl7_changed = configure_hl7_listener(load_node_config(homes[0]), hl7_listen_address(home))
     testnet_up(home)
     wait_for_height(home, 2, timeout=120)
-    homes = node_homes(home)
     configs = [load_node_config(h) for h in homes]
     admins = [load_keystore(h / "keys" / "admin.json", secret) for h in homes]
     ring = Keyring(root / "keys")
@@ -311,6 +333,8 @@ def main(home: Path) -> None:
         )
     finally:
         cast.close()
+    click.echo("integration: an EHR SMART client and an HL7 listener on node 0 ...")
+    integration = set_up_integration(home, configs[0], admins[0], hl7_changed, node0_was_running)
     maria, james = people["patient-maria-garcia"].id, people["patient-james-okafor"].id
     statuses = testnet_status(home)
     click.echo("")
@@ -356,6 +380,20 @@ Web portal (each person signs in at their organization's node, with the demo pas
 {portal_lines}
   (docs/getting-started.md; add a member: medledger portal add-key --home NODE_HOME FILE)"""
     )
+    click.echo(integration_text(integration))
+
+
+def integration_text(integration: Integration) -> str:
+    """The integration team's commands, one a line, to copy and paste from the repository
+    root (the end-to-end test runs these very lines)."""
+    return f"""
+EHR and LIS integration (docs/integration.md), from the repository root:
+  # 1. an access token for the demo EHR's SMART client (key: {integration.jwk_file})
+  {integration.token_command}
+  # 2. a FHIR search with it
+  {integration.search_command}
+  # 3. a laboratory result over MLLP to node 0's HL7 listener (prints the ACK), then 2. again
+  {integration.send_command}"""
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from medledger.cli.claims import claim
 from medledger.cli.custody import client, custody
 from medledger.cli.hl7 import import_group
 from medledger.cli.keys import keys
+from medledger.cli.mllp_send import hl7_group
 from medledger.cli.portal import portal
 from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
@@ -71,6 +72,7 @@ cli.add_command(keys)
 cli.add_command(custody)
 cli.add_command(client)
 cli.add_command(import_group)
+cli.add_command(hl7_group)
 cli.add_command(claim)
 cli.add_command(portal)
 cli.add_command(member)

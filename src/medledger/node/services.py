@@ -156,7 +156,12 @@ def require_custodial_member(custody: Custody, member: str, key: str) -> None:
 
 
 def check_hl7_member(home: Path, custody: Custody) -> None:
-    """At start, before any socket opens: the `[hl7]` table parses and its member is held."""
+    """At start, before any socket opens: the `[hl7]` table parses and the members it names
+    (`member`, `registration_member`) are custodial identities of this node."""
     config = load_hl7_config(home)
-    if config is not None:
-        require_custodial_member(custody, config.member, "[hl7] member")
+    if config is None:
+        return
+    require_custodial_member(custody, config.member, "[hl7] member")
+    registration_member: str | None = getattr(config, "registration_member", None)
+    if registration_member is not None:
+        require_custodial_member(custody, registration_member, "[hl7] registration_member")
