@@ -102,7 +102,15 @@ def test_an_acknowledgement_reads_its_code_control_id_and_reasons() -> None:
         "utf-8",
     )
     assert (ack.code, ack.control_id, ack.accepted) == ("AE", "A1", False)
-    assert ack.text == "unknown patient identifier; unknown patient identifier"
+    assert ack.text == "unknown patient identifier"
+    truncated = read_acknowledgement(
+        b"MSH|^~\\&|MEDLEDGER|org-1|LIS|LAB|20261203||ACK^R01|9|P|2.5.1\r"
+        b"MSA|AR|A2|MSH-11: processing id T is not...\r"
+        b"ERR||MSH^1^11|202^Unsupported^HL70357|E||||MSH-11: processing id T is not accepted\r"
+        b"ERR||PID^1^3|204^Unknown key identifier^HL70357|E||||unknown patient identifier\r",
+        "utf-8",
+    )
+    assert truncated.text == ("MSH-11: processing id T is not accepted; unknown patient identifier")
 
 
 def test_send_without_a_listener_exits_2(tmp_path: Path) -> None:

@@ -66,9 +66,18 @@ def read_acknowledgement(block: bytes, codec: str) -> Acknowledgement:
             # ERR-8 user message (v2.5+), else ERR-3 error code, else ERR-1 (v2.4 and older).
             for index in (8, 3, 1):
                 if len(segment) > index and str(segment[index]):
-                    notes.append(str(segment[index]))
+                    _add_note(notes, str(segment[index]))
                     break
     return Acknowledgement(code, control, "; ".join(notes), raw)
+
+
+def _add_note(notes: list[str], note: str) -> None:
+    """Add an ERR message unless MSA-3 already says it (MSA-3 may be its truncation)."""
+    for index, present in enumerate(notes):
+        if note.startswith(present.removesuffix("...")):
+            notes[index] = note
+            return
+    notes.append(note)
 
 
 async def send_messages(
