@@ -73,7 +73,7 @@ def oru(
     pid3 = f"{mrn}^^^{authority}^MR" if authority else mrn
     segments = [
         f"MSH|^~\\&|COBAS_LIS|STMARY_LAB|MEDLEDGER|ST_MARY|20261101093000-0500||{message_type}"
-        f"|{control_id}|{processing}|{version}|||AL|NE||UNICODE UTF-8",
+        f"|{control_id}|{processing}|{version}||||||UNICODE UTF-8",
         f"PID|1||{pid3}~123-45-6789^^^SSA^SS||Rivera^Ana^M||19780312|F|||"
         "12 Elm St^^Springfield^IL^62701",
         "PV1|1|O|OPD^^^ST_MARY||||1234^Okafor^Chidi^^^MD",

@@ -1,5 +1,9 @@
-"""Acknowledgements in HL7 original mode (v2 chapter 2): MSA-1 AA when the results were
-committed, AE (application error) or AR (rejected) with the reason otherwise.
+"""Acknowledgements (v2 chapter 2): in original mode MSA-1 AA when the message was
+committed, AE (application error) or AR (rejected) with the reason otherwise; in enhanced mode
+(the message names an accept-ack condition in MSH-15) the answer is the commit ack CA, CE or CR,
+sent once the message is committed (or refused) on the ledger. An accepted message that was not
+recorded exactly as sent carries an ERR segment of severity W per warning, and the first one in
+MSA-3.
 
 The ACK mirrors the message's MSH: the sender becomes the receiver and back, MSH-9 is
 ACK^<trigger>^ACK, MSH-10 a new control id, MSH-11 and MSH-12 as received, and MSA-2 the
@@ -17,10 +21,10 @@ from typing import Any
 
 import hl7  # type: ignore[import-untyped]
 
-from medledger.hl7.oru import ERROR_CODES, AckCode, Hl7Error
+from medledger.hl7.oru import ERROR_CODES, AckCode, Hl7Error, Hl7Warning, Severity
 
 MSA_TEXT_LENGTH = 80
-_ERR_BEFORE_V25 = ("2.3", "2.3.1", "2.4")
+_ERR_BEFORE_V25 = ("2.1", "2.2", "2.3", "2.3.1", "2.4")
 
 
 def hl7_timestamp(moment: datetime) -> str:
@@ -38,6 +42,7 @@ def build_ack(
     facility: str,
     error: Hl7Error | None = None,
     text: str = "",
+    warnings: tuple[Hl7Warning, ...] = (),
 ) -> str:
     """The ACK of a parsed python-hl7 message (segments separated by CR)."""
     message = _normalized_header(message)
@@ -55,10 +60,15 @@ def build_ack(
     if not _raw(msh, 9, component=2):
         ack_msh.assign_field("ACK", 9)
     reason = error.reason if error is not None else text
+    if not reason and warnings:
+        reason = warnings[0].reason
     if reason:
         ack.segment("MSA").assign_field(message.escape(_short(reason)), 3)
+    version = _raw(msh, 12, component=1)
     if error is not None:
-        ack.append(_err_segment(ack, message, error, version=_raw(msh, 12, component=1)))
+        ack.append(_err_segment(ack, message, error, version=version))
+    for warning in warnings:
+        ack.append(_err_segment(ack, message, warning, version=version, severity=Severity.WARNING))
     return str(ack)
 
 
@@ -88,7 +98,7 @@ def build_bare_ack(
     processing = fields.get(11, "")
     msh.assign_field(processing if re.fullmatch(r"[A-Z]", processing) else "P", 11)
     version = fields.get(12, "")
-    msh.assign_field(version if re.fullmatch(r"2\.\d(\.\d)?", version) else "2.5.1", 12)
+    msh.assign_field(version if re.fullmatch(r"2\.\d{1,3}(\.\d)?", version) else "2.5.1", 12)
     msa = template.segment("MSA")
     msa.assign_field(str(code), 1)
     msa.assign_field(fields.get(10, ""), 2)
@@ -134,7 +144,14 @@ def _short(reason: str) -> str:
     return line if len(line) <= MSA_TEXT_LENGTH else line[: MSA_TEXT_LENGTH - 3] + "..."
 
 
-def _err_segment(ack: Any, message: Any, error: Hl7Error, *, version: str) -> Any:
+def _err_segment(
+    ack: Any,
+    message: Any,
+    error: Hl7Error | Hl7Warning,
+    *,
+    version: str,
+    severity: Severity = Severity.ERROR,
+) -> Any:
     segment = ack.create_segment([ack.create_field(["ERR"])])
     code_text = ERROR_CODES.get(error.error_code, "Application internal error")
     location = error.location
@@ -156,7 +173,7 @@ def _err_segment(ack: Any, message: Any, error: Hl7Error, *, version: str) -> An
     segment.assign_field(error.error_code, 3, 1, 1)
     segment.assign_field(code_text, 3, 1, 2)
     segment.assign_field("HL70357", 3, 1, 3)
-    segment.assign_field("E", 4)
+    segment.assign_field(str(severity), 4)
     segment.assign_field(message.escape(" ".join(error.reason.split())), 8)
     return segment
 

@@ -15,7 +15,22 @@ workers = 8                    # messages processed at the same time (one per co
 allowed_senders = ["COBAS_LIS^STMARY_LAB"]   # MSH-3^MSH-4 that may send (default: any)
 allowed_addresses = ["10.1.2.0/24"]          # peer IPs or networks that may connect (default: any)
 match_without_authority = false  # match PID-3 without an assigning authority on its value alone
+processing_ids = ["P"]         # MSH-11 values accepted (e.g. ["P", "T"] on a pilot network);
+                               # others get AR naming this policy
+unknown_patients = "refuse"    # an ORU, or an ADT^A08/A31 update, about a patient nobody
+                               # registered: "refuse" (AE) or "register" (from its PID)
+registration_member = "<member id>"  # the custodial EHR (role ehr) member that enrolls
+                               # patients from ADT A01/A04/A05/A28 (and "register" above);
+                               # without it ADT registration is refused (AR)
+
+[hl7.authorities]              # per sender (MSH-3^MSH-4): its assigning authorities (PID-3.4.1,
+                               # "" for identifiers that name none) → the identifier system
+"COBAS_LIS^STMARY_LAB" = { "MRN" = "urn:oid:1.2.840.114350.1.13", "" = "urn:oid:1.2.3.4" }
 ```
+
+Acknowledgements: original mode (MSH-15 empty) answers AA/AE/AR; enhanced mode (MSH-15 AL,
+ER, SU or NE) answers with the commit acknowledgement CA/CE/CR once the message is committed
+or refused; MLLP always answers, so NE and ER still get one.
 
 Every value is checked when the node starts; a wrong one stops it with a `ConfigError` that
 names the key and what it expects.
@@ -59,6 +74,11 @@ class Hl7Config:
     # None accepts every peer address.
     allowed_addresses: tuple[IpNetwork, ...] | None = field(default=None)
     match_without_authority: bool = False
+    processing_ids: tuple[str, ...] = ("P",)
+    unknown_patients: str = "refuse"
+    registration_member: str | None = None
+    # (MSH-3, MSH-4) → assigning authority name → identifier system.
+    authorities: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -123,6 +143,10 @@ _KEYS = (
     "allowed_senders",
     "allowed_addresses",
     "match_without_authority",
+    "processing_ids",
+    "unknown_patients",
+    "registration_member",
+    "authorities",
 )
 
 
@@ -149,6 +173,12 @@ def _parse_table(table: dict[str, Any]) -> Hl7Config:
         allowed_senders=_senders(table),
         allowed_addresses=_networks(table),
         match_without_authority=_flag(table, "match_without_authority", False),
+        processing_ids=_processing_ids(table),
+        unknown_patients=_choice(table, "unknown_patients", ("refuse", "register"), "refuse"),
+        registration_member=(
+            _text(table, "registration_member") if "registration_member" in table else None
+        ),
+        authorities=_authorities(table),
     )
     config.address  # noqa: B018 - validates listen
     config.zone  # noqa: B018 - validates timezone
@@ -239,3 +269,44 @@ def _networks(table: dict[str, Any]) -> tuple[IpNetwork, ...] | None:
                 ' (CIDR without host bits, such as "10.1.2.0/24")'
             ) from None
     return tuple(networks)
+
+
+def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        expected = " or ".join(f'"{c}"' for c in choices)
+        raise ConfigError(f"[hl7] {key} must be {expected}, not {value!r}")
+    return str(value)
+
+
+def _processing_ids(table: dict[str, Any]) -> tuple[str, ...]:
+    entries = _strings(table, "processing_ids", 'HL7 processing ids such as ["P", "T"]')
+    if entries is None:
+        return ("P",)
+    if not entries or any(e not in ("P", "T", "D") for e in entries):
+        raise ConfigError(
+            '[hl7] processing_ids must be a non-empty list of "P" (production), "T"'
+            f' (training) and "D" (debugging), not {entries!r}'
+        )
+    return tuple(dict.fromkeys(entries))
+
+
+def _authorities(table: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
+    value = table.get("authorities", {})
+    expected = (
+        '[hl7.authorities] must map "MSH-3^MSH-4" to a table of assigning authority names and'
+        ' identifier systems, such as "COBAS_LIS^STMARY_LAB" = { "MRN" = "urn:oid:1.2.3" }'
+    )
+    if not isinstance(value, dict):
+        raise ConfigError(f"{expected}, not {value!r}")
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for sender, systems in value.items():
+        application, separator, facility = sender.partition("^")
+        if not separator or not application or "^" in facility:
+            raise ConfigError(f"{expected}: {sender!r} is not MSH-3^MSH-4")
+        if not isinstance(systems, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in systems.items()
+        ):
+            raise ConfigError(f"{expected}: {sender!r} = {systems!r}")
+        found[(application, facility)] = dict(systems)
+    return found

@@ -26,10 +26,13 @@ unless the operator asked for that (`match_without_authority`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -42,20 +45,35 @@ from medledger.client.sdk import ClientError, QueryError, TxRejected
 from medledger.crypto.package import PackageError
 from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.hl7.ack import build_ack, build_bare_ack
+from medledger.hl7.adt import (
+    MERGE_TRIGGERS,
+    UPDATE_TRIGGERS,
+    AdtMessage,
+    PatientRegistry,
+    check_adt_header,
+    patient_resource,
+    read_adt,
+    records_patient,
+)
 from medledger.hl7.bounds import check_bounds, loggable, summary, withhold_library_content
 from medledger.hl7.oru import (
+    DEFAULT_PROCESSING_IDS,
     AckCode,
     ErrorLocation,
     Header,
     Hl7Error,
+    Hl7Warning,
     MappedRecord,
+    PatientIdentifier,
     PatientResults,
     check_header,
     map_message,
+    normalize_segments,
     parse_message,
     read_header,
     read_oru,
     resolve_patient,
+    trigger_warning,
 )
 from medledger.ledger.errors import Code
 from medledger.ledger.records import PutRecord, PutRecords, RecordStatus
@@ -65,9 +83,15 @@ withhold_library_content()
 
 
 class PatientLookup(Protocol):
+    """The node's patient index (`medledger.node.mpi.PatientIndex`)."""
+
     def resolve(self, system: str, value: str) -> str | None: ...
 
     def resolve_any(self, value: str) -> str | None: ...
+
+    def link(self, system: str, value: str, patient: str) -> None: ...
+
+    def reassign(self, system: str, value: str, patient: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -149,10 +173,11 @@ class Outcome:
     unchanged: tuple[str, ...] = ()
     tx_hash: str = ""
     patients: tuple[str, ...] = field(default=())
+    warnings: tuple[Hl7Warning, ...] = ()
 
     @property
     def accepted(self) -> bool:
-        return self.code is AckCode.ACCEPT
+        return self.code in (AckCode.ACCEPT, AckCode.COMMIT_ACCEPT)
 
 
 class RecordLocks:
@@ -196,12 +221,32 @@ class RecordLocks:
             return sum(1 for _, users in self._locks.values() if users > 1)
 
 
+@dataclass(frozen=True)
+class _Committed:
+    written: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    tx_hash: str = ""
+    patients: tuple[str, ...] = ()
+    warnings: tuple[Hl7Warning, ...] = ()
+    summary: str = ""
+
+
+Authorities = Mapping[tuple[str, str], Mapping[str, str]]
+UNKNOWN_PATIENT_POLICIES = ("refuse", "register")
+ANSWERED_KEPT = 4096
+
+
 class Hl7Processor:
-    """Processes ORU^R01 messages for one node, acting as its laboratory system's member.
+    """Processes ORU^R01 and ADT messages for one node, acting as its laboratory system's
+    member (results) and its registration desk's member (patients, through `registry`).
 
     `allowed_senders` holds the (MSH-3, MSH-4) pairs that may send (None: any);
     `match_without_authority` lets a PID-3 identifier without an assigning authority match a
-    patient on its value alone (when exactly one patient has that value under any authority).
+    patient on its value alone (when exactly one patient has that value under any authority);
+    `processing_ids` the MSH-11 values accepted; `unknown_patients` what an ORU or an ADT
+    update about a patient nobody registered does ("refuse": AE; "register": the PID registers
+    the patient first); `authorities` maps each sender (MSH-3, MSH-4) to its assigning
+    authorities' systems (see `PatientIdentifier.systems`).
     """
 
     def __init__(
@@ -215,16 +260,33 @@ class Hl7Processor:
         clock: Callable[[], datetime] | None = None,
         allowed_senders: frozenset[tuple[str, str]] | None = None,
         match_without_authority: bool = False,
+        processing_ids: tuple[str, ...] = DEFAULT_PROCESSING_IDS,
+        unknown_patients: str = "refuse",
+        authorities: Authorities | None = None,
+        registry: Callable[[], PatientRegistry] | None = None,
     ) -> None:
+        if unknown_patients not in UNKNOWN_PATIENT_POLICIES:
+            raise ValueError(f"unknown_patients must be one of {UNKNOWN_PATIENT_POLICIES}")
         self._writer = writer
         self._patients = patients
+        self._registry = registry
         self.zone = zone
         self.application = application
         self.facility = facility
         self.allowed_senders = allowed_senders
         self.match_without_authority = match_without_authority
+        self.processing_ids = processing_ids
+        self.unknown_patients = unknown_patients
+        self.authorities: Authorities = authorities or {}
         self._clock = clock or (lambda: datetime.now(UTC).astimezone())
         self.locks = RecordLocks()
+        # Accepted messages by (MSH-3, MSH-4, MSH-10): a message sent again with the same
+        # control id and content is acknowledged again, as it was, without a second write.
+        self._answered: OrderedDict[tuple[str, str, str], tuple[str, Outcome]] = OrderedDict()
+        self._answered_lock = threading.Lock()
+
+    def clock(self) -> datetime:
+        return self._clock()
 
     @staticmethod
     def _control_id() -> str:
@@ -272,51 +334,76 @@ class Hl7Processor:
             ack = self._bare_ack(text, error, control_id, now)
             return Outcome(error.ack, "", error.reason, ack)
         header = read_header(message)
+        key = (header.sending_application, header.sending_facility, header.control_id)
+        digest = hashlib.sha256(normalize_segments(text).encode("utf-8")).hexdigest()
+        with self._answered_lock:
+            answered = self._answered.get(key)
+        if answered is not None and answered[0] == digest and header.control_id:
+            log.info("hl7 message answered again", extra=_log_header(header))
+            first = answered[1]
+            return dataclasses.replace(
+                first,
+                reason="already answered: the same message with this control id was accepted",
+                written=(),
+                unchanged=first.written + first.unchanged,
+                tx_hash="",
+            )
         try:
-            outcome = self._commit(message, header)
+            committed = self._commit(message, header)
         except Hl7Error as error:
             log.info(
                 "hl7 message not accepted", extra={**_log_header(header), **_log_fields(error)}
             )
+            code = _answer_code(header, error.ack)
             ack = build_ack(
                 message,
-                error.ack,
+                code,
                 control_id=control_id,
                 now=now,
                 application=self.application,
                 facility=self.facility,
                 error=error,
             )
-            return Outcome(error.ack, header.control_id, error.reason, ack)
-        written, unchanged, tx_hash, patients = outcome
-        reason = (
+            return Outcome(code, header.control_id, error.reason, ack)
+        written = committed.written
+        reason = committed.summary or (
             f"{len(written)} records written"
             if written
             else "already recorded: the results are unchanged"
         )
+        code = _answer_code(header, AckCode.ACCEPT)
         ack = build_ack(
             message,
-            AckCode.ACCEPT,
+            code,
             control_id=control_id,
             now=now,
             application=self.application,
             facility=self.facility,
-            text="" if written else reason,
+            text="" if written and not committed.summary else reason,
+            warnings=committed.warnings,
         )
         log.info(
             "hl7 message accepted",
-            extra={**_log_header(header), "written": len(written), "tx": tx_hash},
+            extra={**_log_header(header), "written": len(written), "tx": committed.tx_hash},
         )
-        return Outcome(
-            AckCode.ACCEPT,
+        outcome = Outcome(
+            code,
             header.control_id,
             reason,
             ack,
             written,
-            unchanged,
-            tx_hash,
-            patients,
+            committed.unchanged,
+            committed.tx_hash,
+            committed.patients,
+            committed.warnings,
         )
+        if header.control_id:
+            with self._answered_lock:
+                self._answered[key] = (digest, outcome)
+                self._answered.move_to_end(key)
+                while len(self._answered) > ANSWERED_KEPT:
+                    self._answered.popitem(last=False)
+        return outcome
 
     def _check_sender(self, header: Header) -> None:
         """AR unless MSH-3^MSH-4 is on the allow-list (when there is one)."""
@@ -331,27 +418,44 @@ class Hl7Processor:
                 ErrorLocation("MSH", 1, 3),
             )
 
-    def _resolve(self, group: PatientResults) -> str:
-        """The ledger patient of a PID group. Without `match_without_authority`, identifiers
-        that name no assigning authority are not used: the same MRN may belong to another
-        patient of another authority."""
-        identifiers = group.identifiers
+    def _sender_authorities(self, header: Header) -> Mapping[str, str]:
+        return self.authorities.get((header.sending_application, header.sending_facility), {})
+
+    def _resolve(
+        self,
+        identifiers: tuple[PatientIdentifier, ...],
+        sequence: int,
+        header: Header,
+        segment: str = "PID",
+    ) -> str:
+        """The ledger patient of a PID's identifiers. Without `match_without_authority`,
+        identifiers that name no assigning authority (and that the sender's authority map does
+        not place) are not used: the same MRN may belong to another patient of another
+        authority."""
+        authorities = self._sender_authorities(header)
         if self.match_without_authority:
             return resolve_patient(
-                identifiers, self._patients.resolve, self._patients.resolve_any, group.sequence
+                identifiers,
+                self._patients.resolve,
+                self._patients.resolve_any,
+                sequence,
+                authorities,
             )
-        named = tuple(i for i in identifiers if i.systems())
-        location = ErrorLocation("PID", group.sequence, 3)
+        named = tuple(i for i in identifiers if i.systems(authorities))
+        location = ErrorLocation(segment, sequence, 3 if segment == "PID" else 1)
         if not named:
             raise Hl7Error(
                 AckCode.ERROR,
-                "PID-3: no patient identifier names its assigning authority (PID-3.4);"
-                " this node matches patients on assigning authority and identifier",
+                f"{segment}-{location.field}: no patient identifier names its assigning"
+                " authority (CX.4), and [hl7.authorities] maps none for this sender; this"
+                " node matches patients on assigning authority and identifier",
                 "101",
                 location,
             )
         try:
-            return resolve_patient(named, self._patients.resolve, _no_bare_match, group.sequence)
+            return resolve_patient(
+                named, self._patients.resolve, _no_bare_match, sequence, authorities
+            )
         except Hl7Error as error:
             if error.error_code != "204" or len(named) == len(identifiers):
                 raise
@@ -363,14 +467,26 @@ class Hl7Processor:
                 error.location,
             ) from None
 
-    def _commit(
-        self, message: Any, header: Header
-    ) -> tuple[tuple[str, ...], tuple[str, ...], str, tuple[str, ...]]:
+    def _known(
+        self, identifiers: tuple[PatientIdentifier, ...], sequence: int, header: Header
+    ) -> str | None:
+        """The patient the identifiers name, None when none is known (AE on conflicts)."""
+        try:
+            return self._resolve(identifiers, sequence, header)
+        except Hl7Error as error:
+            if error.error_code == "204":
+                return None
+            raise
+
+    def _commit(self, message: Any, header: Header) -> _Committed:
         self._check_sender(header)
-        check_header(header)
+        if header.message_type == "ADT":
+            return self._commit_adt(message, header)
+        check_header(header, self.processing_ids)
         oru = read_oru(message, header)
-        patients = [self._resolve(group) for group in oru.patients]
-        records = map_message(oru, patients, self.zone)
+        warnings: list[Hl7Warning] = trigger_warning(header) + list(oru.warnings)
+        patients = [self._patient_of(group, header, warnings) for group in oru.patients]
+        records = map_message(oru, patients, self.zone, warnings)
         resources = [(record, _validated(record)) for record in records]
         try:
             with self.locks.holding(record.record_id for record in records):
@@ -399,7 +515,191 @@ class Hl7Processor:
             raise Hl7Error(
                 AckCode.ERROR, f"the results could not be recorded: {type(exc).__name__}"
             ) from None
-        return tuple(written), tuple(unchanged), tx_hash, tuple(dict.fromkeys(patients))
+        return _Committed(
+            tuple(written),
+            tuple(unchanged),
+            tx_hash,
+            tuple(dict.fromkeys(patients)),
+            tuple(warnings),
+            "" if records else "nothing recorded: the message carries no results",
+        )
+
+    def _patient_of(self, group: PatientResults, header: Header, warnings: list[Hl7Warning]) -> str:
+        """The patient of an ORU's PID group; one nobody registered is refused or, under the
+        "register" policy, registered from the PID."""
+        if self.unknown_patients == "refuse":
+            return self._resolve(group.identifiers, group.sequence, header)
+        with self._patient_locks(group.identifiers, header):
+            patient = self._known(group.identifiers, group.sequence, header)
+            if patient is not None:
+                return patient
+            resource = patient_resource(
+                group.segment,
+                group.identifiers,
+                self.zone,
+                warnings,
+                self._sender_authorities(header),
+            )
+            patient = self._register(group.identifiers, resource, header, group.sequence)
+        warnings.append(
+            Hl7Warning(
+                "the patient was not known and was registered from the PID",
+                "204",
+                ErrorLocation("PID", group.sequence, 3),
+            )
+        )
+        return patient
+
+    # -- ADT ----------------------------------------------------------------------------------
+
+    def _commit_adt(self, message: Any, header: Header) -> _Committed:
+        check_adt_header(header, self.processing_ids)
+        if not records_patient(header):
+            return _Committed(
+                warnings=(
+                    Hl7Warning(
+                        f"ADT^{header.trigger} is acknowledged and not recorded (this node"
+                        " records A01, A04, A05, A08, A28, A31 and A40)",
+                        "201",
+                        ErrorLocation("MSH", 1, 9),
+                    ),
+                ),
+                summary=f"ADT^{header.trigger}: nothing to record",
+            )
+        adt = read_adt(message, header, self.zone, self._sender_authorities(header))
+        warnings = list(adt.warnings)
+        _validated_patient(adt.resource)
+        try:
+            if header.trigger in MERGE_TRIGGERS:
+                return self._merge(adt, header, warnings)
+            with self._patient_locks(adt.identifiers, header):
+                patient = self._known(adt.identifiers, 1, header)
+                if patient is None:
+                    if header.trigger in UPDATE_TRIGGERS and self.unknown_patients == "refuse":
+                        raise Hl7Error(
+                            AckCode.ERROR,
+                            f"ADT^{header.trigger} updates a patient this node does not know"
+                            ' ([hl7] unknown_patients = "refuse"; register it with A04 or'
+                            " A28 first)",
+                            "204",
+                            ErrorLocation("PID", 1, 3),
+                        )
+                    patient = self._register(adt.identifiers, adt.resource, header, 1)
+                    return _Committed(
+                        written=(patient,),
+                        patients=(patient,),
+                        warnings=tuple(warnings),
+                        summary="patient registered",
+                    )
+                changed = self._update(patient, adt, header)
+        except Hl7Error:
+            raise
+        except TxRejected as exc:
+            raise Hl7Error(AckCode.ERROR, f"the ledger refused the patient: {exc.log}") from None
+        except (ClientError, PackageError, FhirValidationError, ValueError) as exc:
+            raise Hl7Error(AckCode.ERROR, f"the patient could not be recorded: {exc}") from None
+        except Exception as exc:  # a custody or configuration problem of this node
+            log.error(
+                "hl7 patient not recorded", extra={**_log_header(header), **_log_exception(exc)}
+            )
+            raise Hl7Error(
+                AckCode.ERROR, f"the patient could not be recorded: {type(exc).__name__}"
+            ) from None
+        return _Committed(
+            written=(patient,) if changed else (),
+            unchanged=() if changed else (patient,),
+            patients=(patient,),
+            warnings=tuple(warnings),
+            summary="patient updated" if changed else "already recorded: the patient is unchanged",
+        )
+
+    def _registry_or_refuse(self) -> PatientRegistry:
+        if self._registry is None:
+            raise Hl7Error(
+                AckCode.REJECT,
+                "this node registers no patients from HL7 (no [hl7] registration_member)",
+                "200",
+                ErrorLocation("MSH", 1, 9),
+            )
+        return self._registry()
+
+    def _register(
+        self,
+        identifiers: tuple[PatientIdentifier, ...],
+        resource: dict[str, Any],
+        header: Header,
+        sequence: int,
+    ) -> str:
+        """Enroll the patient, record its Patient and link its identifiers (the caller holds
+        the identifiers' locks)."""
+        authorities = self._sender_authorities(header)
+        links = [(system, i.value) for i in identifiers for system in i.systems(authorities)]
+        if not links:
+            raise Hl7Error(
+                AckCode.ERROR,
+                "PID-3: no patient identifier names its assigning authority (CX.4), and"
+                " [hl7.authorities] maps none for this sender: the patient cannot be indexed",
+                "101",
+                ErrorLocation("PID", sequence, 3),
+            )
+        registry = self._registry_or_refuse()
+        _validated_patient(resource)
+        patient = registry.register(resource)
+        for system, value in links:
+            self._patients.link(system, value, patient)
+        return patient
+
+    def _update(self, patient: str, adt: AdtMessage, header: Header) -> bool:
+        registry = self._registry_or_refuse()
+        resource = {**adt.resource, "id": patient}
+        changed = registry.update(patient, _validated_patient(resource))
+        authorities = self._sender_authorities(header)
+        for identifier in adt.identifiers:
+            for system in identifier.systems(authorities):
+                if self._patients.resolve(system, identifier.value) is None:
+                    self._patients.link(system, identifier.value, patient)
+        return changed
+
+    def _merge(self, adt: AdtMessage, header: Header, warnings: list[Hl7Warning]) -> _Committed:
+        """A40: the prior identifiers (MRG-1) now name the surviving patient (PID-3)."""
+        authorities = self._sender_authorities(header)
+        every = adt.identifiers + adt.prior
+        with self._patient_locks(every, header):
+            survivor = self._known(adt.identifiers, 1, header)
+            if survivor is None:
+                raise Hl7Error(
+                    AckCode.ERROR,
+                    "ADT^A40: the surviving patient (PID-3) is not known on this node",
+                    "204",
+                    ErrorLocation("PID", 1, 3),
+                )
+            links = [(s, i.value) for i in adt.prior for s in i.systems(authorities)]
+            if not links:
+                raise Hl7Error(
+                    AckCode.ERROR,
+                    "MRG-1: no prior identifier names its assigning authority (CX.4)",
+                    "101",
+                    ErrorLocation("MRG", 1, 1),
+                )
+            for system, value in links:
+                self._patients.reassign(system, value, survivor)
+        return _Committed(
+            patients=(survivor,),
+            warnings=tuple(warnings),
+            summary=f"merged: {len(links)} prior identifiers now name the surviving patient",
+        )
+
+    @contextmanager
+    def _patient_locks(
+        self, identifiers: tuple[PatientIdentifier, ...], header: Header
+    ) -> Iterator[None]:
+        """Messages about the same identifiers register or merge one at a time."""
+        authorities = self._sender_authorities(header)
+        keys = [
+            f"patient:{system}|{i.value}" for i in identifiers for system in i.systems(authorities)
+        ]
+        with self.locks.holding(keys or [f"patient:{header.sending_facility}"]):
+            yield
 
     def _previous_version(
         self, writer: RecordWriter, record: MappedRecord, resource: dict[str, Any]
@@ -456,6 +756,22 @@ def _log_fields(error: Hl7Error) -> dict[str, str]:
         if error.location.field:
             where += f"-{error.location.field}"
     return {"ack": str(error.ack), "error_code": error.error_code, "location": where}
+
+
+def _answer_code(header: Header, code: AckCode) -> AckCode:
+    """Enhanced mode (MSH-15 names an accept-ack condition): the commit ack, sent once the
+    message is committed (CA) or refused (CE, CR); original mode: AA, AE, AR."""
+    return code.commit if header.accept_ack else code
+
+
+def _validated_patient(resource: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return validate_resource(resource).resource
+    except FhirValidationError as exc:
+        problems = "; ".join(exc.problems) or exc.message
+        raise Hl7Error(
+            AckCode.ERROR, f"the PID is not a valid FHIR R4 Patient: {problems}", "102"
+        ) from None
 
 
 def _validated(record: MappedRecord) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.fhir.context import FhirContext
+from medledger.hl7.adt import PatientRegistry
+from medledger.hl7.batch import answer_frame
 from medledger.hl7.config import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
@@ -50,6 +52,7 @@ from medledger.hl7.ingest import (
     decode_payload,
 )
 from medledger.hl7.oru import AckCode, Hl7Error
+from medledger.hl7.registry import LedgerPatientRegistry
 from medledger.node.config import ConfigError
 
 log = logging.getLogger("medledger.hl7")
@@ -324,7 +327,15 @@ def processor_for(config: Hl7Config, context: FhirContext) -> Hl7Processor:
     def writer() -> RecordWriter:
         return LedgerRecordWriter(context.records_client(config.member))
 
-    return processor_from(config, writer, context.patients, context.organization)
+    registry: Callable[[], PatientRegistry] | None = None
+    member = config.registration_member
+    if member is not None:
+        registrar = LedgerPatientRegistry(context, member)
+
+        def registry() -> PatientRegistry:
+            return registrar
+
+    return processor_from(config, writer, context.patients, context.organization, registry)
 
 
 def processor_from(
@@ -332,8 +343,10 @@ def processor_from(
     writer: Callable[[], RecordWriter],
     patients: PatientLookup,
     organization: str,
+    registry: Callable[[], PatientRegistry] | None = None,
 ) -> Hl7Processor:
-    """A processor with the `[hl7]` table's rules, writing through `writer`."""
+    """A processor with the `[hl7]` table's rules, writing through `writer` (and registering
+    patients through `registry`)."""
     return Hl7Processor(
         writer,
         patients,
@@ -342,6 +355,10 @@ def processor_from(
         facility=organization,
         allowed_senders=config.allowed_senders,
         match_without_authority=config.match_without_authority,
+        processing_ids=config.processing_ids,
+        unknown_patients=config.unknown_patients,
+        authorities=config.authorities,
+        registry=registry,
     )
 
 
@@ -353,8 +370,8 @@ def message_handler(processor: Hl7Processor, executor: ThreadPoolExecutor | None
         loop = asyncio.get_running_loop()
         try:
             text, codec = decode_payload(payload)
-            outcome = await loop.run_in_executor(executor, processor.process, text)
-            return outcome.ack.encode(codec, errors="replace")
+            ack = await loop.run_in_executor(executor, answer_frame, processor, text)
+            return ack.encode(codec, errors="replace")
         except Exception as exc:
             log.error("hl7 message handling failed", extra={"exception": type(exc).__name__})
             error = Hl7Error(AckCode.ERROR, f"internal error: {type(exc).__name__}", "207")
@@ -414,6 +431,9 @@ async def start_hl7_listener(home: Path, context: FhirContext) -> MllpServer | N
         return None
     if not context.custody.holds(config.member):
         raise ConfigError(f"[hl7] member {config.member}: this node holds no keys for it")
+    member = config.registration_member
+    if member is not None and not context.custody.holds(member):
+        raise ConfigError(f"[hl7] registration_member {member}: this node holds no keys for it")
     server = listener_for(config, processor_for(config, context))
     await server.start()
     log.info("hl7 listener started", extra={"listen": config.listen, "member": config.member})

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -44,8 +44,14 @@ from urllib.parse import quote
 
 import hl7  # type: ignore[import-untyped]
 
-SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
-ACCEPTED_PROCESSING_IDS = ("P",)
+# HL7 v2 is backward compatible: a receiver reads every version from 2.1 on, and a vendor's
+# version above the highest it knows (HAPI's "2.999") as that highest version.
+SUPPORTED_VERSIONS = (
+    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8",
+    "2.8.1", "2.8.2",
+)  # fmt: skip
+HIGHEST_VERSION = "2.8.2"
+DEFAULT_PROCESSING_IDS = ("P",)
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -55,11 +61,23 @@ MRN_SYSTEM_PREFIX = "urn:medledger:mrn:"
 
 
 class AckCode(StrEnum):
-    """HL7 table 0008, original acknowledgement mode."""
+    """HL7 table 0008: application acknowledgements (original mode, and enhanced mode's
+    application ack) and enhanced mode's commit acknowledgements."""
 
     ACCEPT = "AA"
     ERROR = "AE"
     REJECT = "AR"
+    COMMIT_ACCEPT = "CA"
+    COMMIT_ERROR = "CE"
+    COMMIT_REJECT = "CR"
+
+    @property
+    def commit(self) -> AckCode:
+        """The enhanced-mode commit ack of an outcome (CA, CE, CR)."""
+        return _COMMIT[self.value[1]]
+
+
+_COMMIT = {"A": AckCode.COMMIT_ACCEPT, "E": AckCode.COMMIT_ERROR, "R": AckCode.COMMIT_REJECT}
 
 
 # HL7 table 0357, message error condition codes (ERR-3, or ERR-1.4 before v2.5).
@@ -77,6 +95,14 @@ ERROR_CODES: dict[str, str] = {
     "206": "Application record locked",
     "207": "Application internal error",
 }
+
+
+class Severity(StrEnum):
+    """HL7 table 0516, the severity of an ERR segment."""
+
+    ERROR = "E"
+    WARNING = "W"
+    INFORMATION = "I"
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,16 @@ class Hl7Error(Exception):
         self.reason = reason
         self.error_code = error_code
         self.location = location
+
+
+@dataclass(frozen=True)
+class Hl7Warning:
+    """Something of an accepted message that was not recorded as sent (an ERR segment of
+    severity W in the AA): e.g. an OBX value type kept as text."""
+
+    reason: str
+    error_code: str = "102"
+    location: ErrorLocation | None = None
 
 
 def _reject(reason: str, code: str, location: ErrorLocation | None = None) -> Hl7Error:
@@ -172,6 +208,8 @@ class Header:
     control_id: str
     processing_id: str
     version: str
+    accept_ack: str = ""  # MSH-15: set, the sender asks for enhanced-mode acknowledgements
+    application_ack: str = ""  # MSH-16
 
 
 @dataclass(frozen=True)
@@ -184,10 +222,15 @@ class PatientIdentifier:
     authority_id_type: str = ""
     type_code: str = ""
 
-    def systems(self) -> list[str]:
+    def systems(self, authorities: Mapping[str, str] | None = None) -> list[str]:
         """The patient-index systems this identifier may be linked under, most specific
-        first; none when it names no assigning authority."""
+        first; none when it names no assigning authority. `authorities` maps the sender's
+        assigning authority names (PID-3.4.1; "" for identifiers that name none) to the
+        systems the node knows them as (`[hl7.authorities]`)."""
         found = []
+        mapped = (authorities or {}).get(self.authority)
+        if mapped is not None:
+            found.append(mapped)
         if self.authority_id and self.authority_id_type.upper() == "ISO":
             found.append(f"urn:oid:{self.authority_id}")
         elif self.authority_id and self.authority_id_type.upper() in ("URI", "URL"):
@@ -237,12 +280,14 @@ class PatientResults:
     sequence: int
     identifiers: tuple[PatientIdentifier, ...]
     orders: list[Order] = field(default_factory=list)
+    segment: Any = None  # the PID (a _Segment), to register the patient from
 
 
 @dataclass(frozen=True)
 class OruMessage:
     header: Header
     patients: tuple[PatientResults, ...]
+    warnings: tuple[Hl7Warning, ...] = ()
 
 
 # -- reading with python-hl7 ---------------------------------------------------------------------
@@ -252,30 +297,42 @@ _ENCODING_SPECIALS = frozenset("|^~\\&")
 
 
 def parse_message(text: str) -> Any:
-    """The python-hl7 Message of one message's text (segments separated by CR, LF or CRLF);
-    AR when it is not an HL7 v2 message."""
+    """The python-hl7 Message of one message's text (segments separated by CR, LF or CRLF, a
+    UTF-8 byte-order mark before MSH ignored); AR when it is not an HL7 v2 message.
+
+    MSH-2 holds four encoding characters (component, repetition, escape, subcomponent) or,
+    from v2.7 on, five: the fifth is the truncation character (`^~\\&#`), which python-hl7
+    reads as part of MSH-2 and which no field of ours uses."""
     text = normalize_segments(text)
     if not text.startswith("MSH") or len(text) < 8:
         raise _reject("not an HL7 v2 message: it does not begin with an MSH segment", "100")
     separator = text[3]
-    encoding = text[4:8]
-    if (
-        separator.isalnum()
-        or separator.isspace()
-        or len(set(encoding)) != 4
-        or separator in encoding
-        or any(c.isalnum() or c.isspace() for c in encoding)
-    ):
+    end = text.find(separator, 4)
+    encoding = text[4:] if end < 0 else text[4:end]
+    encoding = encoding.split("\r", 1)[0]
+    location = ErrorLocation("MSH", 1, 2)
+    if separator.isalnum() or separator.isspace():
+        raise _reject(f"MSH-1: {separator!r} cannot be the field separator", "102", location)
+    if len(encoding) not in (4, 5):
         raise _reject(
-            "MSH-1/MSH-2: invalid field separator or encoding characters",
+            f"MSH-2: {len(encoding)} encoding characters '{encoding[:8]}'; HL7 v2 needs 4"
+            " (component, repetition, escape, subcomponent: ^~\\&) or, from v2.7, 5 with the"
+            " truncation character (^~\\&#)",
             "102",
-            ErrorLocation("MSH", 1, 2),
+            location,
         )
-    if text[8:9] not in (separator, ""):
+    if len(set(encoding + separator)) != len(encoding) + 1:
         raise _reject(
-            "MSH-2: encoding characters must be 4 characters (^~\\&)",
+            f"MSH-2: the encoding characters '{encoding}' repeat a character or the field"
+            " separator; each delimiter must be different",
             "102",
-            ErrorLocation("MSH", 1, 2),
+            location,
+        )
+    if any(c.isalnum() or c.isspace() for c in encoding):
+        raise _reject(
+            f"MSH-2: encoding characters '{encoding}' must not be letters, digits or spaces",
+            "102",
+            location,
         )
     try:
         message = hl7.parse(text)
@@ -284,13 +341,17 @@ def parse_message(text: str) -> Any:
     for segment in message:
         name = _segment_name(segment)
         if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", name):
-            raise _reject(f"invalid segment id {name[:10]!r}", "100")
+            raise _reject(
+                f"invalid segment id {name[:10]!r} (a segment id is three capitals or digits:"
+                " a line break inside a field, or a damaged segment)",
+                "100",
+            )
     return message
 
 
 def normalize_segments(text: str) -> str:
     """One message's segments separated by CR alone, without blank lines or MLLP bytes."""
-    text = text.replace("\x0b", "").replace("\x1c", "")
+    text = text.replace("\x0b", "").replace("\x1c", "").lstrip("\ufeff")
     lines = re.split(r"\r\n|\r|\n", text)
     return "\r".join(line for line in lines if line.strip())
 
@@ -385,48 +446,83 @@ def read_header(message: Any) -> Header:
         control_id=msh.get(10),
         processing_id=msh.get(11, 1, 1),
         version=msh.get(12, 1, 1),
+        accept_ack=msh.get(15).upper() if len(message.segment("MSH")) > 15 else "",
+        application_ack=msh.get(16).upper() if len(message.segment("MSH")) > 16 else "",
     )
 
 
-def check_header(header: Header) -> None:
-    """AR unless the message is an ORU^R01 of a supported version, for production, with a
-    control id."""
+def known_version(version: str) -> str | None:
+    """The HL7 version a message's MSH-12 is read as: a listed one as itself, a later
+    "2.x" (a vendor's "2.999", a version newer than this node) as the highest known; None for
+    what is not an HL7 v2 version at all or is older than 2.1."""
+    if version in SUPPORTED_VERSIONS:
+        return version
+    match = re.fullmatch(r"2\.(\d{1,4})(?:\.(\d{1,4}))?", version)
+    if match is None:
+        return None
+    number = (2, int(match.group(1)), int(match.group(2) or 0))
+    if number > (2, 8, 2):
+        return HIGHEST_VERSION
+    return None
+
+
+def check_envelope(header: Header, processing_ids: Sequence[str] = DEFAULT_PROCESSING_IDS) -> None:
+    """AR unless the message has a control id, an HL7 v2 version from 2.1 on, and a
+    processing id (MSH-11) the node's policy accepts."""
     if not header.control_id:
         raise _reject(
             "MSH-10: the message control id is required", "101", ErrorLocation("MSH", 1, 10)
         )
-    if header.message_type != "ORU":
+    if known_version(header.version) is None:
         raise _reject(
-            f"MSH-9: message type {header.message_type or '(empty)'} is not accepted here"
-            " (only ORU^R01 laboratory results)",
-            "200",
-            ErrorLocation("MSH", 1, 9),
-        )
-    if header.trigger != "R01":
-        raise _reject(
-            f"MSH-9: trigger event {header.trigger or '(empty)'} is not accepted (only R01)",
-            "201",
-            ErrorLocation("MSH", 1, 9),
-        )
-    if header.version not in SUPPORTED_VERSIONS:
-        raise _reject(
-            f"MSH-12: version {header.version or '(empty)'} is not supported"
-            f" ({', '.join(SUPPORTED_VERSIONS)})",
+            f"MSH-12: version {header.version or '(empty)'} is not an HL7 v2 version this"
+            " node reads (2.1 to 2.8.2, or a later 2.x)",
             "203",
             ErrorLocation("MSH", 1, 12),
         )
-    if header.processing_id not in ACCEPTED_PROCESSING_IDS:
+    if header.processing_id not in processing_ids:
         raise _reject(
-            f"MSH-11: processing id {header.processing_id or '(empty)'} is not accepted"
-            " (this ledger records production messages, P, only)",
+            f"MSH-11: processing id {header.processing_id or '(empty)'} is not accepted by"
+            f" this node's policy ([hl7] processing_ids = {list(processing_ids)})",
             "202",
             ErrorLocation("MSH", 1, 11),
         )
 
 
+def check_header(header: Header, processing_ids: Sequence[str] = DEFAULT_PROCESSING_IDS) -> None:
+    """AR unless the message is an ORU^R01 (check_envelope's rules apply)."""
+    check_envelope(header, processing_ids)
+    if header.message_type != "ORU":
+        raise _reject(
+            f"MSH-9: message type {header.message_type or '(empty)'} is not accepted here"
+            " (ORU^R01 laboratory results and ADT patient administration)",
+            "200",
+            ErrorLocation("MSH", 1, 9),
+        )
+    # An MSH-9 of "ORU" alone (v2.1/2.2 style, and some senders still) is read as ORU^R01,
+    # with a warning (trigger_warning).
+    if header.trigger not in ("R01", ""):
+        raise _reject(
+            f"MSH-9: trigger event {header.trigger} is not accepted (ORU^R01 only)",
+            "201",
+            ErrorLocation("MSH", 1, 9),
+        )
+
+
+def trigger_warning(header: Header) -> list[Hl7Warning]:
+    if header.trigger:
+        return []
+    return [
+        Hl7Warning(
+            "MSH-9: no trigger event (MSH-9.2); read as ORU^R01", "101", ErrorLocation("MSH", 1, 9)
+        )
+    ]
+
+
 def read_oru(message: Any, header: Header) -> OruMessage:
     """The patients, orders and results of a checked ORU^R01 message."""
     patients: list[PatientResults] = []
+    warnings: list[Hl7Warning] = []
     counts: dict[str, int] = {}
     last_result: Result | None = None
     order: Order | None = None
@@ -438,7 +534,9 @@ def read_oru(message: Any, header: Header) -> OruMessage:
             if position != 0:
                 raise _reject("a second MSH segment in one message", "100", segment.location(0))
         elif name == "PID":
-            patients.append(PatientResults(segment.sequence, _patient_identifiers(segment)))
+            patients.append(
+                PatientResults(segment.sequence, patient_identifiers(segment), segment=segment)
+            )
             order, last_result = None, None
         elif name == "OBR":
             if not patients:
@@ -453,7 +551,7 @@ def read_oru(message: Any, header: Header) -> OruMessage:
         elif name == "OBX":
             if order is None:
                 raise _reject("an OBX segment before any OBR segment", "100", segment.location(0))
-            last_result = _result(segment)
+            last_result = _result(segment, order, warnings)
             order.results.append(last_result)
         elif name == "NTE" and last_result is not None:
             comment = "\n".join(
@@ -461,30 +559,43 @@ def read_oru(message: Any, header: Header) -> OruMessage:
             )
             if comment:
                 last_result.notes.append(comment)
+    if not patients:
+        raise _invalid("no PID segment: the patient is unknown", "101", ErrorLocation("PID"))
     if not any(p.orders for p in patients):
-        if not patients:
-            raise _invalid("no PID segment: the patient is unknown", "101", ErrorLocation("PID"))
-        raise _reject("no OBR segment: the message carries no results", "100", ErrorLocation("OBR"))
-    return OruMessage(header, tuple(p for p in patients if p.orders))
+        # Acknowledged (nothing to write) rather than refused: a sender's empty result is no
+        # reason to stop its queue, and the warning tells it.
+        warnings.append(
+            Hl7Warning(
+                "no OBR segment: the message carries no results; nothing was recorded",
+                "100",
+                ErrorLocation("OBR"),
+            )
+        )
+    return OruMessage(header, tuple(p for p in patients if p.orders), tuple(warnings))
 
 
-def _patient_identifiers(pid: _Segment) -> tuple[PatientIdentifier, ...]:
+def patient_identifiers(segment: _Segment, field_number: int = 3) -> tuple[PatientIdentifier, ...]:
+    """The CX identifiers of PID-3 (or MRG-1); AE when there is none."""
     found = []
-    for repeat in range(1, pid.repeats(3) + 1):
-        value = pid.get(3, repeat, 1)
+    for repeat in range(1, segment.repeats(field_number) + 1):
+        value = segment.get(field_number, repeat, 1)
         if not value:
             continue
         found.append(
             PatientIdentifier(
                 value=value,
-                authority=pid.get(3, repeat, 4, 1),
-                authority_id=pid.get(3, repeat, 4, 2),
-                authority_id_type=pid.get(3, repeat, 4, 3),
-                type_code=pid.get(3, repeat, 5),
+                authority=segment.get(field_number, repeat, 4, 1),
+                authority_id=segment.get(field_number, repeat, 4, 2),
+                authority_id_type=segment.get(field_number, repeat, 4, 3),
+                type_code=segment.get(field_number, repeat, 5),
             )
         )
     if not found:
-        raise _invalid("PID-3: a patient identifier is required", "101", pid.location(3))
+        raise _invalid(
+            f"{segment.name}-{field_number}: a patient identifier is required",
+            "101",
+            segment.location(field_number),
+        )
     return tuple(found)
 
 
@@ -507,10 +618,19 @@ def _order(obr: _Segment) -> Order:
     )
 
 
-def _result(obx: _Segment) -> Result:
+def _result(obx: _Segment, order: Order, warnings: list[Hl7Warning]) -> Result:
     code = obx.coded(3)
     if code.empty:
-        raise _invalid("OBX-3: the observation identifier is required", "101", obx.location(3))
+        # Report text is often sent as OBX lines without an identifier of their own: they are
+        # results of the order, recorded under its code (OBR-4).
+        warnings.append(
+            Hl7Warning(
+                "OBX-3: no observation identifier; recorded under the order's code (OBR-4)",
+                "101",
+                obx.location(3),
+            )
+        )
+        code = order.service
     values = tuple(
         parts
         for parts in (obx.components(5, r) for r in range(1, obx.repeats(5) + 1))
@@ -671,6 +791,8 @@ _TS = re.compile(
 _RANGE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*-\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*")
 _BOUND = re.compile(r"\s*(<=?|>=?)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*")
 MAX_RECORDS = 100
+# OBX-2 value types mapped to a FHIR value[x] of their own; others are kept as valueString.
+MAPPED_VALUE_TYPES = ("NM", "SN", "ST", "TX", "FT", "CE", "CWE", "DT", "TS", "DTM")
 
 
 def record_id_for(*parts: str) -> str:
@@ -680,10 +802,16 @@ def record_id_for(*parts: str) -> str:
 
 
 def map_message(
-    message: OruMessage, patient_ids: Sequence[str], zone: tzinfo
+    message: OruMessage,
+    patient_ids: Sequence[str],
+    zone: tzinfo,
+    warnings: list[Hl7Warning] | None = None,
 ) -> list[MappedRecord]:
     """The Observation and DiagnosticReport records of a message, given the ledger patient of
-    each of its PID groups; in each order the Observations come before their report."""
+    each of its PID groups; in each order the Observations come before their report. What is
+    kept otherwise than sent (an unmapped value type as text) is added to `warnings`."""
+    if warnings is None:
+        warnings = []
     header = message.header
     records: list[MappedRecord] = []
     seen: set[str] = set()
@@ -705,7 +833,7 @@ def map_message(
                 occurrences[key] = occurrences.get(key, 0) + 1
                 record_id = record_id_for("observation", *order_key, key, str(occurrences[key]))
                 seen.add(record_id)
-                resource = _observation(header, order, result, patient, record_id, zone)
+                resource = _observation(header, order, result, patient, record_id, zone, warnings)
                 records.append(MappedRecord(record_id, patient, resource))
                 result_ids.append((record_id, result))
             report = _report(header, order, patient, report_id, result_ids, zone)
@@ -843,7 +971,13 @@ def _quantity(value: int | float, units: CodedElement) -> dict[str, Any]:
     return quantity
 
 
-def _value(header: Header, result: Result, zone: tzinfo) -> dict[str, Any]:
+def _as_text(result: Result) -> dict[str, Any]:
+    return {"valueString": "\n".join("^".join(parts) for parts in result.values)}
+
+
+def _value(
+    header: Header, result: Result, zone: tzinfo, warnings: list[Hl7Warning]
+) -> dict[str, Any]:
     location = ErrorLocation("OBX", result.sequence, 5)
     if not result.values:
         return {}
@@ -855,9 +989,26 @@ def _value(header: Header, result: Result, zone: tzinfo) -> dict[str, Any]:
             ErrorLocation("OBX", result.sequence, 2),
         )
     if kind in ("ST", "TX", "FT"):
-        return {"valueString": "\n".join("^".join(parts) for parts in result.values)}
+        return _as_text(result)
+    if kind not in MAPPED_VALUE_TYPES:
+        warnings.append(
+            Hl7Warning(
+                f"OBX-2: value type {kind} is not mapped ({', '.join(MAPPED_VALUE_TYPES)});"
+                " the value was stored as text",
+                "102",
+                ErrorLocation("OBX", result.sequence, 2),
+            )
+        )
+        return _as_text(result)
     if len(result.values) > 1:
-        raise _invalid(f"OBX-5: a {kind} value does not repeat", "102", location)
+        warnings.append(
+            Hl7Warning(
+                f"OBX-5: a {kind} value repeats; the repetitions were stored as text",
+                "102",
+                location,
+            )
+        )
+        return _as_text(result)
     parts = result.values[0]
     if kind == "NM":
         if len(parts) > 1:
@@ -870,14 +1021,8 @@ def _value(header: Header, result: Result, zone: tzinfo) -> dict[str, Any]:
         codes = tuple(Code(*padded[start : start + 3]) for start in (0, 3) if padded[start])
         element = CodedElement(codes, padded[1] or padded[4] or padded[8])
         return {"valueCodeableConcept": _concept(header, element)}
-    if kind in ("DT", "TS", "DTM"):
-        moment = fhir_datetime(parts[0], zone, location)
-        return {"valueDateTime": moment}
-    raise _invalid(
-        f"OBX-2: value type {kind} is not supported (NM, SN, ST, TX, FT, CE, CWE, DT, TS, DTM)",
-        "102",
-        ErrorLocation("OBX", result.sequence, 2),
-    )
+    moment = fhir_datetime(parts[0], zone, location)  # DT, TS, DTM
+    return {"valueDateTime": moment}
 
 
 def _structured_numeric(
@@ -948,9 +1093,24 @@ def _interpretation(result: Result) -> list[dict[str, Any]]:
 
 
 def _observation(
-    header: Header, order: Order, result: Result, patient: str, record_id: str, zone: tzinfo
+    header: Header,
+    order: Order,
+    result: Result,
+    patient: str,
+    record_id: str,
+    zone: tzinfo,
+    warnings: list[Hl7Warning],
 ) -> dict[str, Any]:
     status = OBSERVATION_STATUS.get(result.status)
+    if not result.status:
+        warnings.append(
+            Hl7Warning(
+                "OBX-11: no result status; recorded with status unknown",
+                "101",
+                ErrorLocation("OBX", result.sequence, 11),
+            )
+        )
+        status = "unknown"
     if status is None:
         reason = (
             "OBX-11: the result status is required"
@@ -993,7 +1153,7 @@ def _observation(
         )
         if issued is not None:
             resource["issued"] = issued
-    value = _value(header, result, zone)
+    value = _value(header, result, zone, warnings)
     if value:
         resource.update(value)
     elif status not in ("registered", "cancelled"):
@@ -1110,13 +1270,14 @@ def resolve_patient(
     resolve: Callable[[str, str], str | None],
     resolve_any: Callable[[str], str | None],
     sequence: int = 1,
+    authorities: Mapping[str, str] | None = None,
 ) -> str:
     """The ledger patient that the PID-3 identifiers name: an identifier with an assigning
     authority is looked up under that authority's system only, a bare one by its value alone;
     AE when none is known, or when they name different patients."""
     found: set[str] = set()
     for identifier in identifiers:
-        systems = identifier.systems()
+        systems = identifier.systems(authorities)
         if systems:
             for system in systems:
                 patient = resolve(system, identifier.value)

@@ -49,6 +49,20 @@ class PatientIndex:
                 (system, value, patient),
             )
 
+    def reassign(self, system: str, value: str, patient: str) -> str | None:
+        """Link an identifier to `patient` whichever patient it named before (a merge: HL7
+        ADT^A40); the patient it named before, if any."""
+        with self._lock:
+            existing = self._conn.execute(
+                "SELECT patient FROM identifiers WHERE system = ? AND value = ?", (system, value)
+            ).fetchone()
+            self._conn.execute(
+                "INSERT INTO identifiers (system, value, patient) VALUES (?, ?, ?)"
+                " ON CONFLICT (system, value) DO UPDATE SET patient = excluded.patient",
+                (system, value, patient),
+            )
+        return None if existing is None else str(existing[0])
+
     def identifiers_of(self, patient: str) -> list[tuple[str, str]]:
         with self._lock:
             rows = self._conn.execute(
