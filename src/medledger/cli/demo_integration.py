@@ -117,11 +117,13 @@ def configure_hl7_listener(cfg: NodeConfig, listen: str) -> tuple[KeyPair, bool]
     current = document.get("hl7")
     if current is not None and {k: current.get(k) for k in wanted} == wanted:
         return lis, False
-    table = tomlkit.table()
-    table.add(tomlkit.comment("the MLLP listener (docs/integration.md); member is a member id"))
+    # Keys the operator added to an existing table are kept.
+    table = current if current is not None else tomlkit.table()
+    if current is None:
+        table.add(tomlkit.comment("the MLLP listener (docs/integration.md); member is a member id"))
+        document["hl7"] = table
     for key, value in wanted.items():
         table[key] = value
-    document["hl7"] = table
     path.write_text(tomlkit.dumps(document), encoding="utf-8")
     return lis, True
 
