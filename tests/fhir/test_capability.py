@@ -58,7 +58,7 @@ def test_resources_and_search_parameters_match_the_tables() -> None:
         entry = resources[name]
         codes = {i["code"] for i in entry["interaction"]}
         assert {"read", "vread", "update", "create", "search-type", "history-instance"} <= codes
-        assert "delete" not in codes
+        assert "delete" in codes  # entered-in-error (see the system documentation)
         assert entry["updateCreate"] is False
         assert entry["versioning"] == "versioned-update"
         params = {p["name"] for p in entry["searchParam"]}

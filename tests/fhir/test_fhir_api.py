@@ -568,7 +568,7 @@ async def test_errors_are_operation_outcomes(sites: dict[int, Site], chart: Char
     cases = [
         ("GET", "Basic/x", None, 404),
         ("GET", f"Observation/{uuid.uuid4()}", None, 404),
-        ("DELETE", f"Observation/{chart.observations[0]}", None, 405),
+        ("DELETE", "Observation?code=2345-7", None, 405),  # conditional delete
         ("POST", "Observation", {"resourceType": "Observation", "status": "done"}, 400),
         (
             "POST",

@@ -193,11 +193,12 @@ class Site:
     base: str
     token_url: str
     key: ed25519.Ed25519PrivateKey
+    client_id: str
 
     def headers(self) -> dict[str, str]:
         claims = {
-            "iss": "ehr",
-            "sub": "ehr",
+            "iss": self.client_id,
+            "sub": self.client_id,
             "aud": self.token_url,
             "exp": int(time.time()) + 240,
             "jti": str(uuid.uuid4()),
@@ -219,23 +220,33 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
         yield net
 
 
-@pytest.fixture(scope="module")
-def site(network: Network) -> Site:
-    cfg = network.configs[0]
+def make_site(network: Network, node: int, client_id: str) -> Site:
+    cfg = network.configs[node]
     passphrase = (cfg.home / "keys" / "node.passphrase").read_text().strip()
-    ehr = Custody(cfg.home / "custody", passphrase, fast_kdf=True).create("ehr-0")
-    ledger = network.client(0)
-    admin = network.admins[0]
+    ehr = Custody(cfg.home / "custody", passphrase, fast_kdf=True).create(f"ehr-{client_id}")
+    ledger = network.client(node)
+    admin = network.admins[node]
     ledger.submit(
         admin, "member.enroll", EnrollMember(ehr.verify_key, ehr.encryption_key, Role.EHR)
     )
     key = ed25519.Ed25519PrivateKey.generate()
     jwk = str(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
     ledger.submit(
-        admin, "client.register", RegisterClient("ehr", ehr.member_id, jwk, ("system/*.cruds",))
+        admin, "client.register", RegisterClient(client_id, ehr.member_id, jwk, ("system/*.cruds",))
     )
     base = f"{cfg.api_url}/fhir"
-    return Site(base, f"{base}/auth/token", key)
+    return Site(base, f"{base}/auth/token", key, client_id)
+
+
+@pytest.fixture(scope="module")
+def site(network: Network) -> Site:
+    return make_site(network, 0, "ehr")
+
+
+@pytest.fixture(scope="module")
+def other_site(network: Network) -> Site:
+    """Another organization's EHR, on node 1."""
+    return make_site(network, 1, "ehr-other")
 
 
 def transaction(site: Site, entries: list[tuple[str, Json]]) -> httpx.Response:
@@ -447,20 +458,21 @@ def test_new_clinical_types_are_stored_read_back_and_searched(site: Site) -> Non
 
 
 @pytest.mark.e2e
-def test_a_medication_no_record_refers_to_is_refused(site: Site) -> None:
+def test_a_medication_no_record_refers_to_is_directory_data(site: Site) -> None:
     medication = {"resourceType": "Medication", "code": {"text": "aspirin"}}
     answer = httpx.post(
         f"{site.base}/Medication", json=medication, headers=site.headers(), timeout=60
     )
-    assert answer.status_code == 422, answer.text
-    assert "refer" in answer.json()["issue"][0]["diagnostics"]
-    patient_url = f"urn:uuid:{uuid.uuid4()}"
-    answer = transaction(
-        site,
-        [(patient_url, patient("Lone")), (f"urn:uuid:{uuid.uuid4()}", medication)],
-    )
-    assert answer.status_code == 422, answer.text
-    assert "Bundle.entry[1]" in json.dumps(answer.json())
+    assert answer.status_code == 201, answer.text
+    entry_id = answer.json()["id"]
+    read = httpx.get(f"{site.base}/Medication/{entry_id}", headers=site.headers(), timeout=60)
+    assert read.status_code == 200 and read.json()["code"] == {"text": "aspirin"}
+    assert [r["id"] for r in search(site, f"Medication?_id={entry_id}")] == [entry_id]
+    patient_url, alone = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    answer = transaction(site, [(patient_url, patient("Lone")), (alone, medication)])
+    assert answer.status_code == 200, answer.text
+    location = answer.json()["entry"][1]["response"]["location"]
+    assert read_back(site, location)["code"] == {"text": "aspirin"}
 
 
 @pytest.mark.e2e
@@ -531,3 +543,164 @@ def test_every_official_r4_example_of_a_stored_type_is_accepted_and_reads_back(
     }
     for (_, sent), location in zip(entries[1:], locations[1:], strict=True):
         assert as_sent(read_back(site, location)) == as_sent(rewrite(sent, assigned))
+
+
+# --- the shared directory ---------------------------------------------------------------------
+
+NPI = "http://hl7.org/fhir/sid/us-npi"
+
+
+def organization(identifier: str, name: str) -> Json:
+    return {
+        "resourceType": "Organization",
+        "identifier": [{"system": "urn:medledger:test:org", "value": identifier}],
+        "active": True,
+        "name": name,
+        "address": [{"line": ["1 Main St"], "city": "Leominster", "state": "MA"}],
+    }
+
+
+@pytest.mark.e2e
+def test_directory_entries_are_created_conditionally_read_searched_and_updated(
+    site: Site, other_site: Site
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    body = organization(tag, f"Hospital {tag}")
+    condition = {"If-None-Exist": f"identifier=urn:medledger:test:org|{tag}"}
+    created = httpx.post(
+        f"{site.base}/Organization", json=body, headers=site.headers() | condition, timeout=60
+    )
+    assert created.status_code == 201, created.text
+    org_id = created.json()["id"]
+    assert created.headers["ETag"] == 'W/"1"'
+    # The same conditional create finds it and writes nothing.
+    again = httpx.post(
+        f"{site.base}/Organization", json=body, headers=site.headers() | condition, timeout=60
+    )
+    assert again.status_code == 200 and again.json()["id"] == org_id
+    # Read back as sent, from another organization's node too (the directory is shared).
+    for reader in (site, other_site):
+        returned = read_back(reader, f"Organization/{org_id}")
+        assert as_sent(returned) == as_sent(body)
+    # Searches by the US Core parameters.
+    ids = [r["id"] for r in search(site, f"Organization?identifier=urn:medledger:test:org|{tag}")]
+    assert ids == [org_id]
+    assert [r["id"] for r in search(site, f"Organization?name=Hospital {tag}")] == [org_id]
+    assert org_id in [r["id"] for r in search(site, "Organization?address-city=Leominster")]
+    # A record refers to it conditionally: the reference resolves to the entry.
+    patient_url, encounter_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    encounter = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": patient_url},
+        "serviceProvider": {
+            "reference": f"Organization?identifier=urn:medledger:test:org|{tag}",
+            "display": "x",
+        },
+    }
+    answer = transaction(site, [(patient_url, patient("Cond")), (encounter_url, encounter)])
+    assert answer.status_code == 200, answer.text
+    stored = read_back(site, answer.json()["entry"][1]["response"]["location"])
+    assert stored["serviceProvider"] == {"reference": f"Organization/{org_id}", "display": "x"}
+    # An update by the owner makes version 2; vread gives version 1 still.
+    changed = {**body, "id": org_id, "name": f"Renamed {tag}"}
+    updated = httpx.put(
+        f"{site.base}/Organization/{org_id}",
+        json=changed,
+        headers=site.headers() | {"If-Match": 'W/"1"'},
+        timeout=60,
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["meta"]["versionId"] == "2"
+    first = httpx.get(
+        f"{site.base}/Organization/{org_id}/_history/1", headers=site.headers(), timeout=60
+    )
+    assert first.status_code == 200 and first.json()["name"] == f"Hospital {tag}"
+    stale = httpx.put(
+        f"{site.base}/Organization/{org_id}",
+        json=changed,
+        headers=site.headers() | {"If-Match": 'W/"1"'},
+        timeout=60,
+    )
+    assert stale.status_code == 412, stale.text
+    # Another organization's EHR may read the entry but not change it.
+    refused = httpx.put(
+        f"{other_site.base}/Organization/{org_id}",
+        json={**changed, "name": "Taken over"},
+        headers=other_site.headers(),
+        timeout=60,
+    )
+    assert refused.status_code == 403, refused.text
+    assert "belongs to organization" in refused.text
+    assert read_back(site, f"Organization/{org_id}")["name"] == f"Renamed {tag}"
+
+
+@pytest.mark.e2e
+def test_a_duplicate_identifier_and_a_bad_entry_are_refused(site: Site) -> None:
+    tag = uuid.uuid4().hex[:8]
+    body = {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": NPI, "value": tag}],
+        "name": [{"family": "Okafor"}],
+    }
+    first = httpx.post(f"{site.base}/Practitioner", json=body, headers=site.headers(), timeout=60)
+    assert first.status_code == 201, first.text
+    second = httpx.post(f"{site.base}/Practitioner", json=body, headers=site.headers(), timeout=60)
+    assert second.status_code == 409, second.text
+    assert "already names Practitioner/" in second.text
+    invalid = {"resourceType": "Location", "status": "open-ish"}
+    bad = httpx.post(f"{site.base}/Location", json=invalid, headers=site.headers(), timeout=60)
+    assert bad.status_code == 400, bad.text
+    assert [r["id"] for r in search(site, f"Practitioner?identifier={NPI}|{tag}")] == [
+        first.json()["id"]
+    ]
+    assert len(search(site, "Practitioner?family=Okafor&_count=100")) >= 1
+
+
+@pytest.mark.e2e
+def test_delete_marks_entered_in_error_for_the_owning_organization_only(
+    site: Site, other_site: Site
+) -> None:
+    patient_url, observation_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "subject": {"reference": patient_url},
+        "valueQuantity": {"value": 36.6, "unit": "Cel"},
+    }
+    answer = transaction(site, [(patient_url, patient("Del")), (observation_url, observation)])
+    assert answer.status_code == 200, answer.text
+    location = "/".join(answer.json()["entry"][1]["response"]["location"].split("/")[:2])
+    # Another organization may not delete St. Mary's record...
+    refused = httpx.delete(
+        f"{other_site.base}/{location}", headers=other_site.headers(), timeout=60
+    )
+    assert refused.status_code == 403, refused.text
+    assert "author's organization" in refused.text
+    assert "tag" not in read_back(site, location)["meta"]
+    # ... its author's organization may: the version is flagged, and stays readable.
+    for _ in range(2):  # deleting again succeeds and changes nothing
+        deleted = httpx.delete(f"{site.base}/{location}", headers=site.headers(), timeout=60)
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["resourceType"] == "OperationOutcome"
+    tags = read_back(site, location)["meta"]["tag"]
+    assert {"system": "urn:medledger:record-status", "code": "entered-in-error"}.items() <= (
+        tags[0].items()
+    )
+
+    # A directory entry: only its organization retires it; its identifier is then free.
+    tag = uuid.uuid4().hex[:8]
+    body = organization(tag, f"Closed {tag}")
+    created = httpx.post(f"{site.base}/Organization", json=body, headers=site.headers(), timeout=60)
+    assert created.status_code == 201, created.text
+    org = f"Organization/{created.json()['id']}"
+    refused = httpx.delete(f"{other_site.base}/{org}", headers=other_site.headers(), timeout=60)
+    assert refused.status_code == 403, refused.text
+    deleted = httpx.delete(f"{site.base}/{org}", headers=site.headers(), timeout=60)
+    assert deleted.status_code == 200, deleted.text
+    assert read_back(site, org)["meta"]["tag"][0]["code"] == "entered-in-error"
+    assert search(site, f"Organization?identifier=urn:medledger:test:org|{tag}") == []
+    again = httpx.post(f"{site.base}/Organization", json=body, headers=site.headers(), timeout=60)
+    assert again.status_code == 201, again.text

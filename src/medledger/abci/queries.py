@@ -23,6 +23,13 @@ from medledger.ledger.claims import (
     load_claim,
 )
 from medledger.ledger.consent import Consent, ConsentStatus, GranteeKind, consents_of
+from medledger.ledger.directory import (
+    DIRECTORY_TYPES,
+    entries_of_type,
+    entry_by_identifier,
+    entry_history,
+    latest_entry,
+)
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import AuditEntry
 from medledger.ledger.governance import Proposal, load_params, validators
@@ -250,6 +257,40 @@ def _block(store: SqliteStore, data: bytes, prove: bool) -> Any:
     }
 
 
+def _directory_type(text: str) -> str:
+    if text not in DIRECTORY_TYPES:
+        raise LedgerError(
+            Code.INVALID_BODY, f"directory types are {', '.join(sorted(DIRECTORY_TYPES))}"
+        )
+    return text
+
+
+def _directory_entry(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """Query data "<Type>/<id>": the entry's latest version and its whole history."""
+    resource_type, _, entry_id = data.decode().partition("/")
+    state = State(store)
+    latest = latest_entry(state, _directory_type(resource_type), entry_id)
+    if latest is None:
+        raise LedgerError(Code.NOT_FOUND, f"no directory entry {resource_type}/{entry_id}")
+    return {"latest": latest, "versions": entry_history(state, resource_type, entry_id)}
+
+
+def _directory_identifier(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """Query data "<Type>\n<system>|<value>": the active entry holding the identifier."""
+    resource_type, _, identifier = data.decode().partition("\n")
+    state = State(store)
+    entry_id = entry_by_identifier(state, _directory_type(resource_type), identifier)
+    latest = None if entry_id is None else latest_entry(state, resource_type, entry_id)
+    if latest is None:
+        raise LedgerError(Code.NOT_FOUND, f"no {resource_type} has identifier {identifier}")
+    return latest
+
+
+def _directory_entries(store: SqliteStore, data: bytes, prove: bool) -> Any:
+    """Query data "<Type>": the latest version of every entry of the type."""
+    return entries_of_type(State(store), _directory_type(data.decode()))
+
+
 def _anchor(store: SqliteStore) -> dict[str, Any]:
     log = store.audit_log()
     return {
@@ -289,6 +330,9 @@ QUERIES: dict[str, QueryFn] = {
     "/claim": _claim,
     "/claims": _claims,
     "/claims/stats": _claim_stats,
+    "/directory/entry": _directory_entry,
+    "/directory/identifier": _directory_identifier,
+    "/directory/entries": _directory_entries,
 }
 
 

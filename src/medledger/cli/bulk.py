@@ -413,11 +413,7 @@ def plan_bundle(
             if isinstance(named, str) and kinds.get(named) == "Patient":
                 patient = named
         request = entry.get("request")
-        condition = (
-            request.get("ifNoneExist")
-            if resource_type == "Patient" and isinstance(request, dict)
-            else None
-        )
+        condition = request.get("ifNoneExist") if isinstance(request, dict) else None
         entries.append(
             Entry(
                 position,

@@ -26,6 +26,7 @@ RECORD_INTERACTIONS = (
     "history-type",
     "create",
     "search-type",
+    "delete",
 )
 
 
@@ -70,6 +71,16 @@ _CLAIM_DOC = (
     " the caller may not read. Not available in batch or transaction Bundles."
 )
 
+_DIRECTORY_DOC = (
+    "Directory data, not PHI: a signed on-chain entry (directory.put) that every node serves,"
+    " owned by the organization that first wrote it (only its admins, practitioners and"
+    " system clients write later versions). Conditional create (If-None-Exist /"
+    " ifNoneExist: identifier=system|value) returns the entry holding the identifier; an"
+    " identifier names one entry per type. Conditional references in a Bundle"
+    " (<Type>?identifier=system|value) resolve to the entry, as HAPI FHIR resolves them."
+    " DELETE marks the entry entered-in-error (its owner only) and releases its identifiers."
+)
+
 RESOURCES: Mapping[str, ResourceSupport] = {
     "Patient": ResourceSupport(
         RECORD_INTERACTIONS,
@@ -99,20 +110,37 @@ RESOURCES: Mapping[str, ResourceSupport] = {
             "ServiceRequest",
             "FamilyMemberHistory",
             "MedicationAdministration",
-            "Device",
             "ImagingStudy",
             "SupplyDelivery",
             "Specimen",
         )
     },
+    "Device": ResourceSupport(
+        RECORD_INTERACTIONS,
+        "A Device that names its patient (Device.patient, e.g. an implant) is an encrypted"
+        " record of that patient; one without a patient is directory data, a signed on-chain"
+        " entry every node serves. Search with patient lists the patient's Devices, without"
+        " it the directory's.",
+    ),
     "Medication": ResourceSupport(
         RECORD_INTERACTIONS,
-        "A Medication bound to a patient by context: it is created in a transaction Bundle"
+        "A Medication bound to a patient by context — created in a transaction Bundle"
         " together with the patient's records that refer to it (MedicationRequest.medication"
-        "Reference, MedicationAdministration, ...), and is stored as an encrypted record of"
-        " that patient. A Medication no record of the transaction refers to, or one that"
-        " records of two patients refer to, is refused (422).",
+        "Reference, MedicationAdministration, ...) — is stored as an encrypted record of that"
+        " patient; one that records of two patients refer to is refused (422). A Medication"
+        " no patient's record refers to (created on its own) is directory data: a signed"
+        " on-chain entry every node serves, as Organization is. Search without patient lists"
+        " the directory's Medications.",
     ),
+    **{
+        name: ResourceSupport(
+            ("read", "vread", "update", "create", "search-type", "delete"),
+            _DIRECTORY_DOC,
+            record=False,
+            conditional_create=True,
+        )
+        for name in ("Organization", "Practitioner", "PractitionerRole", "Location")
+    },
     "Consent": ResourceSupport(
         ("read", "search-type"),
         "The ledger's consents, read-only here. A consent is the patient's: only the patient or"
@@ -205,9 +233,13 @@ SYSTEM_DOC = (
     " is issued: narrow it by patient. Bodies are JSON of at most 16 MiB (413) nesting at most"
     " 64 levels (400). At most 2 unfinished $export jobs per client (429); an export file is"
     " dropped once"
-    " downloaded. Not supported: delete (use"
-    " erasure), update as create, patch, conditional update/delete, _include/_revinclude,"
-    " chained parameters, _elements, XML."
+    " downloaded. DELETE <Type>/<id> never removes anything: it marks a record's latest version"
+    " entered-in-error (record.mark-error, by a member of the author's organization only;"
+    " others get 403) and a directory entry entered-in-error (its organization only),"
+    " which stay readable in their history with meta.tag urn:medledger:record-status"
+    " entered-in-error; erasure (GDPR Art. 17) is the patient's record.erase. Not supported:"
+    " update as create, patch, conditional update/delete, _include/_revinclude, chained"
+    " parameters, _elements, XML."
 )
 
 
@@ -231,6 +263,8 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
                     "conditionalDelete": "not-supported",
                 }
             )
+        elif support.conditional_create:
+            entry["conditionalCreate"] = True
         params = SEARCH_PARAMS.get(name) or {p.name: p for p in support.search}
         if "search-type" in support.interactions and params:
             entry["searchParam"] = [

@@ -57,6 +57,18 @@ from medledger.fhir.capability import (
     smart_configuration,
 )
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
+from medledger.fhir.directory import (
+    DIRECTORY_ONLY_TYPES,
+    Directory,
+    existing_entry,
+    identifiers_of,
+    is_directory_data,
+    new_write,
+    read_entry,
+    resolve_references,
+    search_entries,
+    served,
+)
 from medledger.fhir.outcome import (
     FhirError,
     business_rule,
@@ -103,6 +115,12 @@ from medledger.ledger.consent import (
     GranteeKind,
     Purpose,
     ScopeKind,
+)
+from medledger.ledger.directory import (
+    DIRECTORY_TYPES,
+    DirectoryEntry,
+    DirectoryWrite,
+    EntryStatus,
 )
 from medledger.ledger.errors import Code
 from medledger.ledger.model import PRACTITIONER_ROLES, SYSTEM_ROLES, Member, Role
@@ -1054,7 +1072,7 @@ class FhirGateway:
                 f"the body is a {body.get('resourceType')!r}, not a {resource_type}",
                 ["resourceType"],
             )
-        if resource_type not in RECORD_TYPES:
+        if resource_type not in RECORD_TYPES and resource_type not in DIRECTORY_TYPES:
             raise not_supported(f"{resource_type} cannot be stored here", 404)
         return strip_server_meta(copy.deepcopy(body))
 
@@ -1185,6 +1203,8 @@ class FhirGateway:
     ) -> Reply:
         resource = self.incoming(resource_type, body)
         validate_resource(resource)
+        if is_directory_data(resource_type, resource):
+            return self.directory_create(caller, resource_type, resource, if_none_exist)
         if resource_type == "Patient":
             if if_none_exist:
                 existing = self.conditional_patient(if_none_exist)
@@ -1201,8 +1221,6 @@ class FhirGateway:
         else:
             if if_none_exist:
                 raise not_supported("conditional create is supported for Patient only", 400)
-            if resource_type in CONTEXT_BOUND_TYPES:
-                raise unbound(resource_type)
             patient = self.resolve_patient(caller, resource)
             record_id = str(uuid.uuid4())
             resource["id"] = record_id
@@ -1240,6 +1258,8 @@ class FhirGateway:
         if resource.get("id") != record_id:
             raise invalid(f"the resource's id must be {record_id!r}, as in the URL", ["id"])
         validate_resource(resource)
+        if self.in_directory(caller, resource_type, record_id):
+            return self.directory_update(caller, resource_type, record_id, resource, if_match)
         history = self.history(caller, record_id)
         if history is None or history.versions[0].resource_type != resource_type:
             raise not_supported(
@@ -1273,6 +1293,139 @@ class FhirGateway:
         version = self.written(caller, record_id, written.version)
         return self.write_reply(caller, 200, stored, version)
 
+    # --- the shared directory ---------------------------------------------------------------
+
+    def directory(self, caller: Caller) -> Directory:
+        return Directory(caller.client.ledger)
+
+    def in_directory(self, caller: Caller, resource_type: str, resource_id: str) -> bool:
+        """Whether `resource_type/resource_id` is (or would be) a directory entry: always for
+        the directory types; for Medication and Device when no record has the id."""
+        if resource_type in DIRECTORY_ONLY_TYPES:
+            return True
+        if resource_type not in DIRECTORY_TYPES:
+            return False
+        history = self.history(caller, resource_id)
+        return history is None or history.versions[0].resource_type != resource_type
+
+    def entry_reply(self, status: int, entry: DirectoryEntry, *, location: bool = False) -> Reply:
+        headers = {"ETag": etag(entry.version), "Last-Modified": http_date(entry.time_ns)}
+        if location:
+            headers["Location"] = (
+                f"{self.base}/{entry.resource_type}/{entry.entry_id}/_history/{entry.version}"
+            )
+        return Reply(status, served(entry), headers)
+
+    def entry_written(self, caller: Caller, status: int, entry: DirectoryEntry) -> Reply:
+        reply = self.entry_reply(status, entry, location=True)
+        preference = caller.prefer.get("return", "representation")
+        if preference == "minimal":
+            reply.body = None
+        elif preference.lower() == "operationoutcome":
+            reply.body = information(
+                f"{entry.resource_type}/{entry.entry_id} version {entry.version} committed at"
+                f" height {entry.height}"
+            )
+        return reply
+
+    def read_version_any(
+        self, caller: Caller, resource_type: str, resource_id: str, vid: int
+    ) -> Reply:
+        if self.in_directory(caller, resource_type, resource_id):
+            entry = read_entry(self.directory(caller), resource_type, resource_id, vid)
+            return self.entry_reply(200, entry)
+        return self.read(caller, resource_type, resource_id, vid)
+
+    def directory_create(
+        self, caller: Caller, resource_type: str, resource: Json, if_none_exist: str | None
+    ) -> Reply:
+        directory = self.directory(caller)
+        if if_none_exist:
+            existing = existing_entry(directory, resource_type, if_none_exist)
+            if existing is not None:
+                return self.entry_written(caller, 200, existing)
+        resource = resolve_references(resource, directory, {})
+        entry_id = str(uuid.uuid4())
+        directory.write(
+            caller.client.keys, caller.client.member_id, [new_write(resource, entry_id)]
+        )
+        return self.entry_written(caller, 201, read_entry(directory, resource_type, entry_id))
+
+    def directory_update(
+        self,
+        caller: Caller,
+        resource_type: str,
+        entry_id: str,
+        resource: Json,
+        if_match: str | None,
+    ) -> Reply:
+        directory = self.directory(caller)
+        found = directory.entry(resource_type, entry_id)
+        if found is None:
+            raise not_supported(
+                f"{resource_type}/{entry_id} does not exist, and update as create is not"
+                " supported: POST to create (the server assigns the id)"
+            )
+        current = found.latest.version
+        expected = parse_etag(if_match) if if_match else None
+        if expected is not None and expected != current:
+            raise FhirError(
+                412,
+                "conflict",
+                f"{resource_type}/{entry_id} is at version {current}, not {expected}",
+            )
+        resource = resolve_references(resource, directory, {})
+        write = new_write(resource, entry_id, current)
+        directory.write(caller.client.keys, caller.client.member_id, [write])
+        return self.entry_written(caller, 200, read_entry(directory, resource_type, entry_id))
+
+    def directory_search(self, caller: Caller, query: SearchQuery) -> Json:
+        matches = search_entries(self.directory(caller), query)
+        page = matches[query.offset : query.offset + query.count]
+        entries = [self.entry(e.resource_type, e.entry_id, served(e), "match") for e in page]
+        notes = self.notes(0, (), query.ignored)
+        return self.searchset(
+            f"{self.base}/{query.resource_type}",
+            query.link_params(),
+            query,
+            len(matches),
+            entries,
+            notes,
+        )
+
+    # --- delete ----------------------------------------------------------------------------
+
+    def delete(self, caller: Caller, resource_type: str, resource_id: str) -> Reply:
+        """FHIR DELETE in the ledger's terms: nothing is removed. A record's latest version
+        is marked entered-in-error (record.mark-error: the author's organization only); a
+        directory entry gets an entered-in-error version (its organization only) and its
+        identifiers are released. Both stay readable in their history, flagged by meta.tag.
+        Deleting what is already entered-in-error succeeds and changes nothing, as FHIR
+        allows."""
+        reason = f"deleted through FHIR DELETE by client {caller.token.client_id}"
+        if self.in_directory(caller, resource_type, resource_id):
+            directory = self.directory(caller)
+            latest = read_entry(directory, resource_type, resource_id)
+            if latest.status is EntryStatus.ACTIVE:
+                retire = DirectoryWrite(
+                    resource_type, resource_id, latest.resource, latest.version, retire=True
+                )
+                directory.write(caller.client.keys, caller.client.member_id, [retire])
+            return Reply(200, information(f"{resource_type}/{resource_id} is entered-in-error"))
+        history = self.record(caller, resource_type, resource_id)
+        if history.head.erased:
+            raise FhirError(410, "deleted", f"{resource_type}/{resource_id} was erased")
+        latest_version = next(v for v in history.versions if v.version == history.head.latest)
+        if latest_version.status is not RecordStatus.ENTERED_IN_ERROR:
+            caller.client.mark_entered_in_error(resource_id, latest_version.version, reason)
+        return Reply(
+            200,
+            information(
+                f"{resource_type}/{resource_id} version {latest_version.version} is marked"
+                " entered-in-error (records are never removed; the patient may erase one)"
+            ),
+        )
+
     # --- transaction and batch -------------------------------------------------------------
 
     def transaction(self, caller: Caller, bundle: Json) -> Json:
@@ -1287,6 +1440,7 @@ class FhirGateway:
             )
         mapping: dict[str, str] = {}
         plans: list[Json] = []
+        directory = self.directory(caller)
         for position, entry in enumerate(entries):
             where = f"Bundle.entry[{position}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
@@ -1306,7 +1460,22 @@ class FhirGateway:
                 self.require_scope(caller, resource_type, "c")
                 resource = self.incoming(resource_type, resource)
                 plan: Json = {"method": "POST", "type": resource_type, "resource": resource}
-                if resource_type == "Patient":
+                condition = request.get("ifNoneExist")
+                if resource_type in DIRECTORY_TYPES and (
+                    resource_type != "Device" or is_directory_data(resource_type, resource)
+                ):
+                    if resource_type != "Medication":  # bound to a patient by context, maybe
+                        plan["directory"] = True
+                    found = (
+                        existing_entry(directory, resource_type, str(condition))
+                        if condition
+                        else None
+                    )
+                    if found is not None:
+                        plan.update(id=found.entry_id, existing=True, directory=True)
+                    else:
+                        plan["id"] = str(uuid.uuid4())
+                elif resource_type == "Patient":
                     condition = request.get("ifNoneExist")
                     existing = self.conditional_patient(condition) if condition else None
                     if existing is not None:
@@ -1321,6 +1490,26 @@ class FhirGateway:
                 resource = self.incoming(resource_type, resource)
                 if resource.get("id") != record_id:
                     raise invalid(f"{where}: the resource's id must be {record_id!r}", [where])
+                if self.in_directory(caller, resource_type, record_id):
+                    current = read_entry(directory, resource_type, record_id)
+                    if request.get("ifMatch") and parse_etag(str(request["ifMatch"])) != (
+                        current.version
+                    ):
+                        raise FhirError(
+                            412, "conflict", f"{where}: {url} is at version {current.version}"
+                        )
+                    plan = {
+                        "method": "PUT",
+                        "type": resource_type,
+                        "resource": resource,
+                        "id": record_id,
+                        "previous": current.version,
+                        "directory": True,
+                    }
+                    if isinstance(full_url, str) and full_url:
+                        mapping[full_url] = f"{resource_type}/{record_id}"
+                    plans.append(plan)
+                    continue
                 history = self.history(caller, record_id)
                 if history is None or history.versions[0].resource_type != resource_type:
                     raise not_supported(
@@ -1362,11 +1551,21 @@ class FhirGateway:
                     local[identifier] = plan["id"]
         if pending:
             self.require_registration_desk(caller)
+        # Conditional references name the transaction's new directory entries first.
+        named: dict[tuple[str, str], str] = {}
+        for plan in plans:
+            if plan["type"] in DIRECTORY_TYPES and not plan.get("existing"):
+                for system_value in identifiers_of(plan["resource"]):
+                    named.setdefault((plan["type"], system_value), plan["id"])
         for position, plan in enumerate(plans):
-            plan["resource"] = rewrite_references(plan["resource"], mapping)
+            plan["resource"] = resolve_references(
+                rewrite_references(plan["resource"], mapping), directory, named
+            )
             resource = plan["resource"]
             try:
-                if plan["type"] == "Patient":
+                if plan.get("directory"):
+                    resource["id"] = plan["id"]
+                elif plan["type"] == "Patient":
                     resource["id"] = plan["id"]
                     self.check_identifiers(resource, None if plan.get("pending") else plan["id"])
                     plan["patient"] = plan["id"]
@@ -1388,8 +1587,14 @@ class FhirGateway:
                 raise in_entry(exc, position) from None
         for position, plan in enumerate(plans):
             if plan.get("context_bound"):
+                key = f"{plan['type']}/{plan['id']}"
+                if not any(
+                    p.get("patient") and key in set(references_in(p["resource"])) for p in plans
+                ):
+                    plan["directory"] = True  # no patient's record is about it
+                    continue
                 try:
-                    plan["patient"] = context_patient(f"{plan['type']}/{plan['id']}", plans)
+                    plan["patient"] = context_patient(key, plans)
                 except FhirError as exc:
                     raise in_entry(exc, position) from None
 
@@ -1403,10 +1608,20 @@ class FhirGateway:
             for plan in plans:
                 plan["resource"] = rewrite_references(plan["resource"], renames)
                 for key in ("id", "patient"):
-                    plan[key] = enrolled.get(plan[key], plan[key])
+                    if key in plan:  # a directory entry has no patient
+                        plan[key] = enrolled.get(plan[key], plan[key])
                 if plan["type"] == "Patient":
                     plan["resource"]["id"] = plan["id"]
 
+        # Directory entries first (shared reference data, in their own directory.put), then
+        # the records in one record.put-many.
+        entry_writes = [
+            new_write(p["resource"], p["id"], p.get("previous", 0))
+            for p in plans
+            if p.get("directory") and not p.get("existing")
+        ]
+        if entry_writes:
+            directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         writes = [
             RecordWrite(
                 validate_resource(p["resource"]).resource,
@@ -1415,7 +1630,7 @@ class FhirGateway:
                 p.get("previous", 0),
             )
             for p in plans
-            if not p.get("existing")
+            if not p.get("existing") and not p.get("directory")
         ]
         done = caller.client.put_many(writes) if writes else []
         for plan in plans:
@@ -1424,6 +1639,21 @@ class FhirGateway:
         versions = {w.record_id: self.written(caller, w.record_id, w.version) for w in done}
         results = []
         for plan in plans:
+            if plan.get("directory"):
+                entry = read_entry(directory, plan["type"], plan["id"])
+                status = 200 if plan.get("existing") or plan["method"] == "PUT" else 201
+                results.append(
+                    {
+                        "fullUrl": f"{self.base}/{plan['type']}/{plan['id']}",
+                        "response": {
+                            "status": status_line(status),
+                            "location": f"{plan['type']}/{plan['id']}/_history/{entry.version}",
+                            "etag": etag(entry.version),
+                            "lastModified": rfc3339(entry.time_ns),
+                        },
+                    }
+                )
+                continue
             if plan.get("existing"):
                 history = caller.client.history(plan["id"])
                 version = history.versions[-1]
@@ -1549,6 +1779,9 @@ class FhirGateway:
             return Reply(200, self.consent_read(caller, resource_id))
         if resource_type == "Provenance":
             return Reply(200, self.provenance_read(caller, resource_id))
+        if self.in_directory(caller, resource_type, resource_id):
+            entry = read_entry(self.directory(caller), resource_type, resource_id)
+            return self.entry_reply(200, entry)
         if resource_type not in RECORD_TYPES:
             raise not_supported(f"read is not supported on {resource_type}")
         return self.read(caller, resource_type, resource_id)
@@ -1562,12 +1795,17 @@ class FhirGateway:
             return self.audit_search(caller, params)
         if resource_type == "Provenance":
             return self.provenance_search(caller, params)
-        if resource_type not in RECORD_TYPES:
+        if resource_type not in RECORD_TYPES and resource_type not in DIRECTORY_TYPES:
             raise not_supported(f"search is not supported on {resource_type}", 404)
         try:
             query = parse_search(resource_type, params, strict=caller.strict)
         except SearchError as exc:
             raise invalid(str(exc)) from None
+        if resource_type in DIRECTORY_TYPES and not query.by(PATIENT):
+            found = self.directory_search(caller, query)
+            # A Medication or Device found by _id may be a patient's record instead.
+            if resource_type in DIRECTORY_ONLY_TYPES or found["total"] or not query.named("_id"):
+                return found
         return self.search(caller, query)
 
     # --- Consent ---------------------------------------------------------------------------
@@ -2227,14 +2465,14 @@ async def vread_handler(request: web.Request) -> web.Response:
     resource_type, resource_id = request.match_info["type"], request.match_info["id"]
     vid = request.match_info["vid"]
     known_type(resource_type)
-    if resource_type not in RECORD_TYPES:
+    if resource_type not in RECORD_TYPES and resource_type not in DIRECTORY_TYPES:
         raise not_supported(f"vread is not supported on {resource_type}")
     if not vid.isdigit() or int(vid) < 1:
         raise not_found(f"{resource_type}/{resource_id} has no version {vid!r}")
     token = authorize(request, resource_type, "r")
     gateway = request.app[GATEWAY]
     reply = await run(
-        request, token, lambda c: gateway.read(c, resource_type, resource_id, int(vid))
+        request, token, lambda c: gateway.read_version_any(c, resource_type, resource_id, int(vid))
     )
     return fhir_response(reply)
 
@@ -2320,6 +2558,19 @@ async def update_handler(request: web.Request) -> web.Response:
     return fhir_response(reply)
 
 
+async def delete_handler(request: web.Request) -> web.Response:
+    resource_type, resource_id = request.match_info["type"], request.match_info["id"]
+    known_type(resource_type)
+    if resource_type == "Consent":
+        raise refuse_consent_write(request, "d")
+    if "delete" not in RESOURCES[resource_type].interactions:
+        raise not_supported(f"delete is not supported on {resource_type}", 405)
+    token = authorize(request, resource_type, "d")
+    gateway = request.app[GATEWAY]
+    reply = await run(request, token, lambda c: gateway.delete(c, resource_type, resource_id))
+    return fhir_response(reply)
+
+
 async def everything_handler(request: web.Request) -> web.Response:
     patient = request.match_info["id"]
     token = authorize(request, "Patient", "r")
@@ -2362,8 +2613,9 @@ async def unsupported_handler(request: web.Request) -> web.Response:
         raise refuse_consent_write(request, WRITE_INTERACTIONS[request.method])
     if segments and segments[0] in RESOURCES and request.method in ("DELETE", "PATCH"):
         raise not_supported(
-            f"{request.method} is not supported: records are never deleted; a patient may"
-            " erase one (record.erase), an author marks a wrong version entered-in-error"
+            f"{request.method} {request.path} is not supported: DELETE takes <Type>/<id> and"
+            " marks the record entered-in-error (records are never removed; a patient may"
+            " erase one with record.erase)"
         )
     if segments and segments[0] not in RESOURCES and not segments[0].startswith(("$", "_")):
         raise not_supported(f"resource type {segments[0]!r} is not supported here", 404)
@@ -2393,6 +2645,7 @@ def add_fhir_routes(app: web.Application) -> None:
     router.add_post("/fhir/{type}", create_handler)
     router.add_get("/fhir/{type}/{id}", read_handler)
     router.add_put("/fhir/{type}/{id}", update_handler)
+    router.add_delete("/fhir/{type}/{id}", delete_handler)
     router.add_route("*", "/fhir/{tail:.*}", unsupported_handler)
 
     async def close(_: web.Application) -> None:

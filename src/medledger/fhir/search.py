@@ -284,6 +284,67 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
         _token("code", "code", "medications-code"),
         _token("status", "status", "Medication-status"),
     ),
+    # The shared directory (not patient data; see fhir/directory.py), with the US Core 6.1
+    # SHALL and SHOULD parameters of each profile; every one is matched on the entry's JSON.
+    "Organization": _table(
+        _token("identifier", "identifier", "Organization-identifier"),
+        _p("name", "string", ("name", "alias"), "Organization-name", "Name or alias."),
+        _p("address", "string", "address", "Organization-address", "Any address part."),
+        _p("address-city", "string", "address.city", "Organization-address-city", "City."),
+        _p("address-state", "string", "address.state", "Organization-address-state", "State."),
+        _p(
+            "address-postalcode",
+            "string",
+            "address.postalCode",
+            "Organization-address-postalcode",
+            "Postal code.",
+        ),
+    ),
+    "Practitioner": _table(
+        _token("identifier", "identifier", "Practitioner-identifier"),
+        _p("name", "string", "name", "Practitioner-name", "Any part of a name (starts with)."),
+        _p("family", "string", "name.family", "individual-family", "Family name."),
+        _p("given", "string", "name.given", "individual-given", "Given name."),
+    ),
+    "PractitionerRole": _table(
+        _p(
+            "practitioner",
+            "reference",
+            "practitioner",
+            "PractitionerRole-practitioner",
+            "Practitioner/<id>.",
+        ),
+        _p(
+            "organization",
+            "reference",
+            "organization",
+            "PractitionerRole-organization",
+            "Organization/<id>.",
+        ),
+        _token("specialty", "specialty", "PractitionerRole-specialty"),
+        _token("role", "code", "PractitionerRole-role"),
+    ),
+    "Location": _table(
+        _token("identifier", "identifier", "Location-identifier"),
+        _p("name", "string", ("name", "alias"), "Location-name", "Name or alias."),
+        _p("address", "string", "address", "Location-address", "Any address part."),
+        _p("address-city", "string", "address.city", "Location-address-city", "City."),
+        _p("address-state", "string", "address.state", "Location-address-state", "State."),
+        _p(
+            "address-postalcode",
+            "string",
+            "address.postalCode",
+            "Location-address-postalcode",
+            "Postal code.",
+        ),
+        _p(
+            "organization",
+            "reference",
+            "managingOrganization",
+            "Location-organization",
+            "Organization/<id>.",
+        ),
+    ),
     "Consent": {
         "_id": _p("_id", "token", "id", "Resource-id", "Ledger consent id.", METADATA),
         "patient": _p(
@@ -630,7 +691,19 @@ def _strings(value: Any) -> list[str]:
         return [value]
     if isinstance(value, Mapping):
         found: list[str] = []
-        for key in ("text", "family", "given", "prefix", "suffix"):
+        for key in (
+            "text",
+            "family",
+            "given",
+            "prefix",
+            "suffix",
+            "line",
+            "city",
+            "district",
+            "state",
+            "postalCode",
+            "country",
+        ):
             item = value.get(key)
             for part in item if isinstance(item, list) else [item]:
                 if isinstance(part, str):

@@ -242,6 +242,10 @@ REQUIRED_CODES: Mapping[str, Mapping[str, frozenset[str]]] = {
         "status": frozenset({"in-progress", "completed", "abandoned", "entered-in-error"})
     },
     "Medication": {"status": frozenset({"active", "inactive", "entered-in-error"})},
+    "Location": {
+        "status": frozenset({"active", "suspended", "inactive"}),
+        "mode": frozenset({"instance", "kind"}),
+    },
     "QuestionnaireResponse": {
         "status": frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
     },

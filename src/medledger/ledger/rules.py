@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from medledger.ledger import access, claims, clients, consent, governance, identity, records
+from medledger.ledger import (
+    access,
+    claims,
+    clients,
+    consent,
+    directory,
+    governance,
+    identity,
+    records,
+)
 from medledger.ledger.access import RequestAccess
 from medledger.ledger.claims import (
     APPEAL_ROLES,
@@ -71,4 +80,8 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "claim.adjudicate": TransactionRule(AdjudicateClaim, PAYER_ROLES, claims.adjudicate_claim),
     "claim.pay": TransactionRule(PayClaim, PAYER_ROLES, claims.pay_claim),
     "claim.appeal": TransactionRule(AppealClaim, APPEAL_ROLES, claims.appeal_claim),
+    # The shared directory (not PHI): the rule function checks the entry's organization.
+    "directory.put": TransactionRule(
+        directory.PutDirectoryEntries, directory.DIRECTORY_ROLES, directory.put_directory_entries
+    ),
 }

@@ -1,0 +1,227 @@
+"""The shared directory on the ledger: `directory.put` writes signed entries (not PHI) that every
+node serves; the entry's organization alone writes later versions; identifiers are unique per
+type; shape, size and nesting bounds hold; the queries answer what was committed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import Consortium, keys_for
+
+from medledger.abci.queries import answer
+from medledger.crypto.keys import KeyPair
+from medledger.ledger.directory import (
+    MAX_ENTRY_BYTES,
+    DirectoryEntry,
+    DirectoryWrite,
+    EntryStatus,
+    PutDirectoryEntries,
+)
+from medledger.ledger.errors import Code, LedgerError
+from medledger.ledger.model import Role
+from medledger.ledger.transactions import EnrollMember
+
+NPI = "http://hl7.org/fhir/sid/us-npi"
+
+
+def canonical(resource: dict[str, Any]) -> bytes:
+    return json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def practitioner(entry_id: str, npi: str, family: str = "Okafor") -> dict[str, Any]:
+    return {
+        "resourceType": "Practitioner",
+        "id": entry_id,
+        "identifier": [{"system": NPI, "value": npi}],
+        "name": [{"family": family}],
+    }
+
+
+def deep(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def put(
+    resource: dict[str, Any], previous: int = 0, *, retire: bool = False
+) -> PutDirectoryEntries:
+    write = DirectoryWrite(
+        resource["resourceType"], resource["id"], canonical(resource), previous, retire
+    )
+    return PutDirectoryEntries((write,))
+
+
+def member(c: Consortium, org: str, role: Role) -> KeyPair:
+    keys = keys_for(f"{org}/{role}")
+    body = EnrollMember(keys.verify_key, keys.encryption_key, role)
+    assert c.submit(c.admin(org), "member.enroll", body).ok
+    return keys
+
+
+def query(c: Consortium, path: str, data: str) -> Any:
+    return msgspec.json.decode(answer(c.chain.store, path, data.encode(), False))
+
+
+def test_an_organization_writes_entries_every_node_reads(consortium: Consortium) -> None:
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    result = c.submit(ehr, "directory.put", put(practitioner("dr-okafor", "9999000001")))
+    assert result.ok, result.log
+    raw = answer(c.chain.store, "/directory/entry", b"Practitioner/dr-okafor", False)
+    entry = msgspec.json.decode(raw, type=dict[str, Any])["latest"]
+    entry = msgspec.convert(entry, DirectoryEntry)
+    assert entry.organization == "st-mary" and entry.author == ehr.member_id
+    assert entry.version == 1 and entry.status is EntryStatus.ACTIVE
+    assert json.loads(entry.resource) == practitioner("dr-okafor", "9999000001")
+    assert entry.identifiers == (f"{NPI}|9999000001",)
+    found = query(c, "/directory/identifier", f"Practitioner\n{NPI}|9999000001")
+    assert found["entry_id"] == "dr-okafor"
+    assert [e["entry_id"] for e in query(c, "/directory/entries", "Practitioner")] == ["dr-okafor"]
+
+    # A new version by the same organization (another of its members) moves the identifier.
+    clinician = member(c, "st-mary", Role.CLINICIAN)
+    moved = practitioner("dr-okafor", "9999000002")
+    assert c.submit(clinician, "directory.put", put(moved, previous=1)).ok
+    history = query(c, "/directory/entry", "Practitioner/dr-okafor")["versions"]
+    assert [v["version"] for v in history] == [1, 2]
+    with pytest.raises(LedgerError):
+        query(c, "/directory/identifier", f"Practitioner\n{NPI}|9999000001")
+    assert query(c, "/directory/identifier", f"Practitioner\n{NPI}|9999000002")["version"] == 2
+
+
+def test_another_organization_patients_and_auditors_are_refused(consortium: Consortium) -> None:
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    assert c.submit(ehr, "directory.put", put(practitioner("dr-a", "1"))).ok
+    # Another organization's member may not write St. Mary's entry...
+    other = member(c, "riverside", Role.EHR)
+    refused = c.submit(other, "directory.put", put(practitioner("dr-a", "1", "Changed"), 1))
+    assert refused.code is Code.UNAUTHORIZED and "belongs to organization st-mary" in refused.log
+    # ... nor retire it.
+    retired = c.submit(other, "directory.put", put(practitioner("dr-a", "1"), 1, retire=True))
+    assert retired.code is Code.UNAUTHORIZED
+    # Patients, billing staff and auditors curate nothing.
+    for role in (Role.PATIENT, Role.BILLING, Role.AUDITOR):
+        keys = member(c, "st-mary", role)
+        result = c.submit(keys, "directory.put", put(practitioner(f"dr-{role}", f"x-{role}")))
+        assert result.code is Code.UNAUTHORIZED, role
+    assert query(c, "/directory/entry", "Practitioner/dr-a")["latest"]["version"] == 1
+
+
+def test_identifiers_are_unique_per_type(consortium: Consortium) -> None:
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    assert c.submit(ehr, "directory.put", put(practitioner("dr-a", "77"))).ok
+    taken = c.submit(ehr, "directory.put", put(practitioner("dr-b", "77")))
+    assert taken.code is Code.CONFLICT and "already names Practitioner/dr-a" in taken.log
+    # The same identifier on an Organization is another type's: allowed.
+    organization = {
+        "resourceType": "Organization",
+        "id": "org-77",
+        "identifier": [{"system": NPI, "value": "77"}],
+    }
+    assert c.submit(ehr, "directory.put", put(organization)).ok
+    # Retiring an entry releases its identifiers.
+    assert c.submit(ehr, "directory.put", put(practitioner("dr-a", "77"), 1, retire=True)).ok
+    latest = query(c, "/directory/entry", "Practitioner/dr-a")["latest"]
+    assert latest["status"] == "entered-in-error"
+    assert c.submit(ehr, "directory.put", put(practitioner("dr-b", "77"))).ok
+
+
+def test_versions_are_checked(consortium: Consortium) -> None:
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    assert c.submit(ehr, "directory.put", put(practitioner("dr-a", "1"))).ok
+    again = c.submit(ehr, "directory.put", put(practitioner("dr-a", "1")))
+    assert again.code is Code.CONFLICT and "is at version 1, not 0" in again.log
+    missing = c.submit(ehr, "directory.put", put(practitioner("dr-z", "9"), 1))
+    assert missing.code is Code.NOT_FOUND
+
+
+def test_entries_of_one_transaction_are_all_or_none(consortium: Consortium) -> None:
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    good = put(practitioner("dr-1", "a")).entries[0]
+    bad = DirectoryWrite("Patient", "p-1", canonical({"resourceType": "Patient", "id": "p-1"}))
+    result = c.submit(ehr, "directory.put", PutDirectoryEntries((good, bad)))
+    assert result.code is Code.INVALID_BODY and result.log.startswith("entry 1:")
+    assert "is not a directory type" in result.log
+    assert query(c, "/directory/entries", "Practitioner") == []
+
+
+@pytest.mark.parametrize(
+    ("write", "code", "text"),
+    [
+        (DirectoryWrite("Practitioner", "a/b", b"{}"), Code.INVALID_BODY, "entry_id"),
+        (DirectoryWrite("Practitioner", "a", b"not json"), Code.INVALID_BODY, "not JSON"),
+        (DirectoryWrite("Practitioner", "a", b"[1]"), Code.INVALID_BODY, "not a JSON object"),
+        (DirectoryWrite("Practitioner", "a", b"\xff"), Code.INVALID_BODY, "not UTF-8"),
+        (
+            DirectoryWrite("Practitioner", "a", b'{"id": "a", "resourceType": "Practitioner"}'),
+            Code.INVALID_BODY,
+            "canonical JSON",
+        ),
+        (
+            DirectoryWrite("Practitioner", "a", canonical({"resourceType": "Location", "id": "a"})),
+            Code.INVALID_BODY,
+            "not a Practitioner",
+        ),
+        (
+            DirectoryWrite(
+                "Practitioner", "a", canonical({"resourceType": "Practitioner", "id": "x"})
+            ),
+            Code.INVALID_BODY,
+            "id must be",
+        ),
+        (
+            DirectoryWrite(
+                "Practitioner",
+                "a",
+                canonical({"resourceType": "Practitioner", "id": "a", "x": deep(40)}),
+            ),
+            Code.INVALID_BODY,
+            "nests deeper",
+        ),
+        (
+            DirectoryWrite(
+                "Practitioner",
+                "a",
+                canonical({"resourceType": "Practitioner", "id": "a", "t": "x" * MAX_ENTRY_BYTES}),
+            ),
+            Code.TOO_LARGE,
+            "bytes",
+        ),
+        (
+            DirectoryWrite(
+                "Practitioner",
+                "a",
+                canonical(
+                    {"id": "a", "identifier": {"value": "1"}, "resourceType": "Practitioner"}
+                ),
+            ),
+            Code.INVALID_BODY,
+            "identifier",
+        ),
+    ],
+)
+def test_bad_entries_are_refused(
+    consortium: Consortium, write: DirectoryWrite, code: Code, text: str
+) -> None:
+    ehr = member(consortium, "st-mary", Role.EHR)
+    result = consortium.submit(ehr, "directory.put", PutDirectoryEntries((write,)))
+    assert result.code is code and text in result.log, result.log
+
+
+def test_queries_refuse_unknown_types_and_missing_entries(consortium: Consortium) -> None:
+    store = consortium.chain.store
+    with pytest.raises(LedgerError) as unknown:
+        answer(store, "/directory/entries", b"Patient", False)
+    assert unknown.value.code is Code.INVALID_BODY
+    with pytest.raises(LedgerError) as missing:
+        answer(store, "/directory/entry", b"Organization/none", False)
+    assert missing.value.code is Code.NOT_FOUND
