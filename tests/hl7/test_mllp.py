@@ -30,7 +30,7 @@ from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
 from medledger.hl7.mllp import MllpDecoder, frame
 from medledger.hl7.oru import MRN_SYSTEM_PREFIX
-from medledger.ledger.model import Role
+from medledger.ledger.model import Member, Role
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
@@ -49,6 +49,7 @@ class Lab:
     patient: KeyPair
     records: RecordsClient
     hl7_port: int
+    ehr: KeyPair
 
     def send(self, message: str) -> Any:
         """Send one message with python-hl7's MLLP client; its parsed acknowledgement."""
@@ -82,10 +83,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         node0 = configs[0]
         # The node's custodial LIS member and its [hl7] listener, configured before it starts.
         node_passphrase = (node0.home / "keys" / "node.passphrase").read_text().strip()
-        lis = Custody(node0.home / "custody", node_passphrase, fast_kdf=True).create("lis")
+        custody = Custody(node0.home / "custody", node_passphrase, fast_kdf=True)
+        lis = custody.create("lis")
+        ehr = custody.create("ehr")  # the registration desk: ADT enrolls patients as it
         with (node0.home / "medledger.toml").open("a", encoding="utf-8") as handle:
             handle.write(
                 f'\n[hl7]\nlisten = "127.0.0.1:{hl7_port}"\nmember = "{lis.member_id}"\n'
+                f'registration_member = "{ehr.member_id}"\n'
                 'timezone = "America/Chicago"\n'
             )
         # The patient, known to the hospital by its MRN in the node's patient index.
@@ -99,11 +103,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         testnet_up(home)
         network.wait_all_at(2, timeout=120)
         client = network.client(0)
-        for keys, role in ((lis, Role.LIS), (patient, Role.PATIENT)):
+        for keys, role in ((lis, Role.LIS), (ehr, Role.EHR), (patient, Role.PATIENT)):
             body = EnrollMember(keys.verify_key, keys.encryption_key, role)
             client.submit(admins[0], "member.enroll", body)
         records = RecordsClient(client, node0.api_url, patient)
-        yield Lab(network, lis, patient, records, hl7_port)
+        yield Lab(network, lis, patient, records, hl7_port, ehr)
     finally:
         if records is not None:
             records.close()
@@ -155,7 +159,10 @@ def test_results_over_mllp_are_acknowledged_and_recorded(lab: Lab) -> None:
 
 def test_a_retransmission_writes_nothing_and_a_correction_amends(lab: Lab) -> None:
     before = lab.count()
-    ack = lab.send(oru("CBC-0001"))
+    ack = lab.send(oru("CBC-0001"))  # the same control id: answered again
+    assert msa(ack)[:2] == ("AA", "CBC-0001")
+    assert lab.count() == before
+    ack = lab.send(oru("CBC-0001-RESENT"))  # the same results: compared, nothing written
     assert msa(ack)[0] == "AA" and "already recorded" in msa(ack)[2]
     assert lab.count() == before
 
@@ -175,8 +182,8 @@ def test_naks_write_nothing(lab: Lab) -> None:
     before = lab.count()
     cases = [
         ("MSH|^~\\&|COBAS_LIS|STMARY_LAB|ML|ST_MARY|2026||ORU^R01|BAD-1|P|2.5.1\rOBX|1|NM|x", "AR"),
-        (oru("BAD-2", message_type="ADT^A08^ADT_A01"), "AR"),
-        (oru("BAD-3", version="2.7"), "AR"),
+        (oru("BAD-2", message_type="ORM^O01^ORM_O01"), "AR"),
+        (oru("BAD-3", version="3.0"), "AR"),
         (oru("BAD-4", mrn="MRN99999"), "AE"),
         (oru("BAD-5", values={"718-7": "11,1"}), "AE"),
     ]
@@ -223,3 +230,74 @@ def test_import_hl7_from_a_file(lab: Lab, tmp_path: Path) -> None:
     assert again.exit_code == 1
     assert '"ack": "AA"' in again.output and '"written": []' in again.output
     assert lab.count() == before + len(BMP) + 1
+
+
+def admission(control_id: str, mrn: str, family: str, trigger: str = "A04") -> str:
+    return "\r".join(
+        [
+            f"MSH|^~\\&|EPIC_ADT|ST_MARY|MEDLEDGER|ST_MARY|20261101080000||ADT^{trigger}^ADT_A01"
+            f"|{control_id}|P|2.5.1",
+            f"EVN|{trigger}|20261101080000",
+            f"PID|1||{mrn}^^^{AUTHORITY}^MR||{family}^Maria||19900101|F",
+        ]
+    )
+
+
+def test_adt_registers_a_patient_whose_results_follow(lab: Lab, tmp_path: Path) -> None:
+    ack = lab.send(admission("ADT-1", "MRN-NEW-1", "Lopez"))
+    assert msa(ack)[:3] == ("AA", "ADT-1", "patient registered"), msa(ack)
+    index = PatientIndex(lab.network.configs[0].state_dir / "patients.db")
+    try:
+        patient = index.resolve(MRN_SYSTEM_PREFIX + AUTHORITY, "MRN-NEW-1")
+    finally:
+        index.close()
+    assert patient is not None
+    client = lab.network.client(0)
+    assert client.query("/member", patient, Member).role is Role.PATIENT
+    # Its Patient record, written by the registration member, under the patient's id.
+    history = lab.records.history(patient)
+    assert history.versions[0].resource_type == "Patient"
+    assert history.versions[0].author == lab.ehr.member_id
+
+    ack = lab.send(oru("ADT-ORU-1", mrn="MRN-NEW-1", filler="LAB-NEW-1", placer="ORD-NEW-1"))
+    assert msa(ack)[0] == "AA", msa(ack)
+    assert len(lab.records.records_of(patient)) == 1 + len(CBC) + 1
+
+    ack = lab.send(admission("ADT-2", "MRN-NEW-1", "Lopez-Garcia", trigger="A08"))
+    assert msa(ack)[:3] == ("AA", "ADT-2", "patient updated"), msa(ack)
+    assert [v.version for v in lab.records.history(patient).versions] == [1, 2]
+
+    # A batch file of two admissions, from `medledger import hl7`.
+    path = tmp_path / "admissions.hl7"
+    path.write_text(
+        "\n".join(
+            [
+                "BHS|^~\\&|EPIC_ADT|ST_MARY|MEDLEDGER|ST_MARY|20261101||||B-1",
+                admission("ADT-3", "MRN-NEW-2", "Okafor"),
+                admission("ADT-4", "MRN-NEW-3", "Chen"),
+                "BTS|2",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    home = lab.network.configs[0].home
+    result = CliRunner().invoke(import_group, ["hl7", str(path), "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    assert "2 messages: 2 accepted" in result.output
+
+    # A broken batch file is refused whole, with python-hl7's reason.
+    broken = tmp_path / "broken.hl7"
+    broken.write_text(
+        "\n".join(
+            [
+                "BHS|^~\\&|EPIC_ADT|ST_MARY|MEDLEDGER|ST_MARY|20261101||||B-2",
+                admission("ADT-5", "MRN-NEW-4", "Silva"),
+                "BHS|^~\\&|EPIC_ADT|ST_MARY|MEDLEDGER|ST_MARY|20261101||||B-3",
+                "BTS|1",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(import_group, ["hl7", str(broken), "--home", str(home)])
+    assert result.exit_code == 1, result.output
+    assert "Batch cannot have more than one BHS segment" in result.output

@@ -1,12 +1,14 @@
-"""`medledger import hl7`: HL7 v2 ORU^R01 laboratory results from files, as the MLLP listener
-takes them over the network.
+"""`medledger import hl7`: HL7 v2 messages (ORU^R01 results, ADT patient administration) from
+files, as the MLLP listener takes them over the network.
 
 It runs on the node, in its home directory: it acts as the node's custodial laboratory-system
-member (the `[hl7] member` of medledger.toml, or `--member`), unlocked with the node's
-passphrase, and resolves patients through the node's patient index. The `[hl7]` sender
-allow-list and patient-matching rule apply as they do over MLLP. Each message is mapped,
-validated and committed in a transaction of its own, exactly as over MLLP; a file may hold
-several messages (segments separated by CR, LF or CRLF; a message begins at each MSH).
+member (the `[hl7] member` of medledger.toml, or `--member`) and, for ADT, its registration
+member (`[hl7] registration_member`), unlocked with the node's passphrase, and resolves
+patients through the node's patient index. Every `[hl7]` rule (sender allow-list, processing
+ids, patient matching, authorities, unknown-patient policy) applies as over MLLP. Each message
+is mapped, validated and committed in a transaction of its own; a file may hold several
+messages (segments separated by CR, LF or CRLF; a message begins at each MSH), or be a batch
+file (FHS/BHS ... BTS/FTS), whose structure is checked first: a broken batch is refused whole.
 
 Exit codes: 0 every message accepted, 1 at least one rejected (each listed with its reason),
 2 a usage error.
@@ -15,6 +17,7 @@ Exit codes: 0 every message accepted, 1 at least one rejected (each listed with 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from rich.progress import Progress
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient
-from medledger.hl7.config import load_hl7_config, zone_named
+from medledger.hl7.adt import PatientRegistry
+from medledger.hl7.batch import BatchOutcome, is_batch, process_batch
+from medledger.hl7.config import Hl7Config, load_hl7_config, zone_named
 from medledger.hl7.ingest import (
     Hl7Processor,
     LedgerRecordWriter,
@@ -32,8 +37,9 @@ from medledger.hl7.ingest import (
     RecordWriter,
     decode_payload,
 )
-from medledger.hl7.oru import split_messages
-from medledger.node.config import ConfigError, load_node_config
+from medledger.hl7.oru import AckCode, split_messages
+from medledger.hl7.registry import LedgerPatientRegistry
+from medledger.node.config import ConfigError, NodeConfig, load_node_config
 from medledger.node.custody import Custody, CustodyError
 from medledger.node.mpi import PatientIndex
 from medledger.node.services import load_services_config
@@ -77,7 +83,7 @@ def import_hl7(
     zone_name: str | None,
     as_json: bool,
 ) -> None:
-    """Import ORU^R01 laboratory results from FILES, one transaction per message."""
+    """Import HL7 v2 messages and batches from FILES, one transaction per message."""
     try:
         cfg = load_node_config(home)
         services = load_services_config(cfg.home)
@@ -92,8 +98,12 @@ def import_hl7(
         raise click.ClickException(str(exc)) from None
 
     messages: list[tuple[str, str]] = []
+    batches: list[tuple[str, str]] = []
     for path in files:
         text, _codec = decode_payload(path.read_bytes())
+        if is_batch(text):
+            batches.append((f"{path}", text))
+            continue
         found = split_messages(text)
         if not found:
             messages.append((f"{path}", text))
@@ -106,21 +116,35 @@ def import_hl7(
     def records() -> RecordWriter:
         return writer
 
+    config = hl7_config or Hl7Config(listen="127.0.0.1:2575", member=member, timezone="UTC")
+    registry = _registry(cfg, custody, config)
     processor = Hl7Processor(
         records,
         patients,
         zone=zone,
-        application=hl7_config.application if hl7_config is not None else "MEDLEDGER",
+        application=config.application,
         facility=cfg.organization,
-        allowed_senders=hl7_config.allowed_senders if hl7_config is not None else None,
-        match_without_authority=hl7_config is not None and hl7_config.match_without_authority,
+        allowed_senders=config.allowed_senders,
+        match_without_authority=config.match_without_authority,
+        processing_ids=config.processing_ids,
+        unknown_patients=config.unknown_patients,
+        authorities=config.authorities,
+        registry=registry,
     )
     items: list[_Item] = []
     try:
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("importing HL7 messages", total=len(messages))
+            task = progress.add_task("importing HL7 messages", total=len(messages) + len(batches))
             for source, message in messages:
                 items.append(_Item(source, processor.process(message)))
+                progress.advance(task)
+            for source, text in batches:
+                batch = process_batch(processor, text)
+                if batch.refusal:
+                    items.append(_Item(source, _refused_batch(batch)))
+                items.extend(
+                    _Item(f"{source}#{n}", outcome) for n, outcome in enumerate(batch.outcomes, 1)
+                )
                 progress.advance(task)
     finally:
         client.ledger.close()
@@ -129,6 +153,32 @@ def import_hl7(
     _report(items, as_json)
     if any(not item.outcome.accepted for item in items):
         raise SystemExit(1)
+
+
+def _registry(
+    cfg: NodeConfig, custody: Custody, config: Hl7Config
+) -> Callable[[], PatientRegistry] | None:
+    """The registration member's registry, as the node's listener has it (None without one)."""
+    member = config.registration_member
+    if member is None:
+        return None
+    if not custody.holds(member):
+        raise click.ClickException(
+            f"[hl7] registration_member {member}: this node holds no keys for it"
+        )
+    client = RecordsClient(
+        LedgerClient(cfg.cometbft_rpc, cfg.chain_id), cfg.api_url, custody.keys_for(member), member
+    )
+    registrar = LedgerPatientRegistry(lambda: client, custody)
+
+    def registry() -> PatientRegistry:
+        return registrar
+
+    return registry
+
+
+def _refused_batch(batch: BatchOutcome) -> Outcome:
+    return Outcome(AckCode.REJECT, "", batch.refusal, batch.ack)
 
 
 def _report(items: list[_Item], as_json: bool) -> None:

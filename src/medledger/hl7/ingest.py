@@ -1,5 +1,10 @@
 """From an HL7 v2 message to the ledger and back to an acknowledgement.
 
+ORU^R01 results are written as below; ADT messages register, update or merge patients
+(`medledger.hl7.adt`) through the node's registration member and its patient index. A message
+sent again with the same sender, control id and content is answered again with its first
+acknowledgement and writes nothing.
+
 A message is parsed, checked, its patients resolved through the node's patient index, mapped
 to FHIR and validated; then its records are sealed, uploaded and committed in one
 `record.put-many` transaction authored by the laboratory system's custodial member, and the

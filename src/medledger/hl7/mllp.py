@@ -330,7 +330,7 @@ def processor_for(config: Hl7Config, context: FhirContext) -> Hl7Processor:
     registry: Callable[[], PatientRegistry] | None = None
     member = config.registration_member
     if member is not None:
-        registrar = LedgerPatientRegistry(context, member)
+        registrar = LedgerPatientRegistry(lambda: context.records_client(member), context.custody)
 
         def registry() -> PatientRegistry:
             return registrar

@@ -1,5 +1,5 @@
-"""ORU^R01 (unsolicited observation result) messages of HL7 v2.3 to v2.5.1, and their FHIR R4
-form.
+"""ORU^R01 (unsolicited observation result) messages of HL7 v2.1 to v2.8 (a later vendor
+"2.x" is read as 2.8.2), and their FHIR R4 form.
 
 A message is MSH, then for each patient a PID with its orders: an OBR (the order and its
 report) followed by its OBX results, each optionally followed by NTE comments. Other segments
@@ -12,10 +12,12 @@ them, all about the ledger patient the PID-3 identifiers resolve to:
   identifiers; OBR-7 (and OBR-8) → effective[x]; OBR-22 → issued; OBR-25 → status.
 - OBX-3 → Observation.code (LN is LOINC); OBX-5 by OBX-2 value type: NM → valueQuantity,
   SN → valueQuantity with a comparator, valueRange or valueRatio, ST/TX/FT → valueString,
-  CE/CWE → valueCodeableConcept, DT/TS/DTM → valueDateTime; OBX-6 units → UCUM when known;
+  CE/CWE → valueCodeableConcept, DT/TS/DTM → valueDateTime, any other type (FN, XAD, ED, ...)
+  or a repeated non-text value → valueString with a warning; OBX-6 units → UCUM when known;
   OBX-7 "low-high", "<high" or ">low" → referenceRange (other text as its text); OBX-8 abnormal
-  flags (HL7 table 0078) → interpretation; OBX-11 (table 0085) → status; OBX-14 (else OBR-7) →
-  effectiveDateTime; NTE after an OBX → note.
+  flags (HL7 table 0078) → interpretation; OBX-11 (table 0085) → status (none: "unknown", with
+  a warning); OBX-14 (else OBR-7) → effectiveDateTime; NTE after an OBX → note. An OBX without
+  OBX-3 (report text lines) is recorded under its order's OBR-4, with a warning.
 
 Record ids are derived from the sending application and facility, the order (filler, else
 placer order number, else the message control id) and the test, so that a result sent again
@@ -25,9 +27,10 @@ record: unchanged it is not written again, changed it becomes a new version of t
 HL7 times without a UTC offset are taken in the listener's configured time zone (FHIR needs an
 offset on every time of day). Nothing here reads the clock.
 
-A message that is not an ORU^R01 of a supported version and processing id, or whose structure
-or syntax is broken, is rejected (AR); one whose content cannot be recorded (a missing or
+A message that is not an ORU^R01 of a supported version and an accepted processing id, or
+whose structure or syntax is broken, is rejected (AR); one whose content cannot be recorded (an
 invalid value, an unknown code in a table, an unknown patient) is an application error (AE).
+What is recorded otherwise than sent is accepted with a warning (`Hl7Warning`), never silently.
 """
 
 from __future__ import annotations

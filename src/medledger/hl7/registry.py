@@ -8,29 +8,29 @@ record may hold, are the ledger's and the FHIR validator's rules; nothing is dec
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import ClientError
 from medledger.crypto.package import PackageError
-from medledger.fhir.context import FhirContext
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
+from medledger.node.custody import Custody
 
 
 class LedgerPatientRegistry:
-    """A `PatientRegistry` acting as one custodial EHR member of the node."""
+    """A `PatientRegistry` acting as one custodial EHR member of the node: `client` gives
+    the SDK client signing as that member (the FHIR context's `records_client(member)` on the
+    node), `custody` is where new patients' keys are kept."""
 
-    def __init__(self, context: FhirContext, member: str) -> None:
-        self._context = context
-        self._member = member
-
-    def _client(self) -> RecordsClient:
-        return self._context.records_client(self._member)
+    def __init__(self, client: Callable[[], RecordsClient], custody: Custody) -> None:
+        self._client = client
+        self._custody = custody
 
     def register(self, resource: dict[str, Any]) -> str:
         client = self._client()
-        keys = self._context.custody.create(f"patient-{uuid.uuid4()}")
+        keys = self._custody.create(f"patient-{uuid.uuid4()}")
         body = EnrollMember(keys.verify_key, keys.encryption_key, Role.PATIENT)
         client.ledger.submit(client.keys, "member.enroll", body, sender=client.member_id)
         patient = keys.member_id
