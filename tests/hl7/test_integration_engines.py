@@ -399,6 +399,7 @@ def test_hl7_keys_are_read_and_checked() -> None:
         ({"processing_ids": []}, "processing_ids"),
         ({"processing_ids": "P"}, "processing_ids"),
         ({"unknown_patients": "accept"}, "unknown_patients"),
+        ({"unknown_patients": "register"}, "needs registration_member"),
         ({"registration_member": ""}, "registration_member"),
         ({"authorities": {"LABFAC": {"MRN": "urn:x"}}}, "hl7.authorities"),
         ({"authorities": {"LAB^FAC": {"MRN": 3}}}, "hl7.authorities"),

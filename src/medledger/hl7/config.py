@@ -180,6 +180,11 @@ def _parse_table(table: dict[str, Any]) -> Hl7Config:
         ),
         authorities=_authorities(table),
     )
+    if config.unknown_patients == "register" and config.registration_member is None:
+        raise ConfigError(
+            '[hl7] unknown_patients = "register" needs registration_member: the member id of'
+            " the node's custodial EHR member that enrolls patients"
+        )
     config.address  # noqa: B018 - validates listen
     config.zone  # noqa: B018 - validates timezone
     return config
