@@ -408,3 +408,11 @@ def test_hl7_keys_are_read_and_checked() -> None:
         with pytest.raises(ConfigError) as caught:
             _parse_table({**base, **bad})
         assert key in str(caught.value)
+
+
+def test_a_batch_is_held_to_the_message_bounds(make_lab: Any) -> None:
+    lab = make_lab()
+    many = "\r".join(["BHS|^~\\&|A|B", *(adt(f"BN{n}") for n in range(700)), "BTS|700"])
+    outcome = process_batch(lab.processor, many)
+    assert outcome.outcomes == () and "segments; this node reads at most" in outcome.refusal
+    assert lab.registry.patients == {}
