@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_HOME ?= demo/testnet
 
-.PHONY: setup demo demo-down test lint typecheck unit e2e fuzz bench bench-records bench-fhir bench-all clean
+.PHONY: setup demo demo-down test lint typecheck unit e2e fuzz bench bench-records bench-fhir bench-soak bench-all clean
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,11 @@ bench-records: setup
 
 bench-fhir: setup
 	$(PY) bench/fhir.py
+
+# A year of records: 1,000,000 records on a 4-validator network (hours on this machine; not part
+# of bench-all). SOAK_RECORDS=N for a shorter soak.
+bench-soak: setup
+	$(PY) bench/soak.py --records $${SOAK_RECORDS:-1000000}
 
 bench-all: bench bench-records bench-fhir
 
