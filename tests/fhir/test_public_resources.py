@@ -28,7 +28,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from medledger.fhir.capability import RECORD_TYPES, RESOURCES
-from medledger.fhir.search import SEARCH_PARAMS
+from medledger.fhir.include import split_inclusions
+from medledger.fhir.search import SEARCH_PARAMS, SearchError
 from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
@@ -704,3 +705,126 @@ def test_delete_marks_entered_in_error_for_the_owning_organization_only(
     assert search(site, f"Organization?identifier=urn:medledger:test:org|{tag}") == []
     again = httpx.post(f"{site.base}/Organization", json=body, headers=site.headers(), timeout=60)
     assert again.status_code == 201, again.text
+
+
+def test_unsupported_inclusions_are_refused_saying_what_is_supported() -> None:
+    with pytest.raises(SearchError, match="Provenance:target"):
+        split_inclusions("Observation", [("_revinclude", "Observation:subject")])
+    with pytest.raises(SearchError, match="MedicationRequest:medication"):
+        split_inclusions("MedicationRequest", [("_include", "MedicationRequest:nothing")])
+    with pytest.raises(SearchError, match="on Observation"):
+        split_inclusions("Observation", [("_include", "Condition:subject")])
+    rest, inclusions = split_inclusions(
+        "MedicationRequest",
+        [("patient", "Patient/p"), ("_include", "MedicationRequest:medication:Medication")],
+    )
+    assert rest == [("patient", "Patient/p")] and inclusions.includes[0].target == "Medication"
+
+
+@pytest.mark.e2e
+def test_include_and_revinclude_provenance(site: Site) -> None:
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [(patient_url, patient("Incl")), *chart(patient_url)]
+    answer = transaction(site, entries)
+    assert answer.status_code == 200, answer.text
+    locations = ["/".join(e["response"]["location"].split("/")[:2]) for e in answer.json()["entry"]]
+    by_type = {sent["resourceType"]: loc for (_, sent), loc in zip(entries, locations, strict=True)}
+    patient_ref = by_type["Patient"]
+
+    def bundle(query: str) -> list[Json]:
+        got = httpx.get(f"{site.base}/{query}", headers=site.headers(), timeout=120)
+        assert got.status_code == 200, got.text
+        return list(got.json().get("entry", []))
+
+    found = bundle(f"MedicationRequest?patient={patient_ref}&_include=MedicationRequest:medication")
+    modes = {(e["search"]["mode"], e["resource"]["resourceType"]) for e in found}
+    assert modes == {("match", "MedicationRequest"), ("include", "Medication")}
+    included = next(e["resource"] for e in found if e["search"]["mode"] == "include")
+    assert f"Medication/{included['id']}" == by_type["Medication"]
+    # US Core SHALL: _revinclude=Provenance:target.
+    found = bundle(f"Specimen?patient={patient_ref}&_revinclude=Provenance:target")
+    provenance = [e["resource"] for e in found if e["search"]["mode"] == "include"]
+    assert len(provenance) == 1 and provenance[0]["resourceType"] == "Provenance"
+    assert provenance[0]["target"][0]["reference"].startswith(by_type["Specimen"])
+    # A directory include: PractitionerRole -> Practitioner.
+    tag = uuid.uuid4().hex[:8]
+    doctor = {"resourceType": "Practitioner", "identifier": [{"system": NPI, "value": tag}]}
+    made = httpx.post(f"{site.base}/Practitioner", json=doctor, headers=site.headers(), timeout=60)
+    assert made.status_code == 201, made.text
+    role = {
+        "resourceType": "PractitionerRole",
+        "practitioner": {"reference": f"Practitioner?identifier={NPI}|{tag}"},
+    }
+    made_role = httpx.post(
+        f"{site.base}/PractitionerRole", json=role, headers=site.headers(), timeout=60
+    )
+    assert made_role.status_code == 201, made_role.text
+    assert made_role.json()["practitioner"]["reference"] == f"Practitioner/{made.json()['id']}"
+    found = bundle(
+        f"PractitionerRole?practitioner=Practitioner/{made.json()['id']}"
+        "&_include=PractitionerRole:practitioner"
+    )
+    assert [(e["search"]["mode"], e["resource"]["id"]) for e in found] == [
+        ("match", made_role.json()["id"]),
+        ("include", made.json()["id"]),
+    ]
+
+
+def provenance_of(*targets: str) -> Json:
+    return {
+        "resourceType": "Provenance",
+        "target": [{"reference": t} for t in targets],
+        "recorded": "2024-03-05T10:00:00+00:00",
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "author",
+                        }
+                    ]
+                },
+                "who": {"reference": f"Practitioner?identifier={NPI}|9999999999"},
+            }
+        ],
+    }
+
+
+@pytest.mark.e2e
+def test_an_ehrs_provenance_is_a_record_of_its_targets_patient(site: Site) -> None:
+    patient_url, condition_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    condition = {
+        "resourceType": "Condition",
+        "code": {"coding": [{"system": SNOMED, "code": "44054006"}]},
+        "subject": {"reference": patient_url},
+    }
+    provenance_url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [
+        (patient_url, patient("Prov")),
+        (condition_url, condition),
+        (provenance_url, provenance_of(patient_url, condition_url)),
+    ]
+    answer = transaction(site, entries)
+    assert answer.status_code == 200, answer.text
+    locations = ["/".join(e["response"]["location"].split("/")[:2]) for e in answer.json()["entry"]]
+    assigned = {url: loc for (url, _), loc in zip(entries, locations, strict=True)}
+    stored = read_back(site, locations[2])
+    assert as_sent(stored) == as_sent(rewrite(entries[2][1], assigned))
+    found = search(site, f"Provenance?patient={locations[0]}")
+    assert [f"Provenance/{r['id']}" for r in found] == [locations[2]]
+    # The ledger's own Provenance views are still there.
+    views = search(site, f"Provenance?target={locations[1]}")
+    assert views and views[0]["id"].endswith("-v1")
+    # One Provenance about two patients' records is refused.
+    other_url = f"urn:uuid:{uuid.uuid4()}"
+    answer = transaction(
+        site,
+        [
+            (patient_url, patient("ProvA")),
+            (other_url, patient("ProvB")),
+            (provenance_url, provenance_of(patient_url, other_url)),
+        ],
+    )
+    assert answer.status_code == 422, answer.text
+    assert "one patient" in answer.text

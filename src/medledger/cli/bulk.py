@@ -17,16 +17,19 @@ resource whose Patient was committed earlier becomes the conditional reference
 resolves through this node's patient index (or `Patient/<id>` when the patient has no
 identifier); every other reference becomes the `<Type>/<id>` the earlier transaction assigned.
 
-Nothing is dropped silently. Entries of resource types the server does not store (its
-CapabilityStatement offers no create: Claim, ExplanationOfBenefit, Provenance, Practitioner,
-...) are not sent and are reported per type; references to them are left as the file wrote
-them. A transaction is all or nothing: when the server refuses one entry (an invalid resource,
-a duplicate patient identifier), that entry is reported with the server's reason and the rest
-of the transaction is sent again without it; the records of a Patient that could not be
-imported are reported as failed too. A transaction the server answers with a 5xx is reported
-as failed and not sent again, since it may have been committed before the answer failed.
-Records are never deleted from the ledger, so importing the same file twice is refused for its
-patients (their identifiers are already taken).
+Directory resources (Organization, Practitioner, PractitionerRole, Location: Synthea's hospital
+and practitioner support bundles) are imported like records, with their ifNoneExist conditions;
+load the support bundles first, so that the patient bundles' conditional references
+(`Organization?identifier=...`) resolve to them. Nothing is dropped silently. Entries of
+resource types the server does not store (its CapabilityStatement offers no create: Claim,
+ExplanationOfBenefit, ...) are not sent and are reported per type; references to them are left
+as the file wrote them. A transaction is all or nothing: when the server refuses one entry (an
+invalid resource, a duplicate patient identifier), that entry is reported with the server's
+reason and the rest of the transaction is sent again without it; the records of a Patient that
+could not be imported are reported as failed too. A transaction the server answers with a 5xx
+is reported as failed and not sent again, since it may have been committed before the answer
+failed. Records are never deleted from the ledger, so importing the same file twice is refused
+for its patients (their identifiers are already taken).
 
 Exit codes: 0 every importable entry was imported (unsupported ones are reported), 1 at least
 one file or entry failed, 2 a usage error.

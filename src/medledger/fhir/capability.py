@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from medledger.fhir.include import REVINCLUDES, include_paths
 from medledger.fhir.search import CONTENT, METADATA, PATIENT, SEARCH_PARAMS, SP, SearchParam
 
+DIRECTORY_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
 FHIR_VERSION = "4.0.1"
 SOFTWARE_VERSION = "0.1.0"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
@@ -159,11 +161,14 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         record=False,
     ),
     "Provenance": ResourceSupport(
-        ("read", "search-type"),
-        "One Provenance per record version: author, organization, block time and height,"
-        " package digest and commitment, with the version's state proof checked against the"
-        " validators' signed header.",
-        record=False,
+        ("read", "vread", "create", "update", "history-instance", "search-type", "delete"),
+        "Two kinds. The ledger's own: one Provenance per record version (id <record>-v<n>):"
+        " author, organization, block time and height, package digest and commitment, with the"
+        " version's state proof checked against the validators' signed header; found with"
+        " target=<Type>/<id> and _revinclude=Provenance:target. And a Provenance an EHR sends"
+        " (Synthea ends each bundle with one): stored as an encrypted record of the one"
+        " patient its targets are about (a target Patient, or the patient of each target"
+        " record); targets about two patients are refused (422); found with patient=.",
     ),
     "Claim": ResourceSupport(
         ("read", "search-type"),
@@ -238,8 +243,9 @@ SYSTEM_DOC = (
     " others get 403) and a directory entry entered-in-error (its organization only),"
     " which stay readable in their history with meta.tag urn:medledger:record-status"
     " entered-in-error; erasure (GDPR Art. 17) is the patient's record.erase. Not supported:"
-    " update as create, patch, conditional update/delete, _include/_revinclude, chained"
-    " parameters, _elements, XML."
+    " update as create, patch, conditional update/delete, chained parameters, _elements, XML."
+    " _include takes the reference parameters of each type (searchInclude); _revinclude takes"
+    " Provenance:target (the ledger's Provenance of each matched record version)."
 )
 
 
@@ -266,6 +272,12 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
         elif support.conditional_create:
             entry["conditionalCreate"] = True
         params = SEARCH_PARAMS.get(name) or {p.name: p for p in support.search}
+        if "search-type" in support.interactions and (support.record or name in DIRECTORY_TYPES):
+            paths = include_paths(name)
+            if paths:
+                entry["searchInclude"] = [f"{name}:{p}" for p in sorted(paths)]
+            if support.record:
+                entry["searchRevInclude"] = sorted(REVINCLUDES)
         if "search-type" in support.interactions and params:
             entry["searchParam"] = [
                 {

@@ -69,6 +69,7 @@ from medledger.fhir.directory import (
     search_entries,
     served,
 )
+from medledger.fhir.include import Inclusions, referenced, split_inclusions
 from medledger.fhir.outcome import (
     FhirError,
     business_rule,
@@ -405,7 +406,7 @@ def patient_element(resource_type: str) -> str:
 # Record types without a patient element: a resource of one is a record of the patient whose
 # records in the same transaction refer to it (a Synthea or EHR Medication beside its
 # MedicationRequest).
-CONTEXT_BOUND_TYPES = frozenset({"Medication"})
+CONTEXT_BOUND_TYPES = frozenset({"Medication", "Provenance"})
 
 
 def context_patient(plan_key: str, plans: Sequence[Mapping[str, Any]]) -> str:
@@ -1221,7 +1222,10 @@ class FhirGateway:
         else:
             if if_none_exist:
                 raise not_supported("conditional create is supported for Patient only", 400)
-            patient = self.resolve_patient(caller, resource)
+            if resource_type == "Provenance":
+                patient = self.provenance_patient(caller, resource, [])
+            else:
+                patient = self.resolve_patient(caller, resource)
             record_id = str(uuid.uuid4())
             resource["id"] = record_id
             stored = validate_resource(resource).resource
@@ -1297,6 +1301,41 @@ class FhirGateway:
 
     def directory(self, caller: Caller) -> Directory:
         return Directory(caller.client.ledger)
+
+    def is_record(self, caller: Caller, resource_type: str, resource_id: str) -> bool:
+        history = self.history(caller, resource_id)
+        return history is not None and history.versions[0].resource_type == resource_type
+
+    def provenance_patient(self, caller: Caller, resource: Json, plans: Sequence[Json]) -> str:
+        """The one patient a Provenance's targets are about: a target Patient, or the
+        patient of each target record (one of the transaction's, or a committed one)."""
+        planned = {f"{p['type']}/{p['id']}": p.get("patient") for p in plans}
+        patients: set[str] = set()
+        for target in resource.get("target") or []:
+            reference = target.get("reference") if isinstance(target, dict) else None
+            if not isinstance(reference, str):
+                continue
+            if reference.startswith(self.base + "/"):
+                reference = reference[len(self.base) + 1 :]
+            kind, _, rest = reference.partition("/")
+            record_id = rest.split("/", 1)[0]
+            if f"{kind}/{record_id}" in planned:
+                patient = planned[f"{kind}/{record_id}"]
+                if patient:
+                    patients.add(str(patient))
+                continue
+            if kind == "Patient" and self.patient_member(caller, record_id) is not None:
+                patients.add(record_id)
+                continue
+            history = self.history(caller, record_id) if record_id else None
+            if history is not None and history.versions[0].resource_type == kind:
+                patients.add(history.head.patient)
+        if len(patients) != 1:
+            raise business_rule(
+                "Provenance.target must name records of one patient this node knows"
+                f" ({len(patients)} found): a Provenance is stored with that patient's records"
+            )
+        return patients.pop()
 
     def in_directory(self, caller: Caller, resource_type: str, resource_id: str) -> bool:
         """Whether `resource_type/resource_id` is (or would be) a directory entry: always for
@@ -1586,7 +1625,12 @@ class FhirGateway:
             except FhirError as exc:
                 raise in_entry(exc, position) from None
         for position, plan in enumerate(plans):
-            if plan.get("context_bound"):
+            if plan.get("context_bound") and plan["type"] == "Provenance":
+                try:
+                    plan["patient"] = self.provenance_patient(caller, plan["resource"], plans)
+                except FhirError as exc:
+                    raise in_entry(exc, position) from None
+            elif plan.get("context_bound"):
                 key = f"{plan['type']}/{plan['id']}"
                 if not any(
                     p.get("patient") and key in set(references_in(p["resource"])) for p in plans
@@ -1777,7 +1821,7 @@ class FhirGateway:
     def read_any(self, caller: Caller, resource_type: str, resource_id: str) -> Reply:
         if resource_type == "Consent":
             return Reply(200, self.consent_read(caller, resource_id))
-        if resource_type == "Provenance":
+        if resource_type == "Provenance" and not self.is_record(caller, "Provenance", resource_id):
             return Reply(200, self.provenance_read(caller, resource_id))
         if self.in_directory(caller, resource_type, resource_id):
             entry = read_entry(self.directory(caller), resource_type, resource_id)
@@ -1798,15 +1842,60 @@ class FhirGateway:
         if resource_type not in RECORD_TYPES and resource_type not in DIRECTORY_TYPES:
             raise not_supported(f"search is not supported on {resource_type}", 404)
         try:
+            params, inclusions = split_inclusions(resource_type, params)
             query = parse_search(resource_type, params, strict=caller.strict)
         except SearchError as exc:
             raise invalid(str(exc)) from None
+        found = None
         if resource_type in DIRECTORY_TYPES and not query.by(PATIENT):
             found = self.directory_search(caller, query)
             # A Medication or Device found by _id may be a patient's record instead.
-            if resource_type in DIRECTORY_ONLY_TYPES or found["total"] or not query.named("_id"):
-                return found
-        return self.search(caller, query)
+            if not (resource_type in DIRECTORY_ONLY_TYPES or found["total"]) and query.named("_id"):
+                found = None
+        bundle = found if found is not None else self.search(caller, query)
+        return self.with_inclusions(caller, bundle, inclusions) if inclusions else bundle
+
+    def with_inclusions(self, caller: Caller, bundle: Json, inclusions: Inclusions) -> Json:
+        """`bundle` with the resources its matches' `_include`s name and, for
+        `_revinclude=Provenance:target`, the ledger's Provenance of each matched record."""
+        entries = bundle.get("entry", [])
+        matches = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
+        extra: list[Json] = []
+        left_out: list[str] = []
+        for reference in referenced(matches, inclusions.includes):
+            kind, _, resource_id = reference.partition("/")
+            try:
+                reply = self.read_any(caller, kind, resource_id)
+            except (FhirError, ClientError) as exc:
+                left_out.append(f"{reference} ({exc})")
+                continue
+            if reply.body is not None:
+                extra.append(self.entry(kind, resource_id, reply.body, "include"))
+        if inclusions.provenance:
+            for resource in matches:
+                if self.in_directory(caller, resource["resourceType"], resource["id"]):
+                    continue
+                history = self.history(caller, resource["id"])
+                if history is None:
+                    continue
+                latest = next(v for v in history.versions if v.version == history.head.latest)
+                provenance = self.provenance(caller, latest)
+                extra.append(self.entry("Provenance", provenance["id"], provenance, "include"))
+        outcome = [e for e in entries if e["search"]["mode"] == "outcome"]
+        if left_out:
+            note = issue(
+                "warning",
+                "suppressed",
+                f"{len(left_out)} included resource(s) left out: {'; '.join(left_out)[:2000]}",
+            )
+            if outcome:
+                outcome[0]["resource"]["issue"].append(note)
+            else:
+                outcome = [{"resource": operation_outcome([note]), "search": {"mode": "outcome"}}]
+        merged = [e for e in entries if e["search"]["mode"] == "match"] + extra + outcome
+        if merged:
+            bundle["entry"] = merged
+        return bundle
 
     # --- Consent ---------------------------------------------------------------------------
 
@@ -2194,8 +2283,10 @@ class FhirGateway:
         except SearchError as exc:
             raise invalid(str(exc)) from None
         targets = query.named("target")
+        if not targets and (query.by(PATIENT) or query.named("_id")):
+            return self.search(caller, query)  # the Provenance records EHRs sent
         if not targets:
-            raise invalid("Provenance search needs target=<Type>/<id>")
+            raise invalid("Provenance search needs target=<Type>/<id> or patient=Patient/<id>")
         items: list[Json] = []
         for value in targets[0].values:
             kind = reference_type(value)

@@ -382,6 +382,16 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
         "subtype": _token("subtype", "subtype", "AuditEvent-subtype", "The ledger tx type."),
     },
     "Provenance": {
+        "_id": _ID,
+        "_lastUpdated": _LAST_UPDATED,
+        "patient": _p(
+            "patient",
+            "reference",
+            "target",
+            "Provenance-patient",
+            "The patient an EHR's stored Provenance is about (Patient/<id>).",
+            PATIENT,
+        ),
         "target": _p(
             "target",
             "reference",
