@@ -289,7 +289,7 @@ def main(home: Path, base_port: int) -> None:
     node0_was_running = node_status(homes[0]).running
     _lis, hl7_changed = configure_hl7_listener(load_node_config(homes[0]), hl7_listen_address(home))
     testnet_up(home)
-    wait_for_height(home, 2, timeout=120)
+    wait_for_height(home, 2, timeout=300)
     configs = [load_node_config(h) for h in homes]
     admins = [load_keystore(h / "keys" / "admin.json", secret) for h in homes]
     ring = Keyring(root / "keys")

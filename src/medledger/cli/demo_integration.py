@@ -50,6 +50,7 @@ from medledger.node.testnet import (
     node_down,
     node_up,
     read_manifest,
+    wait_for_height,
 )
 
 EHR_CLIENT_ID = "demo-ehr"
@@ -69,6 +70,9 @@ SAMPLE_MRN = "DEMO-0001"
 LIS_APPLICATION = "DEMO_LIS"
 LIS_FACILITY = "STMARY_LAB"
 SAMPLE_CONTROL_ID = "DEMO-ORU-0001"
+# How long a restarted node may take to serve again (it unlocks its custodial keystores with a
+# deliberately slow KDF, then catches up with the chain), generous for a busy machine.
+RESTART_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -137,13 +141,18 @@ def accepts(address: str) -> bool:
         return False
 
 
-def restart_node(cfg: NodeConfig) -> None:
+def restart_node(network_home: Path, cfg: NodeConfig) -> None:
+    """Stop and start a node, and wait until it commits blocks beyond where it stopped (so
+    that what follows reads current state from it)."""
     click.echo(f"  restarting {cfg.moniker} so that its HL7 listener runs ...")
+    with LedgerClient(cfg.cometbft_rpc, cfg.chain_id) as client:
+        height = client.height()
     node_down(cfg.home)
     node_up(cfg.home)
+    wait_for_height(network_home, height + 1, nodes=[cfg.home.name], timeout=RESTART_TIMEOUT)
 
 
-def wait_for_listener(cfg: NodeConfig, listen: str, timeout: float = 120.0) -> None:
+def wait_for_listener(cfg: NodeConfig, listen: str, timeout: float = RESTART_TIMEOUT) -> None:
     """Wait until the MLLP listener accepts connections; a node that stops on a configuration
     error meanwhile fails at once, with the supervisor's message."""
     log = cfg.log_dir / NODE_LOG
@@ -299,7 +308,7 @@ def set_up_integration(
             f" private key {jwk_file} ({'registered' if new else 'present'})"
         )
     if hl7_changed and node_was_running:
-        restart_node(cfg)
+        restart_node(network_home, cfg)
     wait_for_listener(cfg, listen)
     click.echo(f"  HL7 listener of {cfg.moniker} on {listen}, writing as the lis member")
     patient, created = register_patient(cfg.public_api_url, key)
