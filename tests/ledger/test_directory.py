@@ -207,6 +207,13 @@ def test_entries_of_one_transaction_are_all_or_none(consortium: Consortium) -> N
             Code.INVALID_BODY,
             "identifier",
         ),
+        (
+            DirectoryWrite(
+                "Practitioner", "a", b'{"id":"a","resourceType":"Practitioner","x":1e400}'
+            ),
+            Code.INVALID_BODY,
+            "cannot hold",
+        ),
     ],
 )
 def test_bad_entries_are_refused(

@@ -225,9 +225,13 @@ def _checked_identifiers(write: DirectoryWrite) -> tuple[str, ...]:
         raise LedgerError(Code.INVALID_BODY, "the resource is not JSON") from None
     if not isinstance(resource, dict):
         raise LedgerError(Code.INVALID_BODY, "the resource is not a JSON object")
-    canonical = json.dumps(
-        resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    try:
+        canonical = json.dumps(
+            resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        # A number beyond a double's range (1e400 reads as inf), or a lone surrogate escape.
+        raise LedgerError(Code.INVALID_BODY, "the resource has a value JSON cannot hold") from None
     if canonical != write.resource:
         raise LedgerError(
             Code.INVALID_BODY, "the resource must be canonical JSON (sorted keys, compact, UTF-8)"
