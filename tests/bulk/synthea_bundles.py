@@ -7,8 +7,8 @@ the Patient comes first, and entries reference each other by those urn:uuid full
 encounter, reasonReference, DiagnosticReport.result, ...). Practitioners and organizations are
 not in the patient file: they are conditional references (`Practitioner?identifier=
 http://hl7.org/fhir/sid/us-npi|...`). Each encounter brings a Claim and an
-ExplanationOfBenefit, and the bundle ends with a Provenance — types a records ledger does not
-store, which an import must report rather than drop silently.
+ExplanationOfBenefit — types the records write path does not take, which an import must report
+rather than drop silently — and the bundle ends with a Provenance of the patient.
 
 This is a plain module (no tests): a test adds tests/bulk to sys.path and imports it.
 """

@@ -50,7 +50,8 @@ pytestmark = pytest.mark.e2e
 
 BASE_PORT = 30300
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-NOT_STORED = {"Claim", "ExplanationOfBenefit", "Provenance"}
+# Claims go to the claims ledger; the closing Provenance is stored as a record of its patient.
+NOT_STORED = {"Claim", "ExplanationOfBenefit"}
 FHIR_JSON = "application/fhir+json"
 ASYNC = {"Accept": FHIR_JSON, "Prefer": "respond-async"}
 IMPORT = [sys.executable, "-m", "medledger.cli.main", "import", "fhir"]
@@ -209,6 +210,13 @@ def expected_resource(resource: dict[str, Any], ids: dict[str, str]) -> dict[str
     return out
 
 
+def canonical(resource: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(validate_resource({**resource, "id": "x"}).canonical)
+    assert isinstance(out, dict)
+    del out["id"]
+    return out
+
+
 def without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in resource.items() if k != "id"}
     meta = {k: v for k, v in out.pop("meta", {}).items() if k not in ("versionId", "lastUpdated")}
@@ -254,7 +262,7 @@ def test_the_import_summary_accounts_for_every_entry(imported: Imported) -> None
     not_stored = Counter(r["resourceType"] for r in entries if r["resourceType"] in NOT_STORED)
     assert totals["files"] == 2 and totals["filesFailed"] == 0
     assert totals["patients"] == 2
-    assert totals["imported"] == len(stored) == 1 + 150 + 1 + 40
+    assert totals["imported"] == len(stored) == 1 + 150 + 1 + 1 + 40 + 1
     assert totals["failed"] == 0
     assert totals["notSupported"] == sum(not_stored.values())
     for resource_type, count in not_stored.items():
@@ -267,7 +275,7 @@ def test_the_import_summary_accounts_for_every_entry(imported: Imported) -> None
         1 for r in stored if r["resourceType"] == "Observation"
     )
     large = next(f for f in imported.report["files"] if f["path"].endswith("large.json"))
-    assert large["transactions"] == 4  # 151 entries, 50 to a transaction
+    assert large["transactions"] == 4  # 152 entries, 50 to a transaction
     assert large["bundleType"] == "transaction"
     small = next(f for f in imported.report["files"] if f["path"].endswith("small.json"))
     assert small["bundleType"] == "collection" and small["transactions"] == 1
@@ -290,7 +298,10 @@ def test_every_imported_resource_reads_back_identical(
         served = read_back[imported.ids[entry["fullUrl"]]]
         validate_resource(served)
         assert served["meta"]["versionId"] == "1"
-        assert without_server_meta(served) == expected_resource(entry["resource"], imported.ids)
+        # Compared in the canonical form validation stores (an instant's +00:00 is Z there).
+        assert canonical(without_server_meta(served)) == canonical(
+            expected_resource(entry["resource"], imported.ids)
+        )
     # Cross-transaction references resolved: the later transaction's records name the patient
     # (given to the server as Patient?identifier=...) and earlier records by their new ids.
     large = imported.patients["large.json"]
@@ -338,7 +349,7 @@ def test_importing_a_file_again_is_refused_for_its_patient(
     (report,) = json.loads((tmp_path / "report.json").read_text())["files"]
     patient, *records = report["failed"]
     assert patient["resourceType"] == "Patient" and "already names Patient/" in patient["reason"]
-    assert len(records) == 40
+    assert len(records) == 40 + 1  # and its Provenance
     assert all(r["reason"].startswith("its Patient was not imported") for r in records)
 
 
@@ -459,6 +470,8 @@ def test_patient_export_gives_the_patients_resources_as_ndjson(
 def mine(resource: dict[str, Any], patient: str) -> bool:
     if resource["resourceType"] == "Patient":
         return bool(resource["id"] == patient)
+    if resource["resourceType"] == "Provenance":
+        return any(t.get("reference") == f"Patient/{patient}" for t in resource["target"])
     element = resource.get("subject") or resource.get("patient") or {}
     return bool(element.get("reference") == f"Patient/{patient}")
 

@@ -892,6 +892,24 @@ def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Opera
             },
         )
 
+    def delete(t: str) -> Operation:
+        return Operation(
+            f"Delete {t}",
+            tag(t),
+            "Nothing is removed: the latest version is marked entered-in-error (a record:"
+            " record.mark-error by the author's organization; a directory entry: by its"
+            " organization). Deleting it again changes nothing.",
+            SMART,
+            (smart_scope(t, "d"),),
+            parameters=(FORMAT,),
+            responses={
+                "200": fhir_reply("It is entered-in-error.", "OperationOutcome"),
+                **FHIR_ERRORS,
+                "404": outcome("Not known."),
+                "410": outcome("Erased."),
+            },
+        )
+
     def vread(t: str) -> Operation:
         return Operation(
             f"Read a version of {t}",
@@ -945,6 +963,7 @@ def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Opera
         ("POST", "/fhir/{type}"): ("create", create),
         ("GET", "/fhir/{type}/{id}"): ("read", read),
         ("PUT", "/fhir/{type}/{id}"): ("update", update),
+        ("DELETE", "/fhir/{type}/{id}"): ("delete", delete),
         ("GET", "/fhir/{type}/{id}/_history/{vid}"): ("vread", vread),
         ("GET", "/fhir/{type}/{id}/_history"): ("history-instance", instance_history),
         ("GET", "/fhir/{type}/_history"): ("history-type", type_history),
@@ -985,7 +1004,7 @@ def security_schemes(token_url: str) -> Json:
     scopes["system/*.rs"] = "Read and search every type."
     scopes["system/*.c"] = "Create every type (import)."
     scopes["system/*.r"] = "Read every type (export)."
-    words = {"c": "Create", "r": "Read", "u": "Update", "s": "Search"}
+    words = {"c": "Create", "r": "Read", "u": "Update", "d": "Delete", "s": "Search"}
     for name in RESOURCES:
         for letter, word in words.items():
             scopes[smart_scope(name, letter)] = f"{word} {name}."

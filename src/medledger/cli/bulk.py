@@ -412,9 +412,12 @@ def plan_bundle(
         patient: str | None = None
         if element is not None:
             ref = body.get(element)
-            named = ref.get("reference") if isinstance(ref, dict) else None
-            if isinstance(named, str) and kinds.get(named) == "Patient":
-                patient = named
+            # A list for Provenance.target: the Patient among the targets.
+            for item in ref if isinstance(ref, list) else [ref]:
+                named = item.get("reference") if isinstance(item, dict) else None
+                if isinstance(named, str) and kinds.get(named) == "Patient":
+                    patient = named
+                    break
         request = entry.get("request")
         condition = request.get("ifNoneExist") if isinstance(request, dict) else None
         entries.append(
