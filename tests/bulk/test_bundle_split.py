@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthea_bundles import SYNTHEA, synthea_bundle
 
 SUPPORTED = frozenset(t for t, s in RESOURCES.items() if "create" in s.interactions)
-UNSUPPORTED = {"Claim", "ExplanationOfBenefit", "Provenance"}
+UNSUPPORTED = {"Claim", "ExplanationOfBenefit"}  # the claims ledger takes them
 
 
 def keys_of(plan: BundlePlan) -> dict[str, int]:
@@ -50,8 +50,8 @@ def test_a_large_bundle_is_split_with_the_patient_first_and_references_backwards
     plan = plan_bundle(bundle, SUPPORTED)
     sent = [e.resource_type for e in plan.entries]
     assert sent[0] == "Patient"
-    assert len(plan.entries) == 151  # the patient and 150 clinical resources
-    assert [len(c) for c in plan.chunks] == [100, 51]
+    assert len(plan.entries) == 152  # the patient, 150 clinical resources, its Provenance
+    assert [len(c) for c in plan.chunks] == [100, 52]
     # Every entry is sent exactly once, after every entry it references.
     assert sorted(e.position for e in plan.entries) == sorted(
         n for n, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] not in UNSUPPORTED
@@ -95,8 +95,11 @@ def test_later_transactions_reference_earlier_entries_by_their_new_ids() -> None
     earlier = set(assigned.values())
     for entry in second["entry"]:
         resource = entry["resource"]
-        element = "patient" if resource["resourceType"] in ("Immunization",) else "subject"
-        assert resource[element]["reference"] == expected_patient
+        if resource["resourceType"] == "Provenance":  # its targets: the patient's new id
+            assert resource["target"] == [{"reference": assigned[patient.key]}]
+        else:
+            element = "patient" if resource["resourceType"] in ("Immunization",) else "subject"
+            assert resource[element]["reference"] == expected_patient
         for target in references(resource):
             assert target in own | earlier | {expected_patient} or target.startswith(
                 ("Practitioner?", "Organization?")

@@ -206,11 +206,26 @@ def as_served(resource: Json) -> Json:
     return json.loads(validate_resource({**out, "id": "x"}).canonical)
 
 
-def everything(site: Site, headers: dict[str, str], patient: str) -> list[Json]:
+class Tokens:
+    """Fresh access tokens for a long read-back (a token lives 240 s)."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.issued = 0.0
+        self.current: dict[str, str] = {}
+
+    def headers(self) -> dict[str, str]:
+        if time.monotonic() - self.issued > 120:
+            self.current = self.site.headers()
+            self.issued = time.monotonic()
+        return self.current
+
+
+def everything(site: Site, tokens: Tokens, patient: str) -> list[Json]:
     url: str | None = f"{site.base}/{patient}/$everything?_count=100"
     found: list[Json] = []
     while url:
-        answer = httpx.get(url, headers=headers, timeout=300)
+        answer = httpx.get(url, headers=tokens.headers(), timeout=300)
         assert answer.status_code == 200, answer.text
         bundle = answer.json()
         found.extend(
@@ -223,7 +238,7 @@ def everything(site: Site, headers: dict[str, str], patient: str) -> list[Json]:
 def test_every_imported_resource_reads_back_as_the_file_has_it(
     site: Site, imported: Imported
 ) -> None:
-    headers = site.headers()
+    tokens = Tokens(site)
     # Conditional references name the support bundles' entries by identifier.
     directory: dict[str, str] = {}
     patients: dict[str, str] = {}
@@ -236,14 +251,14 @@ def test_every_imported_resource_reads_back_as_the_file_has_it(
                 resource, new = entry["resource"], ids[entry["fullUrl"]]
                 for identifier in identifiers_of(resource):
                     directory[f"{resource['resourceType']}?identifier={identifier}"] = new
-                answer = httpx.get(f"{site.base}/{new}", headers=headers, timeout=60)
+                answer = httpx.get(f"{site.base}/{new}", headers=tokens.headers(), timeout=60)
                 assert answer.status_code == 200, answer.text
                 assert as_served(answer.json()) == expected(resource, ids, directory)
                 checked += 1
             continue
         patient = next(new for new in ids.values() if new.startswith("Patient/"))
         patients[path.name] = patient
-        served = {f"{r['resourceType']}/{r['id']}": r for r in everything(site, headers, patient)}
+        served = {f"{r['resourceType']}/{r['id']}": r for r in everything(site, tokens, patient)}
         stored = [e for e in bundle["entry"] if e["resource"]["resourceType"] not in NOT_IMPORTED]
         assert set(served) == {ids[e["fullUrl"]] for e in stored}, path.name
         for entry in stored:
