@@ -2,12 +2,12 @@
 
 The patient, a delegate the patient registered, and the care team of the organization that
 authored a record (its clinicians, emergency and lab staff and its EHR and LIS systems, for
-treatment, payment and operations) have access. Anyone else — the author organization's billing staff
-and auditors included — needs an active consent that covers the record and the purpose at the
-block's time. A practitioner in
-the emergency role may break the glass with a stated reason: the grant is short-lived and
-flagged for the patient to see. The parties to a claim read its Claim and ClaimResponse records
-for payment (see `claim_party_basis`); the records supporting a claim still need consent.
+treatment, payment and operations) have access. Anyone else — the author organization's
+billing staff and auditors included — needs an active consent that covers the record and the
+purpose at the block's time. A practitioner in the emergency role may break the glass with a
+stated reason: the grant is short-lived and flagged for the patient to see. The parties to a
+claim read its Claim and ClaimResponse records for payment (see `claim_party_basis`); the
+records supporting a claim still need consent.
 Granted and denied requests are both in the audit log, each with its reason; only a committed,
 unexpired grant lets custodian nodes release key shares.
 """
