@@ -174,6 +174,17 @@ class LedgerClient:
             else msgspec.json.decode(value)
         )
 
+    def query_found(self, path: str, data: str | bytes, kind: type[T]) -> T | None:
+        """`query`, or None when the ledger answers that the thing asked for does not exist
+        (any other refusal still raises)."""
+        try:
+            found: T = self.query(path, data, kind)
+        except QueryError as exc:
+            if exc.code == Code.NOT_FOUND:
+                return None
+            raise
+        return found
+
     def next_nonce(self, member_id: str) -> int:
         return int(self.query("/nonce", member_id)["next"])
 

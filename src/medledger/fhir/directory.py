@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import msgspec
 
-from medledger.client.sdk import LedgerClient, QueryError
+from medledger.client.sdk import LedgerClient
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.outcome import invalid, not_found
 from medledger.fhir.search import METADATA, SearchQuery, metadata_matches, rfc3339, sort_items
@@ -35,7 +35,6 @@ from medledger.ledger.directory import (
     EntryStatus,
     PutDirectoryEntries,
 )
-from medledger.ledger.errors import Code
 
 Json = dict[str, Any]
 
@@ -111,26 +110,14 @@ class Directory:
         self.ledger = ledger
 
     def entry(self, resource_type: str, entry_id: str) -> DirectoryEntries | None:
-        try:
-            found: DirectoryEntries = self.ledger.query(
-                "/directory/entry", f"{resource_type}/{entry_id}", DirectoryEntries
-            )
-        except QueryError as exc:
-            if exc.code == Code.NOT_FOUND:
-                return None
-            raise
-        return found
+        return self.ledger.query_found(
+            "/directory/entry", f"{resource_type}/{entry_id}", DirectoryEntries
+        )
 
     def by_identifier(self, resource_type: str, identifier: str) -> DirectoryEntry | None:
-        try:
-            found: DirectoryEntry = self.ledger.query(
-                "/directory/identifier", f"{resource_type}\n{identifier}", DirectoryEntry
-            )
-        except QueryError as exc:
-            if exc.code == Code.NOT_FOUND:
-                return None
-            raise
-        return found
+        return self.ledger.query_found(
+            "/directory/identifier", f"{resource_type}\n{identifier}", DirectoryEntry
+        )
 
     def entries(self, resource_type: str) -> list[DirectoryEntry]:
         found: list[DirectoryEntry] = self.ledger.query(
