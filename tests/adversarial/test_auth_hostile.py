@@ -33,7 +33,7 @@ from medledger.api.auth import (
     node_audience,
     sign_request,
 )
-from medledger.api.records import RecordServices, add_record_routes
+from medledger.api.records import add_record_routes
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
 from medledger.crypto.keys import KeyPair
@@ -47,6 +47,7 @@ from medledger.node.config import NodeConfig
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
+from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
 from medledger.store.uploads import PendingUploads

@@ -26,7 +26,7 @@ from conftest import ORGANIZATIONS, Consortium, keys_for
 from medledger.abci.application import LedgerApplication
 from medledger.api.auth import ReplayCache, node_audience, sign_request
 from medledger.api.http import build_http_app
-from medledger.api.records import RecordServices, add_record_routes
+from medledger.api.records import add_record_routes
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import RequestAccess
@@ -37,6 +37,7 @@ from medledger.ledger.records import EraseRecord, PutRecord, threshold_for
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.appmain import commit_hook
 from medledger.node.replication import Replicator
+from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import ErasedPackage, PackageStore
 from medledger.store.uploads import PendingUploads, UploadLimits

@@ -22,12 +22,13 @@ from medledger.api.openapi import (
     openapi_path,
     render_html,
 )
-from medledger.api.records import RecordServices, add_record_routes
+from medledger.api.records import add_record_routes
 from medledger.fhir.capability import RESOURCES
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.search import SEARCH_PARAMS
 from medledger.fhir.smart import TokenService
+from medledger.services.packages import RecordServices
 
 ORIGIN = "http://127.0.0.1:26601"
 # Where each CapabilityStatement interaction is served.

@@ -729,3 +729,66 @@ async def test_another_organization_reads_after_a_fhir_consent(
     with pytest.raises(ForbiddenError) as caught:
         await other.get("Observation", record)
     assert "revoked" in str(caught.value)
+
+
+# --- the node's own services ------------------------------------------------------------------
+
+
+def services_counters(network: Network, node: int) -> dict[str, float]:
+    """The node's counters of what its own services asked: `rpc:<method>` (CometBFT RPC calls)
+    and `query:<path>` (ledger queries answered in-process), from its Prometheus metrics."""
+    text = httpx.get(f"{network.configs[node].api_url}/metrics", timeout=10).text
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        for metric, kind in (
+            ("medledger_services_rpc_calls_total", "rpc"),
+            ("medledger_services_queries_total", "query"),
+        ):
+            if line.startswith(metric + "{"):
+                label = line.split('"')[1]
+                counters[f"{kind}:{label}"] = float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+
+
+async def test_fhir_requests_read_the_nodes_own_state_without_its_rpc(
+    network: Network, sites: dict[int, Site], chart: Chart
+) -> None:
+    """A transaction Bundle, a read and searches — on the author's node and on another
+    organization's — answer from each node's committed state in-process: the only CometBFT RPC
+    calls are the transactions sent to the mempool."""
+    before = {node: services_counters(network, node) for node in (0, 1)}
+    site = sites[0]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": lab(f"Patient/{chart.patient}", "2345-7", 99, "2026-07-01T08:00:00Z"),
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        ],
+    }
+    answer = httpx.post(
+        site.base,
+        json=bundle,
+        headers={**site.headers(), "Content-Type": "application/fhir+json"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    written = answer.json()["entry"][0]["response"]["location"].split("/")[1]
+    home = sites[0].fhir()
+    assert (await home.get("Observation", written))["id"] == written
+    found = await home.resources("Observation").search(patient=chart.patient).fetch_all()
+    assert written in {o.id for o in found}
+    await sites[1].fhir().resources("Condition").search(patient=chart.patient).fetch_raw()
+    for node in (0, 1):
+        asked = grown(before[node], services_counters(network, node))
+        rpc = {k: v for k, v in asked.items() if k.startswith("rpc:")}
+        assert set(rpc) <= {"rpc:broadcast_tx_sync"}, (node, rpc)
+        assert any(k.startswith("query:") for k in asked), (node, asked)
+    assert grown(before[0], services_counters(network, 0)).get("rpc:broadcast_tx_sync", 0) >= 1

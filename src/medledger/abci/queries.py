@@ -36,11 +36,12 @@ from medledger.ledger.governance import Proposal, load_params, validators
 from medledger.ledger.model import Member, Organization, member_key, nonce_key
 from medledger.ledger.records import RecordHead, RecordVersion, head_key, record_key, versions_of
 from medledger.ledger.state import State
-from medledger.store.sqlite import SqliteStore
+from medledger.store.sqlite import CommittedReads, SqliteStore
 
 log = logging.getLogger("medledger.query")
 
-QueryFn = Callable[[SqliteStore, bytes, bool], Any]
+QueryFn = Callable[[CommittedReads, bytes, bool], Any]
+ProofQueryFn = Callable[[SqliteStore, bytes, bool], Any]
 
 # SQLite integers are signed 64-bit: a larger height or index must be refused before it
 # reaches the database (which would raise OverflowError).
@@ -56,38 +57,42 @@ def _integer(data: bytes, name: str) -> int:
     return int(text)
 
 
-def _nonce(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _nonce(store: CommittedReads, data: bytes, prove: bool) -> Any:
     state = State(store)
     return {"next": (state.read(nonce_key(data.decode()), int) or 0) + 1}
 
 
-def _member(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _member(store: CommittedReads, data: bytes, prove: bool) -> Any:
     key = member_key(data.decode())
     member = State(store).read(key, Member)
     if member is None:
         raise LedgerError(Code.NOT_FOUND, f"unknown member {data.decode()}")
+    if not prove:
+        return member
+    if not isinstance(store, SqliteStore):
+        raise LedgerError(Code.INVALID_BODY, "proofs are answered through the node's RPC")
     return _with_proof(store, key, member, prove)
 
 
-def _members(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _members(store: CommittedReads, data: bytes, prove: bool) -> Any:
     members = State(store).read_all(b"member/", Member)
     org = data.decode()
     return [m for m in members if not org or m.organization == org]
 
 
-def _organizations(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _organizations(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return State(store).read_all(b"org/", Organization)
 
 
-def _validators(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _validators(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return validators(State(store))
 
 
-def _params(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _params(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return load_params(State(store))
 
 
-def _proposals(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _proposals(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return State(store).read_all(b"proposal/", Proposal)
 
 
@@ -130,7 +135,7 @@ def _audit_consistency(store: SqliteStore, data: bytes, prove: bool) -> Any:
     }
 
 
-def _record(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _record(store: CommittedReads, data: bytes, prove: bool) -> Any:
     record_id = data.decode()
     state = State(store)
     head = state.read(head_key(record_id), RecordHead)
@@ -139,7 +144,7 @@ def _record(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return {"head": head, "versions": versions_of(state, record_id)}
 
 
-def _records(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _records(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """A patient's records: each record's head and latest version."""
     patient = data.decode()
     state = State(store)
@@ -154,11 +159,11 @@ def _records(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return answer
 
 
-def _consents(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _consents(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return consents_of(State(store), data.decode())
 
 
-def _consents_granted_to(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _consents_granted_to(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """The consents naming a member — as that member, their organization or their role —
     that are active and unexpired at the latest block's time ("patients who shared with me").
 
@@ -170,9 +175,7 @@ def _consents_granted_to(store: SqliteStore, data: bytes, prove: bool) -> Any:
         (GranteeKind.ORGANIZATION, grantee.get("organization", "")),
         (GranteeKind.ROLE, grantee.get("role", "")),
     }
-    height, _, _ = store.committed()
-    block = store.block(height)
-    now_ns = block.time_ns if block is not None else 0
+    now_ns = store.block_time_ns()
     return [
         consent
         for consent in State(store).read_all(b"consent/", Consent)
@@ -183,7 +186,7 @@ def _consents_granted_to(store: SqliteStore, data: bytes, prove: bool) -> Any:
     ]
 
 
-def _grant(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _grant(store: CommittedReads, data: bytes, prove: bool) -> Any:
     grant = load_grant(State(store), data.decode())
     if grant is None:
         raise LedgerError(Code.NOT_FOUND, f"no grant {data.decode()}")
@@ -210,7 +213,7 @@ def _patient_audit(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return {"entries": entries, "audit_size": log.size, "audit_root": log.root(), **_anchor(store)}
 
 
-def _claim(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _claim(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """One claim with its whole history (metadata only: its content is sealed off-chain)."""
     return load_claim(State(store), data.decode())
 
@@ -229,13 +232,13 @@ def _claim_filter(data: bytes) -> tuple[str, str]:
     return party, party_id
 
 
-def _claims(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _claims(store: CommittedReads, data: bytes, prove: bool) -> Any:
     party, party_id = _claim_filter(data)
     state = State(store)
     return claims_of(state, party, party_id) if party else all_claims(state)
 
 
-def _claim_stats(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _claim_stats(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """Per provider and insurer totals computed from the committed claims; with a filter,
     only that party's claims are counted."""
     party, party_id = _claim_filter(data)
@@ -243,7 +246,7 @@ def _claim_stats(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return claim_stats(claims_of(state, party, party_id) if party else all_claims(state))
 
 
-def _block(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _block(store: CommittedReads, data: bytes, prove: bool) -> Any:
     block = store.block(_integer(data, "height"))
     if block is None:
         raise LedgerError(Code.NOT_FOUND, f"no block {data.decode()}")
@@ -265,7 +268,7 @@ def _directory_type(text: str) -> str:
     return text
 
 
-def _directory_entry(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _directory_entry(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """Query data "<Type>/<id>": the entry's latest version and its whole history."""
     resource_type, _, entry_id = data.decode().partition("/")
     state = State(store)
@@ -275,7 +278,7 @@ def _directory_entry(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return {"latest": latest, "versions": entry_history(state, resource_type, entry_id)}
 
 
-def _directory_identifier(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _directory_identifier(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """Query data "<Type>\n<system>|<value>": the active entry holding the identifier."""
     resource_type, _, identifier = data.decode().partition("\n")
     state = State(store)
@@ -286,7 +289,7 @@ def _directory_identifier(store: SqliteStore, data: bytes, prove: bool) -> Any:
     return latest
 
 
-def _directory_entries(store: SqliteStore, data: bytes, prove: bool) -> Any:
+def _directory_entries(store: CommittedReads, data: bytes, prove: bool) -> Any:
     """Query data "<Type>": the latest version of every entry of the type."""
     return entries_of_type(State(store), _directory_type(data.decode()))
 
@@ -309,6 +312,7 @@ def _with_proof(
     return {"value": value, "proof": proof.to_json(), **_anchor(store)}
 
 
+# Queries over committed state alone, which the node's own services also ask in-process.
 QUERIES: dict[str, QueryFn] = {
     "/nonce": _nonce,
     "/member": _member,
@@ -317,16 +321,12 @@ QUERIES: dict[str, QueryFn] = {
     "/validators": _validators,
     "/params": _params,
     "/proposals": _proposals,
-    "/state": _state,
-    "/audit/entry": _audit_entry,
-    "/audit/consistency": _audit_consistency,
     "/block": _block,
     "/record": _record,
     "/records": _records,
     "/consents": _consents,
     "/consents/granted-to": _consents_granted_to,
     "/grant": _grant,
-    "/audit/patient": _patient_audit,
     "/claim": _claim,
     "/claims": _claims,
     "/claims/stats": _claim_stats,
@@ -335,18 +335,40 @@ QUERIES: dict[str, QueryFn] = {
     "/directory/entries": _directory_entries,
 }
 
+# Queries whose answers carry what a client checks against a signed header (state and audit
+# roots, proofs): they need the committed state tree, which only the store itself keeps.
+PROOF_QUERIES: dict[str, ProofQueryFn] = {
+    "/state": _state,
+    "/audit/entry": _audit_entry,
+    "/audit/consistency": _audit_consistency,
+    "/audit/patient": _patient_audit,
+}
+
 
 def answer(store: SqliteStore, path: str, data: bytes, prove: bool) -> bytes:
     """The JSON answer to one query. Anyone who reaches the node's RPC may ask, so every
     failure — malformed data, a bug — is a LedgerError the ABCI adapter turns into an error
     answer; nothing a caller sends takes the application down."""
+    proof_query = PROOF_QUERIES.get(path)
+    if proof_query is not None:
+        return _answer(path, data, lambda: proof_query(store, data, prove))
+    return answer_from(store, path, data, prove)
+
+
+def answer_from(reads: CommittedReads, path: str, data: bytes, prove: bool = False) -> bytes:
+    """The JSON answer to a query of `QUERIES` over committed state read through `reads` (the
+    node's services ask so in-process, from a snapshot of their own)."""
     query = QUERIES.get(path)
     if query is None:
         raise LedgerError(Code.NOT_FOUND, f"unknown query path {path[:64]!r}")
+    return _answer(path, data, lambda: query(reads, data, prove))
+
+
+def _answer(path: str, data: bytes, query: Callable[[], Any]) -> bytes:
     if len(data) > MAX_QUERY_DATA:
         raise LedgerError(Code.TOO_LARGE, f"query data is at most {MAX_QUERY_DATA} bytes")
     try:
-        return msgspec.json.encode(query(store, data, prove))
+        return msgspec.json.encode(query())
     except LedgerError:
         raise
     except (ValueError, UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:

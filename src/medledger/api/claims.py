@@ -9,12 +9,13 @@ import msgspec
 from aiohttp import web
 
 from medledger.api.auth import AuthError
-from medledger.api.records import SERVICES, RecordServices, _authenticate, _problem
+from medledger.api.records import SERVICES, _authenticate, _problem
 from medledger.ledger.claims import Claim, all_claims, claim_stats, claims_of, load_claim
 from medledger.ledger.consent import is_delegate
 from medledger.ledger.errors import LedgerError
 from medledger.ledger.model import Member, Role
 from medledger.ledger.state import State
+from medledger.services.packages import RecordServices
 
 PARTIES = ("patient", "provider", "insurer")
 OVERSEERS = frozenset({Role.AUDITOR})

@@ -44,6 +44,20 @@ class Metrics:
             "Transactions waiting in CometBFT's mempool",
             registry=self.registry,
         )
+        self.services_rpc_calls = Counter(
+            "medledger_services_rpc_calls",
+            "CometBFT RPC calls made by the node's own services (FHIR, HL7, portal), by method:"
+            " broadcast_tx_sync to submit, commit/validators for proofs; never queries of the"
+            " node's own state",
+            ["method"],
+            registry=self.registry,
+        )
+        self.services_queries = Counter(
+            "medledger_services_queries",
+            "Ledger queries the node's services answered in-process from committed state",
+            ["path"],
+            registry=self.registry,
+        )
         self.peers = Gauge("medledger_peers", "Connected CometBFT peers", registry=self.registry)
         self.packages_missing = Gauge(
             "medledger_packages_missing",

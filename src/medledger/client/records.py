@@ -14,9 +14,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -149,11 +149,40 @@ class Disclosure:
     recipient: Member | None
 
 
+@dataclass(frozen=True)
+class NodeAnswer:
+    """A home node's answer: HTTP status, and the package or sealed share (the reason when the
+    status is not 200)."""
+
+    status: int
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+class HomeNode(Protocol):
+    """The record services of the node a member's client talks to, when the client runs inside
+    that node (the node's own services acting for its custodial members): the same decisions as
+    the node's HTTP API, without the round trip. External clients leave it out and use HTTP."""
+
+    def node_apis(self) -> dict[str, str]: ...
+
+    def put_package(self, member_id: str, digest: str, data: bytes) -> NodeAnswer: ...
+
+    def get_package(self, member_id: str, digest: str, grant_id: str) -> NodeAnswer: ...
+
+    def release_share(self, member_id: str, grant_id: str) -> NodeAnswer: ...
+
+
 class RecordsClient:
     """One member's view of the network: their keys, a node's RPC and its API.
 
     `node_organization` is the organization whose node serves `api_url` (each request token
-    names the node it is for); by default the member's own organization, as on the ledger."""
+    names the node it is for); by default the member's own organization, as on the ledger.
+    With `home`, the home node's record services are called in-process instead of over
+    `api_url` (see `HomeNode`)."""
 
     def __init__(
         self,
@@ -163,8 +192,10 @@ class RecordsClient:
         member_id: str | None = None,
         timeout: float = 15.0,
         node_organization: str | None = None,
+        home: HomeNode | None = None,
     ) -> None:
         self.ledger = ledger
+        self.home = home
         self.api_url = api_url.rstrip("/")
         self.keys = keys
         self.member_id = member_id or keys.member_id
@@ -203,6 +234,8 @@ class RecordsClient:
 
     def node_apis(self) -> dict[str, str]:
         """Each custodian organization's node API, as the home node knows them."""
+        if self._node_apis is None and self.home is not None:
+            self._node_apis = self.home.node_apis()
         if self._node_apis is None:
             response = self._request("GET", self.api_url, "/v1/nodes")
             if response.status_code != 200:
@@ -250,13 +283,16 @@ class RecordsClient:
         )
 
     def _upload(self, sealed: packaging.SealedRecord) -> None:
-        response = self._request(
-            "PUT", self.api_url, f"/v1/packages/{sealed.digest}", sealed.package
-        )
-        if response.status_code not in (200, 201):
-            raise ClientError(
-                f"package upload refused: HTTP {response.status_code}: {response.text}"
+        if self.home is not None:
+            answer = self.home.put_package(self.member_id, sealed.digest, sealed.package)
+            status, text = answer.status, answer.text
+        else:
+            response = self._request(
+                "PUT", self.api_url, f"/v1/packages/{sealed.digest}", sealed.package
             )
+            status, text = response.status_code, response.text
+        if status not in (200, 201):
+            raise ClientError(f"package upload refused: HTTP {status}: {text}")
 
     def seal_and_upload(
         self,
@@ -401,6 +437,14 @@ class RecordsClient:
             (organization, url) for organization, url in apis.items() if url != self.api_url
         ]
         errors = []
+        if self.home is not None:
+            answer = self.home.get_package(self.member_id, version.package_digest, grant_id)
+            if answer.status == 200 and (
+                packaging.package_digest(answer.body) == version.package_digest
+            ):
+                return packaging.decode_package(answer.body)
+            errors.append(f"{self.api_url}: HTTP {answer.status}")
+            ordered = ordered[1:]
         for organization, base in ordered:
             response = self._request("GET", base, path, organization=organization)
             if (
@@ -462,26 +506,19 @@ class RecordsClient:
                 if len(shares) >= record.threshold:
                     break
                 try:
-                    response = self._request(
-                        "POST",
-                        apis[custody.organization],
-                        "/v1/keys/release",
-                        body,
-                        organization=custody.organization,
-                    )
+                    status, text, sealed = self._release(custody.organization, apis, body)
                 except ClientError as exc:
                     refused[custody.organization] = str(exc)
                     continue
-                if response.status_code in (404, 503):
-                    refused[custody.organization] = f"HTTP {response.status_code}"
+                if status in (404, 503):
+                    refused[custody.organization] = f"HTTP {status}"
                     retry.append(custody)
                     continue
-                if response.status_code != 200:
-                    refused[custody.organization] = f"HTTP {response.status_code}: {response.text}"
+                if status != 200:
+                    refused[custody.organization] = f"HTTP {status}: {text}"
                     continue
                 try:
-                    sealed = base64.b64decode(response.json()["sealed_share"])
-                    share = packaging.unseal_share(sealed, self.keys.encryption_secret)
+                    share = packaging.unseal_share(sealed(), self.keys.encryption_secret)
                 except (KeyError, ValueError, packaging.PackageError):
                     bad.append(custody.organization)
                     continue
@@ -496,6 +533,23 @@ class RecordsClient:
             pending = retry
             time.sleep(0.3)
         return shares, good, bad, [f"{org} ({why})" for org, why in sorted(refused.items())]
+
+    def _release(
+        self, organization: str, apis: dict[str, str], body: bytes
+    ) -> tuple[int, str, Callable[[], bytes]]:
+        """One custodian's answer to a key release request: (status, reason, the sealed share
+        — which raises KeyError or ValueError if the answer does not hold one)."""
+        if self.home is not None and organization == self.node_organization:
+            answer = self.home.release_share(self.member_id, json.loads(body)["grant"])
+            return answer.status, answer.text, lambda: answer.body
+        response = self._request(
+            "POST", apis[organization], "/v1/keys/release", body, organization=organization
+        )
+        return (
+            response.status_code,
+            response.text,
+            lambda: base64.b64decode(response.json()["sealed_share"]),
+        )
 
     def read_own(self, record_id: str, version: int = 0) -> ReadRecord:
         """The patient or the author opens their own key envelope (no shares needed)."""

@@ -12,6 +12,7 @@ existing keystore is never replaced unless the caller explicitly asks for it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,8 @@ from medledger.crypto.keys import KeyPair, member_id_for
 
 KEYSTORE_VERSION = 1
 KDF_NAME = "argon2id"
+# A keystore sealed directly under a node's custody key (see medledger.node.custody).
+SEALING_KEY_KDF = "custody-key"
 CIPHER_NAME = "xsalsa20poly1305"
 FILE_SUFFIX = ".json"
 FILE_MODE = 0o600
@@ -93,11 +96,33 @@ def encode_keystore(name: str, keys: KeyPair, passphrase: str, *, fast: bool = F
     profile is used.
     """
     validate_name(name)
-    if fast:
-        opslimit, memlimit = argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN
-    else:
-        opslimit, memlimit = argon2id.OPSLIMIT_MODERATE, argon2id.MEMLIMIT_MODERATE
+    opslimit, memlimit = _kdf_cost(fast)
     salt = secrets.token_bytes(argon2id.SALTBYTES)
+    kdf = {"name": KDF_NAME, "opslimit": opslimit, "memlimit": memlimit, "salt": salt.hex()}
+    return _encode(name, keys, _derive_key(passphrase, salt, opslimit, memlimit), kdf)
+
+
+def encode_keystore_under_key(name: str, keys: KeyPair, sealing_key: bytes) -> bytes:
+    """The keystore document for `keys` sealed directly under a 32-byte key (a node's custody
+    key, itself sealed under the node passphrase): no key derivation per keystore."""
+    validate_name(name)
+    kdf = {"name": SEALING_KEY_KDF, "key_id": sealing_key_id(sealing_key)}
+    return _encode(name, keys, sealing_key, kdf)
+
+
+def sealing_key_id(sealing_key: bytes) -> str:
+    """Names a sealing key in the files it sealed (a digest, revealing nothing of the key), so
+    that a file sealed under another key is refused with a clear reason."""
+    return hashlib.sha256(b"medledger/sealing-key-id/v1" + sealing_key).hexdigest()[:16]
+
+
+def _kdf_cost(fast: bool) -> tuple[int, int]:
+    if fast:
+        return argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN
+    return argon2id.OPSLIMIT_MODERATE, argon2id.MEMLIMIT_MODERATE
+
+
+def _encode(name: str, keys: KeyPair, box_key: bytes, kdf: dict[str, Any]) -> bytes:
     nonce = secrets.token_bytes(nacl.secret.SecretBox.NONCE_SIZE)
     public = _public_fields(name, keys)
     plaintext = json.dumps(
@@ -109,17 +134,49 @@ def encode_keystore(name: str, keys: KeyPair, passphrase: str, *, fast: bool = F
         sort_keys=True,
         separators=(",", ":"),
     ).encode("utf-8")
-    box = nacl.secret.SecretBox(_derive_key(passphrase, salt, opslimit, memlimit))
-    ciphertext = box.encrypt(plaintext, nonce).ciphertext
+    ciphertext = nacl.secret.SecretBox(box_key).encrypt(plaintext, nonce).ciphertext
     document: dict[str, Any] = {
         "version": KEYSTORE_VERSION,
         **public,
-        "kdf": {"name": KDF_NAME, "opslimit": opslimit, "memlimit": memlimit, "salt": salt.hex()},
+        "kdf": kdf,
         "cipher": CIPHER_NAME,
         "nonce": nonce.hex(),
         "ciphertext": ciphertext.hex(),
     }
     return (json.dumps(document, indent=2) + "\n").encode("utf-8")
+
+
+def encode_secret(secret: bytes, passphrase: str, *, fast: bool = False) -> bytes:
+    """A secret (such as a custody key) sealed under a passphrase, as a small JSON document."""
+    opslimit, memlimit = _kdf_cost(fast)
+    salt = secrets.token_bytes(argon2id.SALTBYTES)
+    nonce = secrets.token_bytes(nacl.secret.SecretBox.NONCE_SIZE)
+    box = nacl.secret.SecretBox(_derive_key(passphrase, salt, opslimit, memlimit))
+    document = {
+        "version": KEYSTORE_VERSION,
+        "kdf": {"name": KDF_NAME, "opslimit": opslimit, "memlimit": memlimit, "salt": salt.hex()},
+        "cipher": CIPHER_NAME,
+        "nonce": nonce.hex(),
+        "ciphertext": box.encrypt(secret, nonce).ciphertext.hex(),
+    }
+    return (json.dumps(document, indent=2) + "\n").encode("utf-8")
+
+
+def load_secret(path: Path, passphrase: str) -> bytes:
+    """Open a secret written by `encode_secret`."""
+    document = _read_document(path)
+    box = nacl.secret.SecretBox(_passphrase_key(document, path, passphrase))
+    nonce = _hex_field(document, "nonce", path, nacl.secret.SecretBox.NONCE_SIZE)
+    try:
+        return bytes(box.decrypt(_hex_field(document, "ciphertext", path, None), nonce))
+    except nacl.exceptions.CryptoError:
+        raise KeystoreError(f"wrong passphrase or corrupted file: {path}") from None
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Make `data` appear at `path` in one step with mode 0600; KeystoreError if it exists."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    _write_new_file(path, data, overwrite=False)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -269,8 +326,33 @@ def load_keystore(path: Path, passphrase: str) -> KeyPair:
     """
     path = Path(path)
     document = _read_document(path)
-    public = _public_from_document(document, path)
+    return _open(document, path, _passphrase_key(document, path, passphrase))
+
+
+def load_keystore_under_key(path: Path, sealing_key: bytes) -> KeyPair:
+    """Open a keystore sealed by `encode_keystore_under_key` with its sealing key."""
+    path = Path(path)
+    document = _read_document(path)
     kdf = document.get("kdf")
+    if not isinstance(kdf, dict) or kdf.get("name") != SEALING_KEY_KDF:
+        raise KeystoreError(f"keystore is not sealed under a custody key: {path}")
+    if kdf.get("key_id") != sealing_key_id(sealing_key):
+        raise KeystoreError(f"keystore is sealed under another custody key: {path}")
+    return _open(document, path, sealing_key)
+
+
+def is_sealed_under_key(path: Path) -> bool:
+    """Whether the keystore at `path` is sealed under a custody key (not a passphrase)."""
+    kdf = _read_document(Path(path)).get("kdf")
+    return isinstance(kdf, dict) and kdf.get("name") == SEALING_KEY_KDF
+
+
+def _passphrase_key(document: dict[str, Any], path: Path, passphrase: str) -> bytes:
+    kdf = document.get("kdf")
+    if isinstance(kdf, dict) and kdf.get("name") == SEALING_KEY_KDF:
+        raise KeystoreError(
+            f"keystore is sealed under the node's custody key, not a passphrase: {path}"
+        )
     if not isinstance(kdf, dict) or kdf.get("name") != KDF_NAME:
         raise KeystoreError(f"unsupported keystore kdf (expected {KDF_NAME}): {path}")
     if document.get("cipher") != CIPHER_NAME:
@@ -278,10 +360,16 @@ def load_keystore(path: Path, passphrase: str) -> KeyPair:
     opslimit = _int_field(kdf, "opslimit", path, argon2id.OPSLIMIT_MIN, _MAX_OPSLIMIT)
     memlimit = _int_field(kdf, "memlimit", path, argon2id.MEMLIMIT_MIN, _MAX_MEMLIMIT)
     salt = _hex_field(kdf, "salt", path, argon2id.SALTBYTES)
+    return _derive_key(passphrase, salt, opslimit, memlimit)
+
+
+def _open(document: dict[str, Any], path: Path, box_key: bytes) -> KeyPair:
+    public = _public_from_document(document, path)
+    if document.get("cipher") != CIPHER_NAME:
+        raise KeystoreError(f"unsupported keystore cipher (expected {CIPHER_NAME}): {path}")
     nonce = _hex_field(document, "nonce", path, nacl.secret.SecretBox.NONCE_SIZE)
     ciphertext = _hex_field(document, "ciphertext", path, None)
-
-    box = nacl.secret.SecretBox(_derive_key(passphrase, salt, opslimit, memlimit))
+    box = nacl.secret.SecretBox(box_key)
     try:
         plaintext = box.decrypt(ciphertext, nonce)
         sealed = json.loads(plaintext)

@@ -2,18 +2,22 @@
 client, its custodial identities, its patient index, its token service and audit log.
 
 The facade never bypasses the ledger: it acts as a custodial member through the same SDK a
-client would use — writes are sealed, uploaded and committed; reads go through an access
-request, key shares from t custodians and decryption.
+client would use — writes are sealed, stored and committed; reads go through an access
+request, key shares from t custodians and decryption. Inside the node (`ledger` and `home`
+set by the composition root) the SDK reads committed state, stores packages and releases this
+node's share in-process (`medledger.services`); only the mempool and the other custodians are
+reached over the network.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from medledger.client.records import RecordsClient
+from medledger.client.records import HomeNode, RecordsClient
 from medledger.client.sdk import LedgerClient
 from medledger.fhir.smart import TokenService
 from medledger.node.custody import Custody
@@ -61,6 +65,10 @@ class FhirContext:
     export_retention: float = EXPORT_RETENTION
     max_body_bytes: int = MAX_BODY_BYTES
     max_json_depth: int = MAX_JSON_DEPTH
+    # How the node's services reach the ledger and this node's record services; without them,
+    # through CometBFT's RPC (`rpc_url`) and the node's HTTP API (`api_url`) like any client.
+    ledger: Callable[[], LedgerClient] | None = None
+    home: HomeNode | None = None
     _clients: dict[str, RecordsClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,8 +90,14 @@ class FhirContext:
             client = self._clients.get(member_id)
             if client is None:
                 keys = self.custody.keys_for(member_id)
+                ledger = self.ledger() if self.ledger else LedgerClient(self.rpc_url, self.chain_id)
                 client = RecordsClient(
-                    LedgerClient(self.rpc_url, self.chain_id), self.api_url, keys, member_id
+                    ledger,
+                    self.api_url,
+                    keys,
+                    member_id,
+                    node_organization=self.organization if self.home else None,
+                    home=self.home,
                 )
                 self._clients[member_id] = client
             return client

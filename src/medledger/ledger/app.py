@@ -71,6 +71,9 @@ class BlockOutcome:
     app_hash: bytes
     packages_stored: list[str] = field(default_factory=list)
     packages_erased: list[str] = field(default_factory=list)
+    height: int = 0
+    # The hash of each transaction, in block order (one per result).
+    tx_hashes: list[bytes] = field(default_factory=list)
 
 
 class Ledger:
@@ -171,15 +174,17 @@ class Ledger:
         effects = BlockEffects()
         results: list[TxResult] = []
         leaves: list[bytes] = []
+        hashes: list[bytes] = []
         for index, raw in enumerate(txs):
             result = execute_transaction(state, block, effects, raw, self.signatures)
             results.append(result)
+            hashes.append(codec.tx_hash(raw))
             leaves.append(
                 codec.encode(
                     AuditEntry(
                         height,
                         index,
-                        codec.tx_hash(raw),
+                        hashes[-1],
                         result.type,
                         result.sender,
                         int(result.code),
@@ -200,6 +205,8 @@ class Ledger:
             app_hash,
             effects.packages_stored,
             effects.packages_erased,
+            height,
+            hashes,
         )
 
     def commit(self) -> int:

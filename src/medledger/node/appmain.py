@@ -20,7 +20,7 @@ from medledger.api.auth import ReplayCache
 from medledger.api.claims import add_claim_routes
 from medledger.api.http import build_http_app
 from medledger.api.metrics import Metrics
-from medledger.api.records import RecordServices, add_record_routes
+from medledger.api.records import add_record_routes
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
@@ -40,10 +40,14 @@ from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
 from medledger.node.services import check_hl7_member, load_services_config
 from medledger.node.tasks import Supervisor
+from medledger.services.commits import CommitNotices
+from medledger.services.home import InProcessNode
+from medledger.services.ledger import NodeLedger
+from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
 from medledger.store.snapshots import SnapshotStore, load_snapshot_settings
-from medledger.store.sqlite import SqliteStore
+from medledger.store.sqlite import CommittedView, SqliteStore
 from medledger.store.uploads import PendingUploads
 from medledger.web.app import add_portal_routes
 
@@ -78,12 +82,16 @@ def is_referenced(store: SqliteStore, digest: str) -> bool:
     return State(store).get(package_key(digest)) is not None
 
 
-def commit_hook(replicator: Replicator, uploads: PendingUploads) -> Callable[[BlockOutcome], None]:
-    """What the node does after each block commits: destroy the packages it erased (for good:
-    the store keeps their tombstones), stop counting the uploads its records name as pending,
-    and fetch those records' packages it lacks."""
+def commit_hook(
+    replicator: Replicator, uploads: PendingUploads, notices: CommitNotices
+) -> Callable[[BlockOutcome], None]:
+    """What the node does after each block commits: tell the services waiting for its
+    transactions, destroy the packages it erased (for good: the store keeps their tombstones),
+    stop counting the uploads its records name as pending, and fetch those records' packages it
+    lacks."""
 
     def after_commit(outcome: BlockOutcome) -> None:
+        notices.block_committed(outcome)
         for digest in (*outcome.packages_erased, *outcome.packages_stored):
             uploads.settle(digest)
         if outcome.packages_erased:
@@ -115,6 +123,9 @@ async def serve_app(home: Path) -> None:
     packages = PackageStore(services_cfg.packages_path)
     uploads = PendingUploads(packages.root / "pending", services_cfg.upload_limits)
     supervisor = Supervisor(observer=metrics)
+    # The services' own view of committed state, and the commits they wait for.
+    view = CommittedView(store.path)
+    notices = CommitNotices()
 
     def report() -> None:
         status = replicator.status()
@@ -145,7 +156,7 @@ async def serve_app(home: Path) -> None:
     ledger_app = LedgerApplication(
         store,
         metrics,
-        on_commit=commit_hook(replicator, uploads),
+        on_commit=commit_hook(replicator, uploads, notices),
         snapshots=SnapshotStore(cfg.state_dir / "snapshots", load_snapshot_settings(cfg.home)),
         on_restore=restored,
     )
@@ -171,22 +182,25 @@ async def serve_app(home: Path) -> None:
         }
 
     http_app = build_http_app(ledger_app, cfg.cometbft_rpc, status=node_status)
-    add_record_routes(
-        http_app,
-        RecordServices(
-            store=store,
-            packages=packages,
-            replicator=replicator,
-            node_keys=node_keys,
-            organization=cfg.organization,
-            peers=services_cfg.peers,
-            api_url=cfg.api_url,
-            audit=audit,
-            replays=ReplayCache(),
-            uploads=uploads,
-        ),
+    record_services = RecordServices(
+        store=store,
+        packages=packages,
+        replicator=replicator,
+        node_keys=node_keys,
+        organization=cfg.organization,
+        peers=services_cfg.peers,
+        api_url=cfg.api_url,
+        audit=audit,
+        replays=ReplayCache(),
+        uploads=uploads,
     )
+    add_record_routes(http_app, record_services)
     add_claim_routes(http_app)
+    home_node = InProcessNode(record_services, view)
+
+    def node_ledger() -> NodeLedger:
+        return NodeLedger(view, notices, cfg.cometbft_rpc, cfg.chain_id, metrics)
+
     fhir_context = FhirContext(
         rpc_url=cfg.cometbft_rpc,
         chain_id=cfg.chain_id,
@@ -197,13 +211,15 @@ async def serve_app(home: Path) -> None:
         patients=PatientIndex(cfg.state_dir / "patients.db"),
         tokens=TokenService(store, f"{cfg.public_api_url}/fhir/auth/token", audit),
         audit=audit,
+        ledger=node_ledger,
+        home=home_node,
     )
     held = fhir_context.custody.unlock_all()
     # A wrong [hl7] table stops the node here, before any socket opens (see node app).
     check_hl7_member(cfg.home, fhir_context.custody)
     http_app[FHIR_CONTEXT] = fhir_context
     add_fhir_routes(http_app)
-    add_portal_routes(http_app, cfg, services_cfg.peers)
+    add_portal_routes(http_app, cfg, services_cfg.peers, ledger=node_ledger, home_node=home_node)
     abci_server = AbciServer(ledger_app, cfg.socket_path)
     host, port = cfg.api_address
     # No access log: request lines name records and patients. (The body limit is the

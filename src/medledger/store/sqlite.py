@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,43 +104,17 @@ class _BufferedNodeTable(_NodeTable):
         self._pending.clear()
 
 
-class SqliteStore:
-    def __init__(self, path: Path, depth: int = statetree.DEFAULT_DEPTH) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.depth = depth
-        self._writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._writer.execute("PRAGMA journal_mode=WAL")
-        self._writer.execute("PRAGMA synchronous=FULL")
-        self._writer.executescript(SCHEMA)
-        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._staged: list[tuple[int, bytes]] | None = None
-        self._staged_audit_size = 0
-        self._staged_changes: list[tuple[bytes, bytes | None]] = []
-        # Committed values by key (None: absent), filled by get() and brought up to date at
-        # every commit; kv is written nowhere but stage_block/commit_staged.
-        self._cache: dict[bytes, bytes | None] = {}
-        self._committed_tree = self._load_tree()
-        self._working_tree = self._load_tree()
+class CommittedReads:
+    """Reads of committed state through one connection: what queries, CheckTx and the node's
+    services read. The connection never sees a block's writes before its Commit (they are staged
+    in a transaction of the writer connection)."""
 
-    def close(self) -> None:
-        self.discard_staged()
-        self._writer.close()
-        self._reader.close()
-
-    # --- reads of committed state -------------------------------------------------------
+    def __init__(self, reader: sqlite3.Connection) -> None:
+        self._reader = reader
 
     def get(self, key: bytes) -> bytes | None:
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
         row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        value = None if row is None else bytes(row[0])
-        if len(self._cache) >= READ_CACHE_ENTRIES:
-            self._cache.clear()
-        self._cache[key] = value
-        return value
+        return None if row is None else bytes(row[0])
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         rows = self._reader.execute(
@@ -159,20 +134,6 @@ class SqliteStore:
     def audit_size(self) -> int:
         row = self._reader.execute("SELECT value FROM meta WHERE name = 'audit_size'").fetchone()
         return 0 if row is None else int(row[0])
-
-    def state_root(self) -> bytes:
-        return self._committed_tree.root()
-
-    def state_proof(self, key: bytes) -> StateProof:
-        """A proof of `key`'s committed value, or of its absence, under the state root."""
-        bucket = statetree.bucket_of(key, self.depth)
-        entries = [
-            (bytes(k), bytes(h))
-            for k, h in self._reader.execute(
-                "SELECT key, value_hash FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
-            )
-        ]
-        return statetree.prove(self._committed_tree, key, self.get(key), entries)
 
     def audit_log(self) -> merkle.MerkleLog:
         """The committed audit log, read-only."""
@@ -216,6 +177,104 @@ class SqliteStore:
             audit_size=int(row[4]),
             app_hash=bytes(row[5] or b""),
         )
+
+    def block_time_ns(self) -> int:
+        """The time of the last committed block (0 before the first): the ledger's "now"."""
+        height, _, _ = self.committed()
+        block = self.block(height)
+        return block.time_ns if block is not None else 0
+
+
+class CommittedView:
+    """Committed state for the node's own services, read in worker threads while the ABCI
+    server executes and commits blocks on the event loop.
+
+    Each thread reads through a read-only connection of its own, inside one read transaction per
+    `snapshot()`: everything read in it is the state at one committed height, whatever Commit
+    does meanwhile (SQLite WAL). The store's shared reader connection and its cache belong to
+    the event loop; they are never touched from here."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[CommittedReads]:
+        """The committed state at one height, for the duration of the block."""
+        conn = self._connection()
+        if conn.in_transaction:  # a nested snapshot reads the enclosing one's height
+            yield CommittedReads(conn)
+            return
+        conn.execute("BEGIN")
+        try:
+            yield CommittedReads(conn)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def height(self) -> int:
+        with self.snapshot() as reads:
+            return reads.committed()[0]
+
+
+class SqliteStore(CommittedReads):
+    def __init__(self, path: Path, depth: int = statetree.DEFAULT_DEPTH) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.depth = depth
+        self._writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=FULL")
+        self._writer.executescript(SCHEMA)
+        super().__init__(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+        self._staged: list[tuple[int, bytes]] | None = None
+        self._staged_audit_size = 0
+        self._staged_changes: list[tuple[bytes, bytes | None]] = []
+        # Committed values by key (None: absent), filled by get() and brought up to date at
+        # every commit; kv is written nowhere but stage_block/commit_staged.
+        self._cache: dict[bytes, bytes | None] = {}
+        self._committed_tree = self._load_tree()
+        self._working_tree = self._load_tree()
+
+    def close(self) -> None:
+        self.discard_staged()
+        self._writer.close()
+        self._reader.close()
+
+    # --- reads of committed state (cached point reads, proofs) -----------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        value = super().get(key)
+        if len(self._cache) >= READ_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = value
+        return value
+
+    def state_root(self) -> bytes:
+        return self._committed_tree.root()
+
+    def state_proof(self, key: bytes) -> StateProof:
+        """A proof of `key`'s committed value, or of its absence, under the state root."""
+        bucket = statetree.bucket_of(key, self.depth)
+        entries = [
+            (bytes(k), bytes(h))
+            for k, h in self._reader.execute(
+                "SELECT key, value_hash FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
+            )
+        ]
+        return statetree.prove(self._committed_tree, key, self.get(key), entries)
 
     # --- staging and committing a block --------------------------------------------------
 

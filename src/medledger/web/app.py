@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
+from medledger.client.records import HomeNode
 from medledger.client.sdk import ClientError, LedgerClient, ProofError, TxRejected
 from medledger.node.config import NodeConfig
 from medledger.web import auditor, clinician, explorer, patient
@@ -275,7 +276,11 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 
 
 def build_portal(
-    node: NodeConfig, peers: Mapping[str, str], settings: PortalSettings
+    node: NodeConfig,
+    peers: Mapping[str, str],
+    settings: PortalSettings,
+    ledger: Callable[[], LedgerClient] | None = None,
+    home_node: HomeNode | None = None,
 ) -> web.Application:
     context = PortalContext(
         organization=node.organization,
@@ -298,7 +303,9 @@ def build_portal(
         ),
         derivations=KeyDerivations(settings.signin_workers, settings.signin_queue),
         templates=templates(),
-        reader=LedgerClient(node.cometbft_rpc, node.chain_id),
+        reader=ledger() if ledger else LedgerClient(node.cometbft_rpc, node.chain_id),
+        ledger=ledger,
+        home=home_node,
     )
     portal = web.Application(middlewares=[portal_middleware])
     portal[PORTAL] = context
@@ -326,10 +333,14 @@ def add_portal_routes(
     node: NodeConfig,
     peers: Mapping[str, str],
     settings: PortalSettings | None = None,
+    ledger: Callable[[], LedgerClient] | None = None,
+    home_node: HomeNode | None = None,
 ) -> web.Application:
     """Mount the portal under /portal of the node's HTTP app (settings from the node's
-    `[portal]` table unless given)."""
-    portal = build_portal(node, peers, settings or load_portal_settings(node.home))
+    `[portal]` table unless given); `ledger` and `home` as in `PortalContext`."""
+    portal = build_portal(
+        node, peers, settings or load_portal_settings(node.home), ledger, home_node
+    )
 
     async def to_portal(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(f"{PREFIX}/")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 import nacl.pwhash.argon2id as argon2id
 
-from medledger.client.records import RecordsClient
+from medledger.client.records import HomeNode, RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring, KeystoreError, validate_name
@@ -61,16 +61,21 @@ class PortalContext:
     derivations: KeyDerivations
     templates: jinja2.Environment
     reader: LedgerClient
+    # Inside the node: ledger clients that read committed state in-process, and this node's
+    # record services (see medledger.services); without them, the RPC and the HTTP API.
+    ledger: Callable[[], LedgerClient] | None = None
+    home: HomeNode | None = None
     _organizations: tuple[float, dict[str, Organization]] = (0.0, {})
     _members: dict[str, tuple[float, Member | None]] = field(default_factory=dict)
 
     def client_for(self, keys: KeyPair, member_id: str) -> MemberClient:
         return MemberClient(
-            LedgerClient(self.rpc_url, self.chain_id),
+            self.ledger() if self.ledger else LedgerClient(self.rpc_url, self.chain_id),
             self.api_url,
             keys,
             member_id,
             node_organization=self.organization,
+            home=self.home,
         )
 
     def close(self) -> None:

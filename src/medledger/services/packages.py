@@ -1,0 +1,348 @@
+"""Packages and key shares on this node: storing an author's sealed package, serving a copy,
+and releasing this node's share of a record's data key.
+
+The node's HTTP API (`medledger.api.records`) calls these for clients elsewhere, after it has
+authenticated the request; the node's own services call them in-process for the custodial
+members they act for. Either way the decision is made here, against committed ledger state read
+through `reads` (the store's own reader on the event loop, a `CommittedView` snapshot in a
+worker thread).
+
+Key release hands this node's share, re-sealed to the grantee's current encryption key, only to
+the grantee of a committed, unexpired grant — so no disclosure happens before its audit entry
+is committed, and a revoked consent stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from medledger.api.auth import ReplayCache
+from medledger.crypto import package as packaging
+from medledger.crypto.keys import KeyPair
+from medledger.ledger.access import Basis, Grant, consent_problem, load_grant
+from medledger.ledger.claims import CLAIM_AUTHOR_ROLES
+from medledger.ledger.consent import Consent, consent_key
+from medledger.ledger.model import Member
+from medledger.ledger.records import (
+    AUTHOR_ROLES,
+    MAX_PACKAGE_BYTES,
+    Custody,
+    PackageRef,
+    RecordStatus,
+    RecordVersion,
+    package_key,
+    record_key,
+)
+from medledger.ledger.state import State
+from medledger.store.node_audit import NodeAuditLog
+from medledger.store.packages import (
+    CorruptPackage,
+    ErasedPackage,
+    PackageStore,
+    PackageStoreError,
+    is_digest,
+)
+from medledger.store.sqlite import CommittedReads, SqliteStore
+from medledger.store.uploads import PendingUploads, QuotaExceeded
+
+log = logging.getLogger("medledger.records")
+
+# Who may upload a sealed package: record authors, and the members who write a claim's Claim
+# (provider billing and clinicians) or ClaimResponse (insurer billing and admins).
+UPLOADER_ROLES = frozenset(AUTHOR_ROLES | CLAIM_AUTHOR_ROLES)
+
+
+class Replication(Protocol):
+    """What package decisions ask of replication: fetch what is missing, repair what is bad."""
+
+    def want(self, digests: Iterable[str]) -> None: ...
+
+    def heal(self, digest: str) -> None: ...
+
+
+@dataclass
+class RecordServices:
+    store: SqliteStore
+    packages: PackageStore
+    replicator: Replication
+    node_keys: KeyPair
+    organization: str
+    peers: dict[str, str]
+    api_url: str
+    audit: NodeAuditLog
+    replays: ReplayCache
+    uploads: PendingUploads
+    # Uploads are admitted against a member's quota by a check and an update.
+    upload_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PackageRefused(Exception):
+    """A refusal with the HTTP status the API answers it with."""
+
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class StoredPackage:
+    created: bool
+    referenced: bool
+    expires_in: int | None
+
+
+@dataclass(frozen=True)
+class ReleasedShare:
+    organization: str
+    index: int
+    sealed_share: bytes
+    package_digest: str
+
+
+ERASED_FOR_GOOD = "this package was erased with its record; it is never stored again"
+
+
+def store_package(
+    services: RecordServices, reads: CommittedReads, member: Member, digest: str, data: bytes
+) -> StoredPackage:
+    """An author's sealed package, stored before the record that names it is submitted.
+
+    Until a committed record names it the upload is pending: it expires after the node's
+    upload time to live and counts against the uploader's quota. An erased package is never
+    stored again (410)."""
+    if member.role not in UPLOADER_ROLES:
+        raise PackageRefused(403, "only members who write records or claims upload packages")
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PackageRefused(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")
+    if not is_digest(digest):
+        raise PackageRefused(400, "a package digest is 64 lowercase hex digits")
+    state = State(reads)
+    ref = state.read(package_key(digest), PackageRef)
+    version = state.read(record_key(ref.record_id, ref.version), RecordVersion) if ref else None
+    if services.packages.is_erased(digest) or (
+        version is not None and version.status is RecordStatus.ERASED
+    ):
+        raise PackageRefused(410, ERASED_FOR_GOOD)
+    if packaging.package_digest(data) != digest:
+        raise PackageRefused(400, "the package's bytes do not hash to the digest in the URL")
+    try:
+        packaging.decode_package(data)
+    except packaging.PackageError as exc:
+        raise PackageRefused(400, str(exc)) from None
+    with services.upload_lock:
+        if ref is None and not services.packages.has(digest):
+            try:
+                services.uploads.admit(member.id, digest, len(data))
+            except QuotaExceeded as exc:
+                raise PackageRefused(429, str(exc), int(exc.retry_after)) from None
+    try:
+        created = services.packages.put(digest, data)
+    except ErasedPackage:
+        services.uploads.settle(digest)
+        raise PackageRefused(410, ERASED_FOR_GOOD) from None
+    except PackageStoreError as exc:
+        services.uploads.settle(digest)
+        raise PackageRefused(400, str(exc)) from None
+    expires = int(services.uploads.limits.ttl_seconds) if digest in services.uploads else None
+    return StoredPackage(created, ref is not None, expires)
+
+
+def package_copy(
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member | None,
+    digest: str,
+    grant_id: str = "",
+) -> bytes:
+    """This node's copy of a committed record's package, for its patient, its author and the
+    grantee of a grant for that version; `member` None is a peer node (replication), whose
+    request the API has authenticated as a node's."""
+    state = State(reads)
+    if member is not None:
+        ref = state.read(package_key(digest), PackageRef)
+        if ref is None:
+            raise PackageRefused(404, "no committed record holds this package")
+        version = state.read(record_key(ref.record_id, ref.version), RecordVersion)
+        if version is None or not _may_download(reads, services, member, version, grant_id):
+            raise PackageRefused(403, "the package is released to its patient, author and grantees")
+    try:
+        data = services.packages.get(digest)
+    except CorruptPackage:
+        services.replicator.heal(digest)
+        raise PackageRefused(
+            503, "this node's copy failed its integrity check; it is being repaired"
+        ) from None
+    except PackageStoreError as exc:
+        raise PackageRefused(400, str(exc)) from None
+    if data is None:
+        raise PackageRefused(404, "this node does not hold that package (yet)")
+    return data
+
+
+def _may_download(
+    reads: CommittedReads,
+    services: RecordServices,
+    member: Member,
+    version: RecordVersion,
+    grant_id: str,
+) -> bool:
+    if version.status is RecordStatus.ERASED:
+        return False
+    if member.id in (version.patient, version.author):
+        return True
+    if not grant_id:
+        return False
+    grant = load_grant(State(reads), grant_id)
+    return (
+        grant is not None
+        and grant_problem(reads, member, grant) is None
+        and (grant.record_id == version.record_id and grant.version == version.version)
+    )
+
+
+def grant_problem(reads: CommittedReads, member: Member, grant: Grant) -> str | None:
+    """Why `member` may not use `grant` now (the last committed block's time), or None."""
+    state = State(reads)
+    if grant.requester != member.id:
+        return "the grant belongs to another member"
+    now = reads.block_time_ns()
+    if now >= grant.expires_ns:
+        return "the grant has expired"
+    version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
+    if version is None or version.status is RecordStatus.ERASED:
+        return "the record was erased"
+    if grant.basis is Basis.CONSENT:
+        consent = state.read(consent_key(grant.patient, grant.consent_id), Consent)
+        if consent is None:
+            return "the consent behind the grant is gone"
+        problem = consent_problem(consent, member, version, grant.purpose, now)
+        if problem is not None:
+            return f"consent {consent.id} {problem or 'no longer covers the grantee'}"
+    return None
+
+
+def release_share(
+    services: RecordServices, reads: CommittedReads, member: Member, grant_id: str
+) -> ReleasedShare:
+    """This node's share of the data key of the record version `grant_id` names, re-sealed to
+    `member`'s encryption key. Every release and every refusal is in the node audit log."""
+    try:
+        released = _release(services, reads, member, grant_id)
+    except PackageRefused as refusal:
+        if refusal.status != 503:  # a retry later, not a decision
+            refuse(services, member.id, grant_id, refusal.reason)
+        raise
+    except Exception as exc:  # nothing a caller sends may take the node down
+        reason = f"internal error ({type(exc).__name__}); no share released"
+        refuse(services, member.id, grant_id, reason)
+        raise PackageRefused(500, reason) from None
+    services.audit.record(member.id, "key.release", grant_id, "released")
+    log.info("key share released", extra={"requester": member.id, "grant": grant_id})
+    return released
+
+
+def _release(
+    services: RecordServices, reads: CommittedReads, member: Member, grant_id: str
+) -> ReleasedShare:
+    state = State(reads)
+    grant = load_grant(state, grant_id)
+    if grant is None:
+        raise PackageRefused(404, "no committed grant with that id")
+    problem = grant_problem(reads, member, grant)
+    if problem is not None:
+        raise PackageRefused(403, problem)
+    version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
+    assert version is not None  # grant_problem found it
+    custody = next((c for c in version.custodians if c.organization == services.organization), None)
+    if custody is None:
+        raise PackageRefused(404, "this node is not a custodian")
+    try:
+        data = services.packages.get(version.package_digest)
+    except CorruptPackage:
+        services.replicator.heal(version.package_digest)
+        raise PackageRefused(
+            503, "this node's copy failed its integrity check; retry shortly"
+        ) from None
+    if data is None:
+        services.replicator.want([version.package_digest])
+        raise PackageRefused(503, "this node has not received the package yet; retry shortly")
+    try:
+        package = packaging.decode_package(data)
+        problem = package_mismatch(state, data, package, version, custody)
+        if problem is not None:
+            raise PackageRefused(409, problem)
+        share = packaging.open_custodian_share(
+            package, services.organization, services.node_keys.encryption_secret
+        )
+    except packaging.PackageError as exc:
+        reason = f"this node's share of the package does not open ({exc}); no share released"
+        raise PackageRefused(409, reason) from None
+    return ReleasedShare(
+        services.organization,
+        custody.index,
+        packaging.reseal_share(share, member.encryption_key),
+        version.package_digest,
+    )
+
+
+def refuse(services: RecordServices, requester: str, grant_id: str, reason: str) -> None:
+    services.audit.record(requester, "key.release", grant_id, "refused", reason)
+    log.warning(
+        "key release refused", extra={"requester": requester, "grant": grant_id, "reason": reason}
+    )
+
+
+def package_mismatch(
+    state: State,
+    data: bytes,
+    package: packaging.RecordPackage,
+    version: RecordVersion,
+    custody: Custody,
+) -> str | None:
+    """Why this package may not yield a share for the committed record `version`, or None.
+
+    A share is released for exactly the record version a grant names, and only the ledger says
+    which that is: the package must be the one the committed version names (its digest), and
+    its header — which its share commitments and its ciphertext's associated data are bound to
+    — must name that record id, version, patient and author, with this node's share at the
+    committed index. Otherwise a copy of another record's package (one byte changed, so a new
+    digest) committed under a record of one's own would release the other record's key."""
+    if packaging.package_digest(data) != version.package_digest:
+        return "this node's copy is not the package the committed record names"
+    ref = state.read(package_key(version.package_digest), PackageRef)
+    if ref != PackageRef(version.record_id, version.version):
+        return "the ledger does not name this package as the grant's record version"
+    named = f"record {version.record_id} v{version.version}"
+    if (package.record_id, package.record_version) != (version.record_id, version.version):
+        return (
+            f"the package is sealed for record {_quote(package.record_id)}"
+            f" v{package.record_version},"
+            f" not for {named} that the grant names; no share released"
+        )
+    if package.patient != version.patient:
+        return f"the package is sealed for another patient than {named}'s; no share released"
+    if package.author != version.author:
+        return f"the package is sealed by another author than {named}'s; no share released"
+    if package.threshold != version.threshold:
+        return (
+            f"the package's threshold {package.threshold} is not the committed"
+            f" {version.threshold}; no share released"
+        )
+    entry = next((e for e in package.shares if e.organization == custody.organization), None)
+    if entry is None or entry.index != custody.index:
+        return (
+            f"the package does not hold share {custody.index} for {custody.organization}"
+            " where the ledger says; no share released"
+        )
+    return None
+
+
+def _quote(text: str, limit: int = 64) -> str:
+    """Text a sender chose, safe to put in an answer and a log line."""
+    return repr(text[:limit])
