@@ -37,6 +37,7 @@ from medledger.ledger.records import EraseRecord, PutRecord, threshold_for
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.appmain import commit_hook
 from medledger.node.replication import Replicator
+from medledger.services.commits import CommitNotices
 from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import ErasedPackage, PackageStore
@@ -100,7 +101,12 @@ async def start_node(
     add_record_routes(app, services)
     client = TestClient(TestServer(app))
     await client.start_server()
-    return Node(organization, client, services, commit_hook(services.replicator, services.uploads))
+    return Node(
+        organization,
+        client,
+        services,
+        commit_hook(services.replicator, services.uploads, CommitNotices()),
+    )
 
 
 @pytest.fixture
