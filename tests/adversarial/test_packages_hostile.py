@@ -445,3 +445,49 @@ async def test_a_digest_with_a_trailing_newline_is_not_a_digest(
     assert response.status == 400
     assert "64 lowercase hex digits" in (await response.json())["error"]
     assert list(node.services.packages.digests()) == []
+
+
+async def test_batches_of_packages_go_to_peer_nodes_only_and_are_bounded(
+    consortium: Consortium, nodes: dict[str, Node], people: People
+) -> None:
+    sealed = await write_record(consortium, nodes, people, "rec-batch")
+    node = nodes["careplus"]
+    asked = json.dumps({"digests": [sealed.digest, "0" * 64]}).encode()
+    # A member — even the record's author — gets packages one by one, as each is authorized.
+    refused = await node.call(people.doctor, "POST", "/v1/packages/batch", asked)
+    assert refused.status == 403
+    peer = keys_for("northside-lab/node")
+
+    async def as_peer(body: bytes) -> ClientResponse:
+        header = sign_request(
+            peer,
+            "node:northside-lab",
+            "POST",
+            "/v1/packages/batch",
+            body,
+            audience=node_audience("careplus"),
+        )
+        return await node.client.post(
+            "/v1/packages/batch", data=body, headers={"Authorization": header}
+        )
+
+    served = await as_peer(asked)
+    assert served.status == 200
+    assert msgspec.msgpack.decode(await served.read()) == [[sealed.digest, sealed.package]]
+    too_many = json.dumps({"digests": ["0" * 64] * 65}).encode()
+    assert (await as_peer(too_many)).status == 400
+    for garbage in (b"[]", b'{"digests": "x"}', b'{"digests": [1]}', b"\xff"):
+        assert (await as_peer(garbage)).status == 400
+    # A forged node signature is refused.
+    forged = sign_request(
+        keys_for("nobody"),
+        "node:northside-lab",
+        "POST",
+        "/v1/packages/batch",
+        asked,
+        audience=node_audience("careplus"),
+    )
+    answer = await node.client.post(
+        "/v1/packages/batch", data=asked, headers={"Authorization": forged}
+    )
+    assert answer.status == 401

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -39,7 +41,23 @@ class Peer:
     packages: dict[str, bytes] = field(default_factory=dict)
     handlers: dict[str, Handler] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)
+    # Batch requests (the digests of each); with `batches_served` False the peer lacks the
+    # endpoint (404), as a node of an older release would.
+    batches: list[list[str]] = field(default_factory=list)
+    batches_served: bool = True
+    batch_answer: Callable[[list[str]], list[tuple[str, bytes]]] | None = None
     server: TestServer | None = None
+
+    async def _batch(self, request: web.Request) -> web.StreamResponse:
+        asked = json.loads(await request.read())["digests"]
+        self.batches.append(asked)
+        if not self.batches_served:
+            return web.json_response({"error": "not found"}, status=404)
+        if self.batch_answer is not None:
+            found = self.batch_answer(asked)
+        else:
+            found = [(d, self.packages[d]) for d in asked if d in self.packages]
+        return web.Response(body=msgspec.msgpack.encode(found))
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
@@ -52,6 +70,7 @@ class Peer:
 
     async def start(self) -> str:
         app = web.Application()
+        app.router.add_post("/v1/packages/batch", self._batch)
         app.router.add_get("/v1/packages/{digest}", self._get)
         self.server = TestServer(app)
         await self.server.start_server()
@@ -228,3 +247,60 @@ async def test_a_fetch_finishing_after_an_erasure_does_not_bring_the_package_bac
     assert not restarted.has(digest)
     h.replicator.want([digest])
     assert h.replicator.missing == set()
+
+
+async def test_packages_come_in_one_batch_from_the_authors_node(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    written = dict(package(f"batch-{i}") for i in range(5))
+    digests = sorted(written)
+    elsewhere = digests[0]  # the author's node lacks this one; another peer has it
+    other = Peer(packages={elsewhere: written[elsewhere]})
+    author = Peer(packages={d: written[d] for d in digests[1:]})
+    h = await harness(other, author, source=lambda digest: "peer-1")
+    h.replicator.want(digests)
+
+    await eventually(lambda: all(h.store.has(d) for d in digests), "every package")
+    assert author.batches == [digests]
+    # What the author's node returned was not asked again one by one; the one it lacked was
+    # asked of it once and then of the other peer.
+    assert author.asked == [elsewhere]
+    assert other.asked == [elsewhere] and other.batches == []
+    assert h.replicator.status()["fetched"] == 5
+    assert h.replicator.missing == set()
+
+
+async def test_a_batch_with_wrong_bytes_stores_none_of_them(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    good, good_data = package("good")
+    forged, forged_data = package("forged")
+    honest = Peer(packages={forged: forged_data})
+    liar = Peer(
+        packages={good: good_data},
+        batch_answer=lambda asked: [
+            (good, good_data),
+            (forged, b"not the package"),
+            ("f" * 64, b"never asked for"),
+        ],
+    )
+    h = await harness(honest, liar, source=lambda digest: "peer-1")
+    h.replicator.want([good, forged])
+
+    await eventually(lambda: h.store.has(good) and h.store.has(forged), "both packages")
+    assert h.store.get(forged) == forged_data
+    assert not h.store.has("f" * 64)
+    assert honest.asked == [forged]
+
+
+async def test_a_peer_without_the_batch_endpoint_serves_one_by_one(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    written = dict(package(f"old-{i}") for i in range(3))
+    old = Peer(packages=written, batches_served=False)
+    h = await harness(old, source=lambda digest: "peer-0")
+    h.replicator.want(written)
+
+    await eventually(lambda: all(h.store.has(d) for d in written), "every package")
+    assert len(old.batches) == 1
+    assert sorted(old.asked) == sorted(written)

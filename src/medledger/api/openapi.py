@@ -470,6 +470,40 @@ def native_operations() -> dict[tuple[str, str], Operation]:
                 ),
             },
         ),
+        ("POST", "/v1/packages/batch"): Operation(
+            "Download many packages at once (peer nodes)",
+            "records",
+            "For replication: a peer node (issuer `node:<organization>`) names up to 64"
+            " digests; the answer is a MessagePack array of [digest, bytes] pairs for those"
+            " this node holds, in the order asked, up to 16 MiB. The peer checks each against"
+            " its digest and fetches the rest one by one.",
+            req,
+            body={
+                "required": True,
+                **json_body(
+                    {
+                        "type": "object",
+                        "required": ["digests"],
+                        "properties": {
+                            "digests": {
+                                "type": "array",
+                                "maxItems": 64,
+                                "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                            }
+                        },
+                    }
+                ),
+            },
+            responses={
+                "200": reply(
+                    "The packages held, as MessagePack.",
+                    {"type": "string", "contentMediaType": "application/msgpack"},
+                    "application/msgpack",
+                ),
+                "400": reply("Not a list of at most 64 digests.", ref("Error")),
+                **NATIVE_ERRORS,
+            },
+        ),
         ("PUT", "/v1/packages/{digest}"): Operation(
             "Upload a sealed record package",
             "records",

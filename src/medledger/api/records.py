@@ -25,8 +25,12 @@ from medledger.ledger.model import Member, Organization, member_key, organizatio
 from medledger.ledger.records import MAX_PACKAGE_BYTES
 from medledger.ledger.state import State
 from medledger.services.packages import (
+    BATCH_BYTES,
+    BATCH_PATH,
+    BATCH_SIZE,
     PackageRefused,
     RecordServices,
+    package_copies,
     package_copy,
     refuse,
     release_share,
@@ -131,6 +135,31 @@ async def get_package(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/octet-stream")
 
 
+class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    digests: list[str]
+
+
+async def get_package_batch(request: web.Request) -> web.Response:
+    """Many packages in one answer, for a peer node replicating them: a MessagePack array of
+    [digest, bytes] pairs, for those of the digests asked that this node holds (at most
+    BATCH_SIZE asked, BATCH_BYTES answered)."""
+    services = request.app[SERVICES]
+    try:
+        caller, member = await _authenticate(request, services)
+    except AuthError as exc:
+        return _problem(exc.status, str(exc))
+    if member is not None or caller.node_organization is None:
+        return _problem(403, "packages are served in batches to peer nodes only")
+    try:
+        asked = msgspec.json.decode(await request.read(), type=BatchRequest).digests
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _problem(400, f"bad request body: {exc}")
+    if len(asked) > BATCH_SIZE:
+        return _problem(400, f"at most {BATCH_SIZE} digests per batch")
+    found = package_copies(services, asked, BATCH_BYTES)
+    return web.Response(body=msgspec.msgpack.encode(found), content_type="application/msgpack")
+
+
 class ReleaseRequest(msgspec.Struct, frozen=True):
     grant: str
 
@@ -197,6 +226,7 @@ async def release_log(request: web.Request) -> web.Response:
 def add_record_routes(app: web.Application, services: RecordServices) -> None:
     app[SERVICES] = services
     app.router.add_put("/v1/packages/{digest}", put_package)
+    app.router.add_post(BATCH_PATH, get_package_batch)
     app.router.add_get("/v1/packages/{digest}", get_package)
     app.router.add_post("/v1/keys/release", release_key)
     app.router.add_get("/v1/nodes", nodes)

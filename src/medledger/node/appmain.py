@@ -26,6 +26,7 @@ from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
 from medledger.hl7.mllp import start_hl7_listener
 from medledger.ledger.app import BlockOutcome
+from medledger.ledger.model import Member, member_key
 from medledger.ledger.records import (
     PackageRef,
     RecordStatus,
@@ -75,6 +76,16 @@ def committed_package_size(store: SqliteStore, digest: str) -> int | None:
         return None
     version = state.read(record_key(ref.record_id, ref.version), RecordVersion)
     return version.package_size if version is not None else None
+
+
+def author_organization(store: SqliteStore, digest: str) -> str | None:
+    """The organization of the member who wrote the record naming `digest`: its node took the
+    upload, so replication asks it first."""
+    state = State(store)
+    ref = state.read(package_key(digest), PackageRef)
+    version = state.read(record_key(ref.record_id, ref.version), RecordVersion) if ref else None
+    author = state.read(member_key(version.author), Member) if version else None
+    return author.organization if author else None
 
 
 def is_referenced(store: SqliteStore, digest: str) -> bool:
@@ -144,6 +155,7 @@ async def serve_app(home: Path) -> None:
         services_cfg.peers,
         on_change=report,
         expected_size=lambda digest: committed_package_size(store, digest),
+        source=lambda digest: author_organization(store, digest),
     )
 
     def restored(height: int) -> None:

@@ -13,22 +13,31 @@ or when the whole exchange takes longer than `peer_timeout`.
 
 A fetch that completes after the package was erased is dropped: the package store keeps a
 tombstone of every erased digest and refuses to store it again.
+
+To keep up with ingest, packages are fetched in batches: due digests are grouped by the
+organization whose node most likely holds them (the record's author's, `source`), and each
+group of up to `batch_size` is asked of that node in one request (`POST /v1/packages/batch`).
+Whatever it does not return is then fetched digest by digest from every peer, concurrently,
+as before — so a peer that lacks the batch endpoint, or a package, costs one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
+import msgspec
 
 from medledger.api.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.records import MAX_PACKAGE_BYTES
+from medledger.services.packages import BATCH_PATH, BATCH_SIZE
 from medledger.store.packages import ErasedPackage, PackageStore, PackageStoreError, is_digest
 
 log = logging.getLogger("medledger.replication")
@@ -52,6 +61,8 @@ class Replicator:
         concurrency: int = 8,
         peer_timeout: float = 60.0,
         expected_size: Callable[[str], int | None] | None = None,
+        source: Callable[[str], str | None] | None = None,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self.packages = packages
         self.node_keys = node_keys
@@ -68,6 +79,9 @@ class Replicator:
         self._concurrency = max(1, concurrency)
         self._peer_timeout = peer_timeout
         self._expected_size = expected_size
+        self._source = source
+        self._batch_size = max(1, min(batch_size, BATCH_SIZE))
+        self._tasks: set[asyncio.Task[None]] = set()
         self._attempts: dict[str, int] = {}
         self._next_try: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -119,6 +133,7 @@ class Replicator:
             "missing": len(self.missing),
             "retrying": sum(1 for d in self.missing if self._attempts.get(d)),
             "in_flight": len(self._in_flight),
+            "requests_in_flight": len(self._tasks),
             "fetched": self.fetched,
             "failed_attempts": self.failed_attempts,
             "invalid_digests": self.invalid_digests,
@@ -149,10 +164,11 @@ class Replicator:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
             finally:
-                tasks = list(self._in_flight.values())
+                tasks = list(self._tasks)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                self._tasks.clear()
                 self._in_flight.clear()
 
     def _start_due(self, client: httpx.AsyncClient, now: float) -> None:
@@ -161,31 +177,73 @@ class Replicator:
         waiting = sorted(
             (self._next_try.get(d, 0.0), d) for d in self.missing if d not in self._in_flight
         )
+        groups: dict[str | None, list[str]] = {}
         for due, digest in waiting:
-            if len(self._in_flight) >= self._concurrency or due > now:
+            if due > now:
                 break
-            self._in_flight[digest] = asyncio.create_task(
-                self._attempt(client, digest), name=f"fetch {digest[:16]}"
-            )
+            groups.setdefault(self._source_of(digest), []).append(digest)
+        for source, digests in groups.items():
+            for start in range(0, len(digests), self._batch_size):
+                if len(self._tasks) >= self._concurrency:
+                    return
+                batch = digests[start : start + self._batch_size]
+                task = asyncio.create_task(
+                    self._attempt(client, source, batch), name=f"fetch {batch[0][:16]}"
+                )
+                self._tasks.add(task)
+                for digest in batch:
+                    self._in_flight[digest] = task
 
     def _next_delay(self, now: float) -> float | None:
-        if len(self._in_flight) >= self._concurrency:
+        if len(self._tasks) >= self._concurrency:
             return None  # a finishing fetch wakes the loop
         dues = [self._next_try.get(d, 0.0) for d in self.missing if d not in self._in_flight]
         return max(0.0, min(dues) - now) if dues else None
 
-    async def _attempt(self, client: httpx.AsyncClient, digest: str) -> None:
+    def _source_of(self, digest: str) -> str | None:
+        """The peer to ask first: the one the record's author uploaded to, when known."""
+        if self._source is None:
+            return None
         try:
-            stored = await self._fetch(client, digest)
+            source = self._source(digest)
+        except Exception:  # a hint only
+            return None
+        return source if source in self.peers else None
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, source: str | None, digests: list[str]
+    ) -> None:
+        try:
+            stored: set[str] = set()
+            if source is not None and len(digests) > 1:
+                stored = await self._fetch_batch(client, source, digests)
+            rest = [d for d in digests if d not in stored]
+            fetched = await asyncio.gather(*(self._attempt_one(client, d, source) for d in rest))
+            stored.update(d for d, ok in zip(rest, fetched, strict=True) if ok)
+        finally:
+            for digest in digests:
+                self._in_flight.pop(digest, None)
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
+        for digest in digests:
+            self._settle(digest, digest in stored)
+        self._changed()
+
+    async def _attempt_one(
+        self, client: httpx.AsyncClient, digest: str, source: str | None
+    ) -> bool:
+        try:
+            return await self._fetch(client, digest, source)
         except Exception as exc:  # whatever happens, only this digest waits
             self.failed_attempts += 1
             log.warning(
                 "package fetch failed",
                 extra={"digest": digest, "error": f"{type(exc).__name__}: {exc}"[:200]},
             )
-            stored = False
-        finally:
-            self._in_flight.pop(digest, None)
+            return False
+
+    def _settle(self, digest: str, stored: bool) -> None:
         if stored or self.packages.is_erased(digest) or self.packages.has(digest):
             self._forget(digest)
         elif digest in self.missing:
@@ -194,7 +252,6 @@ class Replicator:
             delay = min(self._first_backoff * 2 ** min(attempts - 1, 30), self._max_backoff)
             delay *= random.uniform(1.0, 1.25)  # nodes that failed together retry apart
             self._next_try[digest] = asyncio.get_running_loop().time() + delay
-        self._changed()
 
     def _size_limit(self, digest: str) -> int:
         expected = self._expected_size(digest) if self._expected_size is not None else None
@@ -202,10 +259,67 @@ class Replicator:
             return MAX_PACKAGE_BYTES
         return expected
 
-    async def _fetch(self, client: httpx.AsyncClient, digest: str) -> bool:
-        """Try each peer in turn; True once a copy matching the digest is stored."""
+    async def _fetch_batch(
+        self, client: httpx.AsyncClient, organization: str, digests: list[str]
+    ) -> set[str]:
+        """Ask one peer for many packages at once; the digests stored. A peer without the
+        batch endpoint, or any failure, stores nothing and is not an error of any digest."""
+        limits = {d: self._size_limit(d) for d in digests}
+        body = json.dumps({"digests": digests}).encode()
+        headers = {
+            "Authorization": sign_request(
+                self.node_keys,
+                self.issuer,
+                "POST",
+                BATCH_PATH,
+                body,
+                audience=node_audience(organization),
+            ),
+            "Accept-Encoding": "identity",
+            "Content-Type": "application/json",
+        }
+        url = self.peers[organization].rstrip("/") + BATCH_PATH
+        ceiling = sum(limits.values()) + 64 * len(digests) + 16
+        try:
+            async with asyncio.timeout(self._peer_timeout):
+                async with client.stream("POST", url, content=body, headers=headers) as response:
+                    if response.status_code != 200:
+                        return set()
+                    chunks: list[bytes] = []
+                    received = 0
+                    async for chunk in response.aiter_raw():
+                        received += len(chunk)
+                        if received > ceiling:
+                            raise PeerAnswerError(f"peer sent more than {ceiling} bytes")
+                        chunks.append(chunk)
+            answer = msgspec.msgpack.decode(b"".join(chunks), type=list[tuple[str, bytes]])
+        except Exception as exc:  # a bad peer or answer: fetch one by one instead
+            self.failed_attempts += 1
+            log.warning(
+                "peer did not serve a batch",
+                extra={"peer": organization, "error": f"{type(exc).__name__}: {exc}"[:200]},
+            )
+            return set()
+        stored: set[str] = set()
+        for digest, data in answer:
+            if digest not in limits or digest in stored or len(data) > limits[digest]:
+                continue
+            try:
+                self.packages.put(digest, data)
+            except (ErasedPackage, PackageStoreError):
+                continue  # erased meanwhile, or bytes not matching: the single fetch decides
+            self.fetched += 1
+            stored.add(digest)
+        return stored
+
+    async def _fetch(
+        self, client: httpx.AsyncClient, digest: str, source: str | None = None
+    ) -> bool:
+        """Try each peer in turn, `source` first; True once a copy matching the digest is
+        stored."""
         limit = self._size_limit(digest)
-        for organization, base in self.peers.items():
+        peers = sorted(self.peers.items(), key=lambda item: item[0] != source)
+        for organization, base in peers:
             if self.packages.is_erased(digest):
                 return False
             try:

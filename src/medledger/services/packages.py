@@ -55,6 +55,12 @@ log = logging.getLogger("medledger.records")
 # (provider billing and clinicians) or ClaimResponse (insurer billing and admins).
 UPLOADER_ROLES = frozenset(AUTHOR_ROLES | CLAIM_AUTHOR_ROLES)
 
+# Replication in batches: digests per request, and the most bytes a node puts in one answer
+# (it stops adding packages there; the peer fetches the rest one by one).
+BATCH_PATH = "/v1/packages/batch"
+BATCH_SIZE = 64
+BATCH_BYTES = MAX_PACKAGE_BYTES
+
 
 class Replication(Protocol):
     """What package decisions ask of replication: fetch what is missing, repair what is bad."""
@@ -183,6 +189,33 @@ def package_copy(
     if data is None:
         raise PackageRefused(404, "this node does not hold that package (yet)")
     return data
+
+
+def package_copies(
+    services: RecordServices, digests: list[str], max_bytes: int
+) -> list[tuple[str, bytes]]:
+    """This node's copies of many packages, for a peer node replicating them: those it holds
+    and can vouch for (a damaged copy is repaired, not served), in the order asked, until
+    `max_bytes` (always at least one)."""
+    found: list[tuple[str, bytes]] = []
+    total = 0
+    for digest in dict.fromkeys(digests):
+        if not is_digest(digest):
+            continue
+        try:
+            data = services.packages.get(digest)
+        except CorruptPackage:
+            services.replicator.heal(digest)
+            continue
+        except PackageStoreError:
+            continue
+        if data is None:
+            continue
+        if found and total + len(data) > max_bytes:
+            break
+        found.append((digest, data))
+        total += len(data)
+    return found
 
 
 def _may_download(
