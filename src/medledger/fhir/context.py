@@ -23,6 +23,7 @@ from medledger.fhir.smart import TokenService
 from medledger.node.custody import Custody
 from medledger.node.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
+from medledger.store.sqlite import CommittedView
 
 # Per-request bounds of a search (and of $everything and type-level _history): how many
 # records the ledger's indexes may offer as candidates, and how many new access requests
@@ -69,6 +70,10 @@ class FhirContext:
     # through CometBFT's RPC (`rpc_url`) and the node's HTTP API (`api_url`) like any client.
     ledger: Callable[[], LedgerClient] | None = None
     home: HomeNode | None = None
+    # Committed state, for asking the ledger's rules ahead of a request (would this read be
+    # granted; may this cached resource still be shown). Without it nothing is asked ahead:
+    # every read goes to the ledger and nothing decrypted is served from memory.
+    view: CommittedView | None = None
     _clients: dict[str, RecordsClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -109,7 +109,7 @@ from medledger.fhir.search import (
 from medledger.fhir.smart import AccessToken, SmartError, scope_permits
 from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger import codec
-from medledger.ledger.access import Basis, Grant, consent_problem, is_care_team
+from medledger.ledger.access import Grant, grant_basis, release_problem
 from medledger.ledger.consent import (
     Consent,
     ConsentStatus,
@@ -132,6 +132,7 @@ from medledger.ledger.records import (
     RecordVersion,
     record_key,
 )
+from medledger.ledger.state import State
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.custody import CustodyError
 
@@ -571,16 +572,18 @@ class FhirGateway:
     def may_read(
         self, caller: Caller, version: RecordVersion, consents: dict[str, list[Consent]]
     ) -> bool:
-        """The ledger's own rule, evaluated ahead to avoid asking for what it would deny (the
-        ledger still decides every read)."""
-        member = caller.member()
-        if member.id == version.patient or is_care_team(member, version, caller.purpose):
+        """Whether the ledger would grant this read now (its own rule, asked of committed state
+        at the last block's time), so as not to ask for what it would deny; the ledger still
+        decides every read."""
+        view = self.ctx.view
+        if view is None:
             return True
-        now = time.time_ns()
-        return any(
-            consent_problem(c, member, version, caller.purpose, now) is None
-            for c in self.consents_of(caller, version.patient, consents)
-        )
+        member = caller.member()
+        with view.snapshot() as reads:
+            basis = grant_basis(
+                State(reads), member, version, caller.purpose, reads.block_time_ns()
+            )
+        return not isinstance(basis, str)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -626,23 +629,15 @@ class FhirGateway:
         version: RecordVersion,
         consents: dict[str, list[Consent]],
     ) -> bool:
-        now = time.time_ns()
-        if grant.expires_ns <= now or version.status is RecordStatus.ERASED:
+        """Whether a custodian would still release keys for `grant` (the ledger's rule on
+        committed state): only then is the resource it decrypted shown from memory, so a
+        revoked consent or an expired grant stops cached reads at the next block."""
+        view = self.ctx.view
+        if view is None:
             return False
-        if grant.basis is not Basis.CONSENT:
-            return True
-        consent = next(
-            (
-                c
-                for c in self.consents_of(caller, version.patient, consents)
-                if c.id == grant.consent_id
-            ),
-            None,
-        )
-        return (
-            consent is not None
-            and consent_problem(consent, caller.member(), version, grant.purpose, now) is None
-        )
+        with view.snapshot() as reads:
+            problem = release_problem(State(reads), caller.member(), grant, reads.block_time_ns())
+        return problem is None and version.status is not RecordStatus.ERASED
 
     def read_many(
         self,

@@ -26,6 +26,7 @@ from medledger.ledger.consent import (
     GranteeKind,
     Purpose,
     ScopeKind,
+    consent_key,
     consents_of,
     is_delegate,
 )
@@ -39,6 +40,7 @@ from medledger.ledger.records import (
     RecordVersion,
     load_head,
     load_version,
+    record_key,
 )
 from medledger.ledger.state import State
 
@@ -165,26 +167,60 @@ def decide(
         return Basis.EMERGENCY, "", params.emergency_grant_seconds
     if body.emergency_reason:
         raise LedgerError(Code.INVALID_BODY, "an emergency reason without an emergency request")
+    basis = grant_basis(state, sender, version, body.purpose, ctx.block.time_ns)
+    if isinstance(basis, str):
+        raise _denied(patient, basis)
+    return basis[0], basis[1], params.access_grant_seconds
+
+
+def grant_basis(
+    state: State, sender: Member, version: RecordVersion, purpose: Purpose, now_ns: int
+) -> tuple[Basis, str] | str:
+    """The basis (and consent id) on which an ordinary — not break-the-glass — request by
+    `sender` for `version` and `purpose` is granted at time `now_ns`, or the reason it is
+    denied. The node's services ask it ahead of a request (against committed state at the last
+    block's time) so as not to ask for what the ledger would deny; the ledger still decides."""
+    patient = version.patient
     if sender.id == patient:
-        return Basis.PATIENT, "", params.access_grant_seconds
+        return Basis.PATIENT, ""
     if is_delegate(state, patient, sender.id):
-        return Basis.DELEGATE, "", params.access_grant_seconds
-    if is_care_team(sender, version, body.purpose):
-        return Basis.AUTHOR_ORGANIZATION, "", params.access_grant_seconds
-    claim_basis = claim_party_basis(state, sender, version, body.purpose)
+        return Basis.DELEGATE, ""
+    if is_care_team(sender, version, purpose):
+        return Basis.AUTHOR_ORGANIZATION, ""
+    claim_basis = claim_party_basis(state, sender, version, purpose)
     if claim_basis is not None:
-        return claim_basis, "", params.access_grant_seconds
+        return claim_basis, ""
     reasons: list[str] = []
     for consent in consents_of(state, patient):
-        problem = consent_problem(consent, sender, version, body.purpose, ctx.block.time_ns)
+        problem = consent_problem(consent, sender, version, purpose, now_ns)
         if problem is None:
-            return Basis.CONSENT, consent.id, params.access_grant_seconds
+            return Basis.CONSENT, consent.id
         if problem:
             reasons.append(f"consent {consent.id} {problem}")
     detail = "; ".join(reasons) if reasons else "the patient has granted this requester no consent"
-    raise _denied(
-        patient, f"no active consent covers {version.record_id} for {body.purpose}: {detail}"
-    )
+    return f"no active consent covers {version.record_id} for {purpose}: {detail}"
+
+
+def release_problem(state: State, member: Member, grant: Grant, now_ns: int) -> str | None:
+    """Why a custodian must not release a share to `member` for `grant` at time `now_ns` (the
+    last committed block's), or None: the grant is someone else's, has expired, its record was
+    erased, or the consent it rests on no longer covers the record (revoked, expired, narrowed).
+    The same rule keeps a node's cache of decrypted resources from outliving the grant."""
+    if grant.requester != member.id:
+        return "the grant belongs to another member"
+    if now_ns >= grant.expires_ns:
+        return "the grant has expired"
+    version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
+    if version is None or version.status is RecordStatus.ERASED:
+        return "the record was erased"
+    if grant.basis is Basis.CONSENT:
+        consent = state.read(consent_key(grant.patient, grant.consent_id), Consent)
+        if consent is None:
+            return "the consent behind the grant is gone"
+        problem = consent_problem(consent, member, version, grant.purpose, now_ns)
+        if problem is not None:
+            return f"consent {consent.id} {problem or 'no longer covers the grantee'}"
+    return None
 
 
 def is_care_team(member: Member, version: RecordVersion, purpose: Purpose) -> bool:

@@ -225,6 +225,7 @@ async def serve_app(home: Path) -> None:
         audit=audit,
         ledger=node_ledger,
         home=home_node,
+        view=view,
     )
     held = fhir_context.custody.unlock_all()
     # A wrong [hl7] table stops the node here, before any socket opens (see node app).

@@ -23,9 +23,8 @@ from typing import Protocol
 from medledger.api.auth import ReplayCache
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
-from medledger.ledger.access import Basis, Grant, consent_problem, load_grant
+from medledger.ledger.access import Grant, load_grant, release_problem
 from medledger.ledger.claims import CLAIM_AUTHOR_ROLES
-from medledger.ledger.consent import Consent, consent_key
 from medledger.ledger.model import Member
 from medledger.ledger.records import (
     AUTHOR_ROLES,
@@ -241,23 +240,7 @@ def _may_download(
 
 def grant_problem(reads: CommittedReads, member: Member, grant: Grant) -> str | None:
     """Why `member` may not use `grant` now (the last committed block's time), or None."""
-    state = State(reads)
-    if grant.requester != member.id:
-        return "the grant belongs to another member"
-    now = reads.block_time_ns()
-    if now >= grant.expires_ns:
-        return "the grant has expired"
-    version = state.read(record_key(grant.record_id, grant.version), RecordVersion)
-    if version is None or version.status is RecordStatus.ERASED:
-        return "the record was erased"
-    if grant.basis is Basis.CONSENT:
-        consent = state.read(consent_key(grant.patient, grant.consent_id), Consent)
-        if consent is None:
-            return "the consent behind the grant is gone"
-        problem = consent_problem(consent, member, version, grant.purpose, now)
-        if problem is not None:
-            return f"consent {consent.id} {problem or 'no longer covers the grantee'}"
-    return None
+    return release_problem(State(reads), member, grant, reads.block_time_ns())
 
 
 def release_share(
