@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import Consortium, keys_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from medledger.api.auth import (
+from medledger.api.records import add_record_routes
+from medledger.auth import (
     SCHEME,
     TOKEN_TYPE,
     ReplayCache,
@@ -33,9 +34,9 @@ from medledger.api.auth import (
     node_audience,
     sign_request,
 )
-from medledger.api.records import add_record_routes
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
+from medledger.config import NodeConfig
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
@@ -43,10 +44,9 @@ from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
 from medledger.ledger.model import Member, Role, Status
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.config import NodeConfig
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
 from medledger.node.replication import Replicator
+from medledger.services.custody import Custody
+from medledger.services.mpi import PatientIndex
 from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore

@@ -37,9 +37,9 @@ from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
 from medledger.samples.fhir import generate_patient
+from medledger.services.custody import Custody
+from medledger.services.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))

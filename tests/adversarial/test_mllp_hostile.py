@@ -29,13 +29,13 @@ import hl7
 import pytest
 
 from medledger.client.sdk import TxRejected
+from medledger.config import ConfigError
 from medledger.hl7.config import load_hl7_config
 from medledger.hl7.ingest import Hl7Processor, RecordWriter, StoredRecord
 from medledger.hl7.mllp import MllpDecoder, MllpServer, frame, listener_for, processor_from
 from medledger.hl7.oru import MRN_SYSTEM_PREFIX
 from medledger.ledger.records import PutRecord
-from medledger.node.config import ConfigError
-from medledger.node.mpi import PatientIndex
+from medledger.services.mpi import PatientIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hl7"))
 

@@ -18,13 +18,13 @@ import msgspec
 import pytest
 
 from medledger.client.sdk import QueryError, TxRejected
+from medledger.config import APP_PID_FILE
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.codec import Envelope
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.config import APP_PID_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 

@@ -24,9 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import ORGANIZATIONS, Consortium, keys_for
 
 from medledger.abci.application import LedgerApplication
-from medledger.api.auth import ReplayCache, node_audience, sign_request
 from medledger.api.http import build_http_app
 from medledger.api.records import add_record_routes
+from medledger.auth import ReplayCache, node_audience, sign_request
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import RequestAccess

@@ -31,7 +31,7 @@ from medledger.cli.bulk import (
     transaction_bundle,
 )
 from medledger.fhir.capability import RESOURCES
-from medledger.fhir.validation import validate_resource
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -32,13 +32,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from openapi_spec_validator import validate
 
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -32,11 +32,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from medledger.fhir.directory import identifiers_of
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from e2e_network import choose_ports
 
-from medledger.node.config import load_node_config
+from medledger.config import load_node_config
 from medledger.node.testnet import node_down, node_homes, node_up, testnet_down
 
 pytestmark = pytest.mark.e2e

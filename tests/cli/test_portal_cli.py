@@ -8,8 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from medledger.cli.portal import portal
+from medledger.config import NodeConfig, write_node_config
 from medledger.crypto.keystore import Keyring, load_keystore
-from medledger.node.config import NodeConfig, write_node_config
 
 
 def _node(tmp_path: Path) -> Path:

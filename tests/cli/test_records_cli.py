@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from e2e_network import Network, running_network
 
 from medledger.crypto.keystore import Keyring
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
 from medledger.samples.fhir import generate_patient_record_set
+from medledger.validation import validate_resource
 
 pytestmark = pytest.mark.e2e
 

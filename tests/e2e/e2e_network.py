@@ -23,11 +23,11 @@ import pytest
 
 from medledger.client.sdk import LedgerClient
 from medledger.client.tx import sign_transaction
+from medledger.config import NodeConfig, load_node_config
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.config import NodeConfig, load_node_config
 from medledger.node.testnet import (
     PORT_STRIDE,
     init_testnet,

@@ -20,14 +20,13 @@ import pytest
 from click.testing import CliRunner
 from e2e_network import Network, running_network, wait_until
 
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.cli.claims import claim as claim_cli
 from medledger.client.claims import ClaimsClient, build_claim_response
 from medledger.client.records import AccessDenied, Disclosure, RecordsClient
 from medledger.client.sdk import QueryError, TxRejected
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.claims import (
     CPT_SYSTEM,
     AppealReason,
@@ -41,6 +40,7 @@ from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
+from medledger.validation import validate_resource
 
 pytestmark = pytest.mark.e2e
 

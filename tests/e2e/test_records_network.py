@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from e2e_network import Network, running_network, wait_until
 
-from medledger.api.auth import node_audience, sign_request, unverified_issuer
+from medledger.auth import node_audience, sign_request, unverified_issuer
 from medledger.client.records import (
     AccessDenied,
     ProvenAuditEntry,
@@ -28,13 +28,13 @@ from medledger.client.records import (
 from medledger.client.sdk import LedgerClient, ProofError, trusted_validators_from_genesis
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.consent import GranteeKind, Purpose
 from medledger.ledger.execution import AuditEntry
 from medledger.ledger.model import Role, member_key
 from medledger.ledger.transactions import EnrollMember
 from medledger.node.testnet import node_down, node_up
 from medledger.samples.fhir import generate_patient_record_set
+from medledger.validation import validate_resource
 
 pytestmark = pytest.mark.e2e
 

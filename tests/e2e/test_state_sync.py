@@ -16,11 +16,11 @@ import pytest
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import QueryError
+from medledger.config import load_node_config
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
 from medledger.ledger.model import OrganizationKind, Role
 from medledger.ledger.transactions import AddOrganization, AdminKeys, EnrollMember, Propose, Vote
-from medledger.node.config import load_node_config
 from medledger.node.testnet import (
     add_node,
     enable_state_sync,

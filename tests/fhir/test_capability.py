@@ -10,7 +10,7 @@ from medledger.fhir.capability import (
     smart_configuration,
 )
 from medledger.fhir.search import SEARCH_PARAMS
-from medledger.fhir.validation import validate_resource
+from medledger.validation import validate_resource
 
 BASE = "http://127.0.0.1:26657/fhir"
 TOKEN = f"{BASE}/auth/token"

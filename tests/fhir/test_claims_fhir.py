@@ -26,13 +26,13 @@ from medledger.client.claims import ClaimsClient
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import QueryError
 from medledger.crypto.keys import KeyPair
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.claims import CPT_SYSTEM, Claim, ItemDecision
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 

@@ -22,7 +22,6 @@ from medledger.fhir.claims import (
     status_matches,
 )
 from medledger.fhir.search import SearchError, Token
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.claims import (
     CPT_SYSTEM,
     AppealReason,
@@ -35,6 +34,7 @@ from medledger.ledger.claims import (
     Outcome,
 )
 from medledger.ledger.records import RecordStatus, RecordVersion
+from medledger.validation import validate_resource
 
 SECOND_NS = 1_000_000_000
 T0 = 1_780_000_000 * SECOND_NS

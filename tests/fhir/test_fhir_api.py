@@ -26,16 +26,16 @@ from fhirpy.base.exceptions import (
     OperationOutcome,
 )
 
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.client.records import RecordsClient
 from medledger.crypto.keys import KeyPair
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
 from medledger.samples.fhir import generate_patient
+from medledger.services.custody import Custody
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 

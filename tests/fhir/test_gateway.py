@@ -32,16 +32,16 @@ from medledger.fhir.gateway import (
 )
 from medledger.fhir.outcome import FhirError
 from medledger.fhir.smart import TokenService
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import Purpose
 from medledger.ledger.model import Role
 from medledger.ledger.records import Custody as Share
 from medledger.ledger.records import RecordStatus, RecordVersion
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
+from medledger.services.custody import Custody
+from medledger.services.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
+from medledger.validation import validate_resource
 
 API = "http://127.0.0.1:9"  # nothing listens there: the ledger is unreachable
 TOKEN_URL = f"{API}/fhir/auth/token"

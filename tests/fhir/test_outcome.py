@@ -16,8 +16,8 @@ from medledger.fhir.outcome import (
     status_line,
 )
 from medledger.fhir.smart import SmartError
-from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger.errors import Code
+from medledger.validation import FhirValidationError, validate_resource
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from medledger.fhir.capability import RECORD_TYPES, RESOURCES
 from medledger.fhir.include import split_inclusions
 from medledger.fhir.search import SEARCH_PARAMS, SearchError
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
+from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 

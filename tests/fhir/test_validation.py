@@ -9,7 +9,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medledger.fhir.validation import (
+from medledger.validation import (
     REQUIRED_CODES,
     FhirValidationError,
     ValidatedResource,

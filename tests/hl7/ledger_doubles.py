@@ -7,9 +7,9 @@ import hashlib
 from typing import Any
 
 from medledger.client.sdk import TxRejected
-from medledger.fhir.validation import validate_resource
 from medledger.hl7.ingest import StoredRecord
 from medledger.ledger.records import PutRecord
+from medledger.validation import validate_resource
 
 
 class FakeLedger:

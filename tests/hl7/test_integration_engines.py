@@ -18,14 +18,14 @@ import pytest
 from hl7_samples import AUTHORITY, MRN, oru
 from ledger_doubles import FakeLedger, FakeRegistry
 
+from medledger.config import ConfigError
 from medledger.hl7.adt import PatientRegistry
 from medledger.hl7.batch import process_batch
 from medledger.hl7.config import _parse_table
 from medledger.hl7.ingest import Hl7Processor, RecordWriter
 from medledger.hl7.mllp import MllpServer, frame, message_handler
 from medledger.hl7.oru import MRN_SYSTEM_PREFIX, AckCode
-from medledger.node.config import ConfigError
-from medledger.node.mpi import PatientIndex
+from medledger.services.mpi import PatientIndex
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 SYSTEM = MRN_SYSTEM_PREFIX + AUTHORITY

@@ -32,9 +32,9 @@ from medledger.hl7.mllp import MllpDecoder, frame
 from medledger.hl7.oru import MRN_SYSTEM_PREFIX
 from medledger.ledger.model import Member, Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
 from medledger.node.testnet import init_testnet, testnet_down, testnet_up
+from medledger.services.custody import Custody
+from medledger.services.mpi import PatientIndex
 
 pytestmark = pytest.mark.e2e
 

@@ -17,6 +17,7 @@ from hl7.mllp import open_hl7_connection
 from hl7_samples import oru
 from test_oru import FakeLedger, FakePatients
 
+from medledger.config import ConfigError
 from medledger.hl7.config import address_allowed
 from medledger.hl7.ingest import Hl7Processor, RecordWriter
 from medledger.hl7.mllp import (
@@ -28,7 +29,6 @@ from medledger.hl7.mllp import (
     message_handler,
     oversize_nak,
 )
-from medledger.node.config import ConfigError
 
 
 def test_frame_split_at_every_byte() -> None:

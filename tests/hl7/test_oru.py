@@ -12,7 +12,6 @@ import pytest
 from hl7_samples import AUTHORITY, BMP, CBC, MRN, bmp, oru
 from ledger_doubles import FakeLedger
 
-from medledger.fhir.validation import validate_resource
 from medledger.hl7.ingest import Hl7Processor, Outcome, RecordWriter, decode_payload
 from medledger.hl7.oru import (
     MRN_SYSTEM_PREFIX,
@@ -27,6 +26,7 @@ from medledger.hl7.oru import (
     read_oru,
     split_messages,
 )
+from medledger.validation import validate_resource
 
 PATIENT = "p" + "1" * 39
 OTHER_PATIENT = "p" + "2" * 39

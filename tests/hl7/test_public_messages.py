@@ -26,7 +26,7 @@ from medledger.hl7.adt import PatientRegistry
 from medledger.hl7.batch import is_batch, process_batch
 from medledger.hl7.ingest import Hl7Processor, Outcome, RecordWriter, decode_payload
 from medledger.hl7.oru import normalize_segments
-from medledger.node.mpi import PatientIndex
+from medledger.services.mpi import PatientIndex
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "hl7"
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)

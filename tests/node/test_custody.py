@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medledger.crypto.keystore import KeystoreError
-from medledger.node.custody import CUSTODY_KEY_FILE, Custody, CustodyError
+from medledger.services.custody import CUSTODY_KEY_FILE, Custody, CustodyError
 
 PASSPHRASE = "node passphrase"
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 import medledger
-from medledger.crypto.keys import KeyPair
-from medledger.hl7.config import Hl7Config
-from medledger.node.config import (
+from medledger.config import (
     COMETBFT_ENV,
     CONFIG_ERROR_EXIT,
     ConfigError,
@@ -24,13 +22,15 @@ from medledger.node.config import (
     load_node_config,
     write_node_config,
 )
-from medledger.node.custody import Custody
+from medledger.crypto.keys import KeyPair
+from medledger.hl7.config import Hl7Config
 from medledger.node.services import (
     check_hl7_member,
     load_services_config,
     require_custodial_member,
 )
 from medledger.node.testnet import init_testnet
+from medledger.services.custody import Custody
 from medledger.store.uploads import UploadLimits
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medledger.node.config import ConfigError, NodeConfig, write_node_config
+from medledger.config import ConfigError, NodeConfig, write_node_config
 from medledger.node.procs import pid_alive, read_pid_file
 from medledger.node.supervisor import NodeAlreadyRunning, NodeSupervisor, socket_accepts
 

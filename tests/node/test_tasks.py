@@ -13,7 +13,7 @@ from conftest import CHAIN_ID, genesis_app_state
 
 from medledger.abci.application import LedgerApplication
 from medledger.api.http import build_http_app
-from medledger.api.metrics import Metrics
+from medledger.metrics import Metrics
 from medledger.node.inprocess import InProcessChain
 from medledger.node.tasks import Supervisor
 

@@ -14,9 +14,9 @@ import pytest
 import tomlkit
 from conftest import free_base_port
 
+from medledger.config import NodeConfig, find_cometbft, load_node_config
 from medledger.crypto.keystore import KeystoreError, load_keystore
 from medledger.ledger.genesis import parse_app_state
-from medledger.node.config import NodeConfig, find_cometbft, load_node_config
 from medledger.node.testnet import (
     SAMPLE_ORGANIZATIONS,
     AddedNode,

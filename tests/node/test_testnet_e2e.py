@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import free_base_port
 
-from medledger.node.config import NodeConfig
+from medledger.config import NodeConfig
 from medledger.node.procs import pid_alive, read_pid_file
 from medledger.node.testnet import (
     add_node,

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ORGANIZATIONS, Consortium, keys_for
 
-from medledger.api.auth import ReplayCache
-from medledger.api.metrics import Metrics
+from medledger.auth import ReplayCache
 from medledger.client.sdk import ClientError, QueryError
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
@@ -22,6 +21,7 @@ from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
 from medledger.ledger.records import PutRecord, threshold_for
 from medledger.ledger.transactions import ChangeMemberStatus, EnrollMember
+from medledger.metrics import Metrics
 from medledger.node.replication import Replicator
 from medledger.services.commits import CommitNotices
 from medledger.services.home import InProcessNode

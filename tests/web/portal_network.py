@@ -21,11 +21,11 @@ from e2e_network import CHAIN_ID, PASSPHRASE, Network, choose_ports
 
 from medledger.cli.portal import install_keystore
 from medledger.client.records import RecordsClient, RecordWrite
+from medledger.config import load_node_config
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring, load_keystore
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.config import load_node_config
 from medledger.node.testnet import (
     init_testnet,
     node_homes,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from medledger.fhir.validation import validate_resource
 from medledger.samples.fhir import generate_patient_record_set
+from medledger.validation import validate_resource
 from medledger.web.fhirview import describe, range_text
 from medledger.web.forms import FormProblem, resource_from_form
 

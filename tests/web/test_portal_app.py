@@ -14,10 +14,10 @@ from aiohttp import CookieJar, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from medledger.client.sdk import QueryError
+from medledger.config import NodeConfig
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring
 from medledger.ledger.model import Member, Organization, OrganizationKind, Role, Status
-from medledger.node.config import NodeConfig
 from medledger.web.app import add_portal_routes, templates
 from medledger.web.common import PORTAL
 from medledger.web.context import PortalContext

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from medledger.config import ConfigError
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.model import Member, Role, Status
-from medledger.node.config import ConfigError
 from medledger.web.sessions import SessionStore, SignInLimiter, same_origin, tokens_match
 from medledger.web.settings import PortalSettings, load_portal_settings
 

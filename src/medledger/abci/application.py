@@ -12,10 +12,10 @@ from tendermint.crypto import keys_pb2
 from medledger import __version__
 from medledger.abci import queries
 from medledger.abci.statesync import StateSync
-from medledger.api.metrics import Metrics
 from medledger.ledger.app import BlockOutcome, Ledger
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import TxResult
+from medledger.metrics import Metrics
 from medledger.store.snapshots import SnapshotStore
 from medledger.store.sqlite import SqliteStore
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from medledger.api.auth import AuthError
 from medledger.api.records import SERVICES, _authenticate, _problem
+from medledger.auth import AuthError
 from medledger.ledger.claims import Claim, all_claims, claim_stats, claims_of, load_claim
 from medledger.ledger.consent import is_delegate
 from medledger.ledger.errors import LedgerError

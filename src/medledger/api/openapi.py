@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from medledger.api.auth import MAX_LIFETIME, SCHEME
+from medledger.auth import MAX_LIFETIME, SCHEME
 from medledger.fhir import bulk
 from medledger.fhir.capability import FHIR_VERSION, RESOURCES, SOFTWARE_VERSION
 from medledger.fhir.search import MAX_COUNT, SEARCH_PARAMS, SearchParam

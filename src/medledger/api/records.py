@@ -1,6 +1,6 @@
 """The node's HTTP API for records: package upload and download, and key release.
 
-Every route is authenticated (see `medledger.api.auth`); what an authenticated caller may do is
+Every route is authenticated (see `medledger.auth`); what an authenticated caller may do is
 decided by `medledger.services.packages`, which the node's own services call in-process.
 """
 
@@ -12,7 +12,7 @@ import logging
 import msgspec
 from aiohttp import web
 
-from medledger.api.auth import (
+from medledger.auth import (
     AuthError,
     Caller,
     may_read_node_audit,

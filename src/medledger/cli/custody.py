@@ -19,8 +19,8 @@ from medledger.client.smart import (
 )
 from medledger.crypto.keystore import KeystoreError
 from medledger.ledger.clients import RegisterClient, RevokeClient
-from medledger.node.custody import Custody
 from medledger.node.services import load_services_config
+from medledger.services.custody import Custody
 
 
 @click.group()

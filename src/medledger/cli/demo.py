@@ -33,14 +33,13 @@ from medledger.cli.demo_integration import (
 from medledger.cli.portal import install_keystore
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient, QueryError
+from medledger.config import NodeConfig, load_node_config
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring, load_keystore
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.access import EmergencyReason
 from medledger.ledger.consent import ConsentStatus, GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, Propose, SetParameter, Vote
-from medledger.node.config import NodeConfig, load_node_config
 from medledger.node.testnet import (
     DEFAULT_BASE_PORT,
     init_testnet,
@@ -51,6 +50,7 @@ from medledger.node.testnet import (
     wait_for_height,
 )
 from medledger.samples.fhir import generate_patient_record_set
+from medledger.validation import validate_resource
 
 # (keystore name, organization node index, role): practitioners and patients of the pilot.
 PARTICIPANTS = [

@@ -38,12 +38,11 @@ from medledger.client.smart import (
     request_token,
     write_client_key,
 )
+from medledger.config import CONFIG_FILE, NodeConfig
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.clients import RegisterClient, client_key
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.config import CONFIG_FILE, NodeConfig
-from medledger.node.custody import Custody
 from medledger.node.services import load_services_config
 from medledger.node.testnet import (
     NODE_LOG,
@@ -52,6 +51,7 @@ from medledger.node.testnet import (
     read_manifest,
     wait_for_height,
 )
+from medledger.services.custody import Custody
 
 EHR_CLIENT_ID = "demo-ehr"
 # SMART v2 scopes have no "all but": the ledger refuses Consent writes by every system client

@@ -27,6 +27,7 @@ from rich.progress import Progress
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import LedgerClient
+from medledger.config import ConfigError, NodeConfig, load_node_config
 from medledger.hl7.adt import PatientRegistry
 from medledger.hl7.batch import BatchOutcome, is_batch, process_batch
 from medledger.hl7.config import Hl7Config, load_hl7_config, zone_named
@@ -39,10 +40,9 @@ from medledger.hl7.ingest import (
 )
 from medledger.hl7.oru import AckCode, split_messages
 from medledger.hl7.registry import LedgerPatientRegistry
-from medledger.node.config import ConfigError, NodeConfig, load_node_config
-from medledger.node.custody import Custody, CustodyError
-from medledger.node.mpi import PatientIndex
 from medledger.node.services import load_services_config
+from medledger.services.custody import Custody, CustodyError
+from medledger.services.mpi import PatientIndex
 
 
 @click.group("import")

@@ -19,7 +19,7 @@ from medledger.cli.mllp_send import hl7_group
 from medledger.cli.portal import portal
 from medledger.cli.records import access, audit, consent, export, record
 from medledger.cli.testnet import testnet
-from medledger.node.config import CONFIG_ERROR_EXIT, CONFIG_ERROR_PREFIX, ConfigError
+from medledger.config import CONFIG_ERROR_EXIT, CONFIG_ERROR_PREFIX, ConfigError
 
 
 @click.group()

@@ -20,7 +20,7 @@ import click
 import hl7  # type: ignore[import-untyped]
 from hl7.mllp import open_hl7_connection  # type: ignore[import-untyped]
 
-from medledger.node.config import ConfigError, parse_host_port
+from medledger.config import ConfigError, parse_host_port
 
 ACCEPTED = ("AA", "CA")
 

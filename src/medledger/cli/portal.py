@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
+from medledger.config import ConfigError, load_node_config
 from medledger.crypto.keystore import Keyring, KeystoreError, KeystorePublic, read_public
-from medledger.node.config import ConfigError, load_node_config
 from medledger.web.settings import PORTAL_KEYS_DIR
 
 home_option = click.option(

@@ -44,7 +44,6 @@ from medledger.client.records import (
 )
 from medledger.client.sdk import ClientError, LedgerClient, ProofError, QueryError, TxRejected
 from medledger.crypto.keystore import Keyring, KeystoreError
-from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger.access import Basis, EmergencyReason, Grant
 from medledger.ledger.consent import (
     RELATIONSHIPS,
@@ -57,6 +56,7 @@ from medledger.ledger.consent import (
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
 from medledger.ledger.records import RecordStatus
+from medledger.validation import FhirValidationError, validate_resource
 
 F = TypeVar("F", bound=Callable[..., Any])
 

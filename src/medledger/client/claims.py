@@ -27,7 +27,6 @@ import msgspec
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import ClientError, TxOutcome
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.claims import (
     CARC_SYSTEM,
     CDT_SYSTEM,
@@ -53,6 +52,7 @@ from medledger.ledger.claims import (
 from medledger.ledger.consent import Purpose
 from medledger.ledger.model import Member
 from medledger.ledger.records import PutRecord
+from medledger.validation import validate_resource
 
 SERVICE_SYSTEMS = frozenset(
     {CPT_SYSTEM, HCPCS_SYSTEM, CDT_SYSTEM, "https://bluebutton.cms.gov/resources/codesystem/hcpcs"}

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.client.lightclient import VerifiedHeader
 from medledger.client.sdk import (
     ClientError,
@@ -33,7 +33,6 @@ from medledger.client.sdk import (
 )
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
-from medledger.fhir.validation import validate_resource
 from medledger.ledger import merkle
 from medledger.ledger.access import Grant, RequestAccess
 from medledger.ledger.app import app_hash_of
@@ -59,6 +58,7 @@ from medledger.ledger.records import (
     RecordVersion,
     threshold_for,
 )
+from medledger.validation import validate_resource
 
 
 class AccessDenied(ClientError):

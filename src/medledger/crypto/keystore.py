@@ -29,7 +29,7 @@ from medledger.crypto.keys import KeyPair, member_id_for
 
 KEYSTORE_VERSION = 1
 KDF_NAME = "argon2id"
-# A keystore sealed directly under a node's custody key (see medledger.node.custody).
+# A keystore sealed directly under a node's custody key (see medledger.services.custody).
 SEALING_KEY_KDF = "custody-key"
 CIPHER_NAME = "xsalsa20poly1305"
 FILE_SUFFIX = ".json"

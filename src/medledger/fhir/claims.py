@@ -89,7 +89,6 @@ from medledger.fhir.search import (
     unescape,
 )
 from medledger.fhir.smart import AccessToken
-from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger.claims import (
     CARC_SYSTEM,
     CDT_SYSTEM,
@@ -107,7 +106,8 @@ from medledger.ledger.consent import Consent, Purpose
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
 from medledger.ledger.records import RECORD_ID, RecordStatus, RecordVersion
-from medledger.node.custody import CustodyError
+from medledger.services.custody import CustodyError
+from medledger.validation import FhirValidationError, validate_resource
 
 Json = dict[str, Any]
 T = TypeVar("T")

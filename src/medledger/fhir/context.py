@@ -20,8 +20,8 @@ from aiohttp import web
 from medledger.client.records import HomeNode, RecordsClient
 from medledger.client.sdk import LedgerClient
 from medledger.fhir.smart import TokenService
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
+from medledger.services.custody import Custody
+from medledger.services.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.sqlite import CommittedView
 

@@ -25,7 +25,6 @@ from medledger.client.sdk import LedgerClient
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.outcome import invalid, not_found
 from medledger.fhir.search import METADATA, SearchQuery, metadata_matches, rfc3339, sort_items
-from medledger.fhir.validation import validate_resource
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
     ENTRY_ID,
@@ -35,6 +34,7 @@ from medledger.ledger.directory import (
     EntryStatus,
     PutDirectoryEntries,
 )
+from medledger.validation import validate_resource
 
 Json = dict[str, Any]
 

@@ -107,7 +107,6 @@ from medledger.fhir.search import (
     unescape,
 )
 from medledger.fhir.smart import AccessToken, SmartError, scope_permits
-from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.ledger import codec
 from medledger.ledger.access import Grant, grant_basis, release_problem
 from medledger.ledger.consent import (
@@ -134,7 +133,8 @@ from medledger.ledger.records import (
 )
 from medledger.ledger.state import State
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import CustodyError
+from medledger.services.custody import CustodyError
+from medledger.validation import FhirValidationError, validate_resource
 
 log = logging.getLogger("medledger.fhir")
 

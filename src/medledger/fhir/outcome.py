@@ -21,8 +21,8 @@ from typing import Any
 from medledger.client.records import AccessDenied, RecordErased
 from medledger.client.sdk import ClientError, ProofError, QueryError, TxRejected
 from medledger.fhir.smart import SmartError
-from medledger.fhir.validation import FhirValidationError
 from medledger.ledger.errors import Code
+from medledger.validation import FhirValidationError
 
 Json = dict[str, Any]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from medledger.fhir.validation import DEFAULT_CATEGORIES
+from medledger.validation import DEFAULT_CATEGORIES
 
 Item = TypeVar("Item")
 

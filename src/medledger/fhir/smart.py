@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from medledger.api.auth import Admission, ReplayCache
+from medledger.auth import Admission, ReplayCache
 from medledger.ledger.clients import ClientStatus, SmartClient, jwk_algorithm, load_client
 from medledger.ledger.errors import LedgerError
 from medledger.ledger.identity import is_active, load_member

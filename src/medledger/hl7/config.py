@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from medledger.node.config import CONFIG_FILE, ConfigError, parse_host_port
+from medledger.config import CONFIG_FILE, ConfigError, parse_host_port
 
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0

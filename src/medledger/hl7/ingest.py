@@ -48,7 +48,6 @@ import hl7  # type: ignore[import-untyped]
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import ClientError, QueryError, TxRejected
 from medledger.crypto.package import PackageError
-from medledger.fhir.validation import FhirValidationError, validate_resource
 from medledger.hl7.ack import build_ack, build_bare_ack
 from medledger.hl7.adt import (
     MERGE_TRIGGERS,
@@ -82,13 +81,14 @@ from medledger.hl7.oru import (
 )
 from medledger.ledger.errors import Code
 from medledger.ledger.records import PutRecord, PutRecords, RecordStatus
+from medledger.validation import FhirValidationError, validate_resource
 
 log = logging.getLogger("medledger.hl7")
 withhold_library_content()
 
 
 class PatientLookup(Protocol):
-    """The node's patient index (`medledger.node.mpi.PatientIndex`)."""
+    """The node's patient index (`medledger.services.mpi.PatientIndex`)."""
 
     def resolve(self, system: str, value: str) -> str | None: ...
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from medledger.config import ConfigError
 from medledger.fhir.context import FhirContext
 from medledger.hl7.adt import PatientRegistry
 from medledger.hl7.batch import answer_frame
@@ -53,7 +54,6 @@ from medledger.hl7.ingest import (
 )
 from medledger.hl7.oru import AckCode, Hl7Error
 from medledger.hl7.registry import LedgerPatientRegistry
-from medledger.node.config import ConfigError
 
 log = logging.getLogger("medledger.hl7")
 

@@ -16,7 +16,7 @@ from medledger.client.sdk import ClientError
 from medledger.crypto.package import PackageError
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
 
 
 class LedgerPatientRegistry:

@@ -16,11 +16,11 @@ from aiohttp import web
 
 from medledger.abci.application import LedgerApplication
 from medledger.abci.server import AbciServer
-from medledger.api.auth import ReplayCache
 from medledger.api.claims import add_claim_routes
 from medledger.api.http import build_http_app
-from medledger.api.metrics import Metrics
 from medledger.api.records import add_record_routes
+from medledger.auth import ReplayCache
+from medledger.config import load_node_config
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.gateway import add_fhir_routes
 from medledger.fhir.smart import TokenService
@@ -35,15 +35,15 @@ from medledger.ledger.records import (
     record_key,
 )
 from medledger.ledger.state import State
-from medledger.node.config import load_node_config
-from medledger.node.custody import Custody
-from medledger.node.mpi import PatientIndex
+from medledger.metrics import Metrics
 from medledger.node.replication import Replicator
 from medledger.node.services import check_hl7_member, load_services_config
 from medledger.node.tasks import Supervisor
 from medledger.services.commits import CommitNotices
+from medledger.services.custody import Custody
 from medledger.services.home import InProcessNode
 from medledger.services.ledger import NodeLedger
+from medledger.services.mpi import PatientIndex
 from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore

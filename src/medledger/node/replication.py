@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.records import MAX_PACKAGE_BYTES
 from medledger.services.packages import BATCH_PATH, BATCH_SIZE

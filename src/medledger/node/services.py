@@ -26,11 +26,11 @@ from pathlib import Path
 
 import tomlkit
 
+from medledger.config import CONFIG_FILE, ConfigError
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import KeystoreError, load_keystore
 from medledger.hl7.config import load_hl7_config
-from medledger.node.config import CONFIG_FILE, ConfigError
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
 from medledger.store.uploads import UploadLimits
 
 PASSPHRASE_ENV = "MEDLEDGER_NODE_PASSPHRASE"

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-from medledger.node.config import (
+from medledger.config import (
     CONFIG_ERROR_EXIT,
     CONFIG_ERROR_PREFIX,
     MAX_SOCKET_PATH_BYTES,

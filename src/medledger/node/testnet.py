@@ -33,9 +33,7 @@ import tomlkit
 from tomlkit.items import Table
 from tomlkit.toml_document import TOMLDocument
 
-from medledger.crypto.keys import KeyPair
-from medledger.crypto.keystore import DIR_MODE, save_keystore
-from medledger.node.config import (
+from medledger.config import (
     MAX_SOCKET_PATH_BYTES,
     ConfigError,
     NodeConfig,
@@ -43,6 +41,8 @@ from medledger.node.config import (
     load_node_config,
     write_node_config,
 )
+from medledger.crypto.keys import KeyPair
+from medledger.crypto.keystore import DIR_MODE, save_keystore
 from medledger.node.procs import (
     cmdline_contains,
     cmdline_has_arg,

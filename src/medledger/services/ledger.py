@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from medledger.abci import queries
-from medledger.api.metrics import Metrics
 from medledger.client.sdk import ClientError, LedgerClient, QueryError, TxOutcome
 from medledger.ledger.errors import LedgerError
+from medledger.metrics import Metrics
 from medledger.services.commits import CommitNotices
 from medledger.store.sqlite import CommittedView
 

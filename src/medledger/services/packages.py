@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from medledger.api.auth import ReplayCache
+from medledger.auth import ReplayCache
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import Grant, load_grant, release_problem

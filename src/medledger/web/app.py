@@ -19,7 +19,7 @@ from aiohttp import web
 
 from medledger.client.records import HomeNode
 from medledger.client.sdk import ClientError, LedgerClient, ProofError, TxRejected
-from medledger.node.config import NodeConfig
+from medledger.config import NodeConfig
 from medledger.web import auditor, clinician, explorer, patient
 from medledger.web.common import (
     PORTAL,

@@ -18,10 +18,10 @@ from medledger.client.records import (
     RecordSummary,
 )
 from medledger.client.sdk import ClientError, QueryError
-from medledger.fhir.validation import FhirValidationError
 from medledger.ledger.access import EmergencyReason, Grant
 from medledger.ledger.consent import Consent, Purpose, ScopeKind
 from medledger.ledger.model import Member, Role
+from medledger.validation import FhirValidationError
 from medledger.web.common import (
     Audience,
     PageError,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from medledger.fhir.validation import FhirValidationError
+from medledger.validation import FhirValidationError
 
 TERMINOLOGY = "http://terminology.hl7.org/CodeSystem"
 UCUM = "http://unitsofmeasure.org"

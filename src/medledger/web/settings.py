@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from medledger.node.config import CONFIG_FILE, ConfigError
+from medledger.config import CONFIG_FILE, ConfigError
 
 PORTAL_KEYS_DIR = "portal-keys"
 
