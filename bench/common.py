@@ -48,7 +48,7 @@ from medledger.ledger.codec import Envelope
 from medledger.ledger.mempool import MAX_PENDING_PER_SENDER
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, RotateKey
-from medledger.node.config import NodeConfig, find_cometbft
+from medledger.config import NodeConfig, find_cometbft
 from medledger.node.procs import read_pid_file
 from medledger.node.services import load_services_config
 from medledger.node.testnet import (

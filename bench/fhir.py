@@ -71,7 +71,7 @@ from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import encode_keystore
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
-from medledger.node.custody import Custody
+from medledger.services.custody import Custody
 from medledger.samples.fhir import generate_patient, generate_patient_record_set, sized_observation
 
 EHR_NODE = 0

@@ -69,7 +69,7 @@ from bench.common import (
     terminate_cleanly,
     write_results,
 )
-from medledger.api.auth import node_audience, sign_request
+from medledger.auth import node_audience, sign_request
 from medledger.client.records import RecordsClient, RecordWrite
 from medledger.client.sdk import ClientError, LedgerClient, TxOutcome
 from medledger.crypto import package as packaging
