@@ -41,6 +41,7 @@ import nacl.signing
 
 from medledger.client.sdk import LedgerClient, TxOutcome
 from medledger.client.tx import sign_transaction
+from medledger.config import NodeConfig, find_cometbft
 from medledger.crypto.keys import KeyPair, member_id_for
 from medledger.crypto.keystore import load_keystore
 from medledger.ledger import codec
@@ -48,7 +49,6 @@ from medledger.ledger.codec import Envelope
 from medledger.ledger.mempool import MAX_PENDING_PER_SENDER
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember, RotateKey
-from medledger.config import NodeConfig, find_cometbft
 from medledger.node.procs import read_pid_file
 from medledger.node.services import load_services_config
 from medledger.node.testnet import (

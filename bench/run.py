@@ -82,11 +82,11 @@ from bench.common import (
     terminate_cleanly,
     wait_rpc_height,
 )
+from medledger.config import find_cometbft
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import load_keystore
 from medledger.ledger.model import Role
 from medledger.ledger.transactions import EnrollMember
-from medledger.config import find_cometbft
 from medledger.node.inprocess import InProcessChain
 from medledger.node.procs import read_pid_file
 from medledger.node.testnet import (

@@ -29,7 +29,7 @@ from medledger.api.records import add_record_routes
 from medledger.auth import ReplayCache, node_audience, sign_request
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
-from medledger.ledger.access import RequestAccess
+from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.app import BlockOutcome
 from medledger.ledger.consent import Purpose
 from medledger.ledger.model import Role
@@ -491,3 +491,50 @@ async def test_batches_of_packages_go_to_peer_nodes_only_and_are_bounded(
         "/v1/packages/batch", data=asked, headers={"Authorization": forged}
     )
     assert answer.status == 401
+
+
+async def test_a_sessions_shares_go_to_its_requester_only_and_requests_are_bounded(
+    consortium: Consortium, nodes: dict[str, Node], people: People
+) -> None:
+    sealed = await write_record(consortium, nodes, people, "rec-session")
+    opened = consortium.submit(
+        people.doctor,
+        "access.session",
+        RequestSession(people.patient.member_id, Purpose.TREATMENT),
+    )
+    assert opened.ok, opened.log
+    session_id = opened.log.split("session ")[1].split()[0]
+    node = nodes["careplus"]
+
+    async def release(who: KeyPair, body: object) -> tuple[int, Any]:
+        response = await node.call(who, "POST", "/v1/keys/release", json.dumps(body).encode())
+        return response.status, await response.json()
+
+    status, answer = await release(
+        people.doctor, {"grant": session_id, "records": [["rec-session", 1], ["other", 1]]}
+    )
+    assert status == 200
+    first, second = answer["shares"]
+    assert first["status"] == 200 and second["status"] == 404
+    share = packaging.unseal_share(
+        base64.b64decode(first["sealed_share"]), people.doctor.encryption_secret
+    )
+    assert packaging.share_is_valid(packaging.decode_package(sealed.package), share)
+    # The attacker names the session: every share is refused, each with its reason.
+    status, answer = await release(
+        people.attacker, {"grant": session_id, "records": [["rec-session", 1]]}
+    )
+    assert status == 200 and answer["shares"][0]["status"] == 403
+    assert "another member" in answer["shares"][0]["error"]
+    for body in (
+        {"grant": session_id, "records": [["rec-session", "1"]]},
+        {"grant": session_id, "records": "rec-session"},
+        {"grant": session_id, "records": [["rec-session"]]},
+    ):
+        assert (await release(people.doctor, body))[0] == 400
+    status, answer = await release(
+        people.doctor, {"grant": session_id, "records": [["rec-session", 1]] * 257}
+    )
+    assert status == 400 and "at most 256" in answer["error"]
+    refusals = [e for e in node.releases() if e["outcome"] == "refused"]
+    assert any(e["actor"] == people.attacker.member_id for e in refusals)

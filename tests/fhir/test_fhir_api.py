@@ -792,3 +792,68 @@ async def test_fhir_requests_read_the_nodes_own_state_without_its_rpc(
         assert set(rpc) <= {"rpc:broadcast_tx_sync"}, (node, rpc)
         assert any(k.startswith("query:") for k in asked), (node, asked)
     assert grown(before[0], services_counters(network, 0)).get("rpc:broadcast_tx_sync", 0) >= 1
+
+
+async def test_a_search_commits_once_per_patient_and_its_disclosures_name_every_record(
+    network: Network, sites: dict[int, Site]
+) -> None:
+    """The first search of a patient's records opens one session (one `access.session` on the
+    patient's trail, not one access request per record); further searches and reads of that
+    patient commit nothing; the accounting of disclosures lists each record the session
+    covered."""
+    site = sites[0]
+    patient = generate_patient(9301)
+    del patient["id"]
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": patient_url,
+            "resource": patient,
+            "request": {"method": "POST", "url": "Patient"},
+        }
+    ]
+    for day in range(1, 7):
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": lab(patient_url, "2345-7", 90 + day, f"2026-02-0{day}T08:00:00Z"),
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
+    answer = httpx.post(
+        site.base,
+        json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
+        headers={**site.headers(), "Content-Type": "application/fhir+json"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    ids = [e["response"]["location"].split("/")[1] for e in answer.json()["entry"]]
+    patient_id, observations = ids[0], ids[1:]
+    own = patient_records(network, patient_id)
+
+    def access_entries() -> list[str]:
+        return [
+            e.entry.type
+            for e in own.audit_trail(patient_id)
+            if e.entry.type in ("access.request", "access.session")
+        ]
+
+    before = access_entries()
+    client = site.fhir()
+    found = await client.resources("Observation").search(patient=patient_id).fetch_all()
+    assert sorted(o.id for o in found) == sorted(observations)
+    assert access_entries() == [*before, "access.session"]
+    again = (
+        await client.resources("Observation")
+        .search(patient=patient_id, code="2345-7", date="ge2026-02-03")
+        .fetch_all()
+    )
+    assert len(again) == 4
+    assert (await client.get("Observation", observations[0]))["id"] == observations[0]
+    assert access_entries() == [*before, "access.session"]
+    disclosed = {
+        d.grant.record_id
+        for d in own.disclosures(patient_id)
+        if d.entry.entry.type == "access.session"
+    }
+    assert set(observations) <= disclosed

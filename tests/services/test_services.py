@@ -15,7 +15,7 @@ from medledger.client.sdk import ClientError, QueryError
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger import codec
-from medledger.ledger.access import RequestAccess
+from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.consent import Purpose
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
@@ -286,3 +286,36 @@ def test_packages_and_shares_in_process_refuse_whom_the_api_refuses(
         (doctor.member_id, "refused"),
     ]
     assert node.node_apis() == {NODE: "http://127.0.0.1:1", "riverside": "http://127.0.0.1:2"}
+
+
+def test_a_sessions_shares_come_in_one_request_and_only_to_its_requester(
+    consortium: Consortium, node: InProcessNode
+) -> None:
+    patient = enroll(consortium, NODE, "patient-sol", Role.PATIENT)
+    doctor = enroll(consortium, NODE, "dr-sol", Role.CLINICIAN)
+    outsider = enroll(consortium, "riverside", "dr-other", Role.CLINICIAN)
+    records = []
+    for i in range(3):
+        sealed = seal(f"rec-session-{i}", patient, doctor)
+        assert node.put_package(doctor.member_id, sealed.digest, sealed.package).status == 201
+        put(consortium, doctor, patient, sealed)
+        records.append(sealed)
+    opened = consortium.submit(
+        doctor, "access.session", RequestSession(patient.member_id, Purpose.TREATMENT)
+    )
+    assert opened.ok, opened.log
+    session_id = opened.log.split("session ")[1].split()[0]
+    asked = [(f"rec-session-{i}", 1) for i in range(3)] + [("rec-session-0", 2)]
+    answers = node.release_shares(doctor.member_id, session_id, asked)
+    assert [a.status for a in answers] == [200, 200, 200, 404]
+    for answer, sealed in zip(answers, records, strict=False):
+        share = packaging.unseal_share(answer.body, doctor.encryption_secret)
+        assert packaging.share_is_valid(packaging.decode_package(sealed.package), share)
+    # The package of a covered record is served under the session; not to anyone else.
+    assert node.get_package(doctor.member_id, records[0].digest, session_id).status == 200
+    assert node.get_package(outsider.member_id, records[0].digest, session_id).status == 403
+    stolen = node.release_shares(outsider.member_id, session_id, asked[:2])
+    assert [a.status for a in stolen] == [403, 403]
+    assert "another member" in stolen[0].text
+    too_many = node.release_shares(doctor.member_id, session_id, asked * 65)
+    assert {a.status for a in too_many} == {400}

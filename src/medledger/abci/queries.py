@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from medledger.ledger import codec
-from medledger.ledger.access import load_grant
+from medledger.ledger.access import load_grant, load_session
 from medledger.ledger.claims import (
     PARTIES,
     all_claims,
@@ -193,6 +193,13 @@ def _grant(store: CommittedReads, data: bytes, prove: bool) -> Any:
     return grant
 
 
+def _session(store: CommittedReads, data: bytes, prove: bool) -> Any:
+    session = load_session(State(store), data.decode())
+    if session is None:
+        raise LedgerError(Code.NOT_FOUND, f"no session {data.decode()}")
+    return session
+
+
 def _patient_audit(store: SqliteStore, data: bytes, prove: bool) -> Any:
     """Every audit entry concerning a patient, each with its inclusion proof in the audit log
     whose root and size the app hash of the next block commits to."""
@@ -327,6 +334,7 @@ QUERIES: dict[str, QueryFn] = {
     "/consents": _consents,
     "/consents/granted-to": _consents_granted_to,
     "/grant": _grant,
+    "/session": _session,
     "/claim": _claim,
     "/claims": _claims,
     "/claims/stats": _claim_stats,

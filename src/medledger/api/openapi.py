@@ -90,7 +90,47 @@ SCHEMAS: Mapping[str, Json] = {
     "KeyReleaseRequest": {
         "type": "object",
         "required": ["grant"],
-        "properties": {"grant": {"type": "string", "description": "A committed grant's id."}},
+        "properties": {
+            "grant": {"type": "string", "description": "A committed grant's or session's id."},
+            "records": {
+                "type": "array",
+                "maxItems": 256,
+                "description": "For a session: the [record id, version] pairs whose shares are"
+                " asked for; the answer is then a SessionShares.",
+                "items": {
+                    "type": "array",
+                    "prefixItems": [{"type": "string"}, {"type": "integer"}],
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+        },
+    },
+    "SessionShares": {
+        "type": "object",
+        "required": ["grant", "shares"],
+        "properties": {
+            "grant": {"type": "string"},
+            "shares": {
+                "type": "array",
+                "description": "One answer per record version asked, in order: status 200 with"
+                " the share's fields (as KeyShare), or the status and error of its refusal.",
+                "items": {
+                    "type": "object",
+                    "required": ["record_id", "version", "status"],
+                    "properties": {
+                        "record_id": {"type": "string"},
+                        "version": {"type": "integer"},
+                        "status": {"type": "integer"},
+                        "error": {"type": "string"},
+                        "organization": {"type": "string"},
+                        "index": {"type": "integer"},
+                        "sealed_share": {"type": "string", "contentEncoding": "base64"},
+                        "package_digest": {"type": "string"},
+                    },
+                },
+            },
+        },
     },
     "KeyShare": {
         "type": "object",
@@ -530,11 +570,16 @@ def native_operations() -> dict[tuple[str, str], Operation]:
             "records",
             "This custodian's share of the record's data key, re-sealed to the grantee's"
             " current encryption key — only for the grantee of a committed, unexpired grant"
-            " whose consent is still active. Every decision is in the node's audit log.",
+            " whose consent is still active. For a session (`access.session`), name the record"
+            " versions in `records`: each is decided on its own, in one request. Every"
+            " decision is in the node's audit log.",
             req,
             body={"required": True, **json_body(ref("KeyReleaseRequest"))},
             responses={
-                "200": reply("The sealed share.", ref("KeyShare")),
+                "200": reply(
+                    "The sealed share (KeyShare), or a session's answers (SessionShares).",
+                    {"oneOf": [ref("KeyShare"), ref("SessionShares")]},
+                ),
                 "400": reply("Bad body.", ref("Error")),
                 **NATIVE_ERRORS,
                 "404": reply("No such grant, or this node is not a custodian.", ref("Error")),

@@ -30,10 +30,12 @@ from medledger.services.packages import (
     BATCH_SIZE,
     PackageRefused,
     RecordServices,
+    ReleasedShare,
     package_copies,
     package_copy,
     refuse,
     release_share,
+    release_shares,
     store_package,
 )
 
@@ -161,11 +163,25 @@ async def get_package_batch(request: web.Request) -> web.Response:
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True):
+    """A grant id; for a session, also the record versions (`[record id, version]` pairs) of
+    it whose shares are asked for."""
+
     grant: str
+    records: list[tuple[str, int]] | None = None
+
+
+def _share_json(released: ReleasedShare) -> dict[str, object]:
+    return {
+        "organization": released.organization,
+        "index": released.index,
+        "sealed_share": base64.b64encode(released.sealed_share).decode(),
+        "package_digest": released.package_digest,
+    }
 
 
 async def release_key(request: web.Request) -> web.Response:
-    """Release this node's key share for a committed grant to its grantee."""
+    """Release this node's key share for a committed grant to its grantee — or, for a
+    session, its shares for the record versions named, each decided on its own."""
     services = request.app[SERVICES]
     requester = "?"
     grant_id = ""
@@ -175,11 +191,23 @@ async def release_key(request: web.Request) -> web.Response:
             raise AuthError("key shares are released to members, not nodes")
         requester = member.id
         try:
-            grant_id = msgspec.json.decode(await request.read(), type=ReleaseRequest).grant
+            asked = msgspec.json.decode(await request.read(), type=ReleaseRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             reason = f"bad request body: {exc}"
             refuse(services, requester, grant_id, reason)
             return _problem(400, reason)
+        grant_id = asked.grant
+        if asked.records is not None:
+            answers = release_shares(services, services.store, member, grant_id, asked.records)
+            shares: list[dict[str, object]] = []
+            for (record_id, version), answer in zip(asked.records, answers, strict=True):
+                item: dict[str, object] = {"record_id": record_id, "version": version}
+                if isinstance(answer, PackageRefused):
+                    item |= {"status": answer.status, "error": answer.reason}
+                else:
+                    item |= {"status": 200, **_share_json(answer)}
+                shares.append(item)
+            return web.json_response({"grant": grant_id, "shares": shares})
         released = release_share(services, services.store, member, grant_id)
     except AuthError as exc:
         services.audit.record(requester, "key.release", grant_id, "refused", str(exc))
@@ -187,15 +215,7 @@ async def release_key(request: web.Request) -> web.Response:
         return _problem(exc.status, str(exc))
     except PackageRefused as refusal:
         return _refused(refusal)
-    return web.json_response(
-        {
-            "grant": grant_id,
-            "organization": released.organization,
-            "index": released.index,
-            "sealed_share": base64.b64encode(released.sealed_share).decode(),
-            "package_digest": released.package_digest,
-        }
-    )
+    return web.json_response({"grant": grant_id, **_share_json(released)})
 
 
 async def nodes(request: web.Request) -> web.Response:

@@ -760,7 +760,7 @@ def _basis_text(item: Grant) -> str:
 def _outcome(proven: ProvenAuditEntry) -> str:
     code = proven.entry.code
     if code == Code.OK:
-        return "granted" if proven.entry.type == "access.request" else "ok"
+        return "granted" if proven.entry.type in ("access.request", "access.session") else "ok"
     if code == Code.ACCESS_DENIED:
         return "denied"
     return f"refused ({_code_name(code)})"

@@ -34,7 +34,7 @@ from medledger.client.sdk import (
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger import merkle
-from medledger.ledger.access import Grant, RequestAccess
+from medledger.ledger.access import Grant, RequestAccess, RequestSession, SessionGrant
 from medledger.ledger.app import app_hash_of
 from medledger.ledger.consent import (
     Consent,
@@ -59,6 +59,9 @@ from medledger.ledger.records import (
     threshold_for,
 )
 from medledger.validation import validate_resource
+
+# Record versions per key release request (the node's bound, MAX_RELEASE_RECORDS).
+MAX_RELEASE_RECORDS = 256
 
 
 class AccessDenied(ClientError):
@@ -122,6 +125,11 @@ class ProvenAuditEntry:
         return self.entry.type == "access.request" and self.entry.code == Code.OK
 
     @property
+    def opened_session(self) -> bool:
+        """A committed session request the ledger granted (its session id is its tx hash)."""
+        return self.entry.type == "access.session" and self.entry.code == Code.OK
+
+    @property
     def grant_id(self) -> str:
         return self.entry.tx_hash.hex()[:32]
 
@@ -174,6 +182,10 @@ class HomeNode(Protocol):
     def get_package(self, member_id: str, digest: str, grant_id: str) -> NodeAnswer: ...
 
     def release_share(self, member_id: str, grant_id: str) -> NodeAnswer: ...
+
+    def release_shares(
+        self, member_id: str, grant_id: str, records: list[tuple[str, int]]
+    ) -> list[NodeAnswer]: ...
 
 
 class RecordsClient:
@@ -443,7 +455,7 @@ class RecordsClient:
                 packaging.package_digest(answer.body) == version.package_digest
             ):
                 return packaging.decode_package(answer.body)
-            errors.append(f"{self.api_url}: HTTP {answer.status}")
+            errors.append(f"{self.api_url}: HTTP {answer.status} ({answer.text[:120]})")
             ordered = ordered[1:]
         for organization, base in ordered:
             response = self._request("GET", base, path, organization=organization)
@@ -479,6 +491,156 @@ class RecordsClient:
         data_key = packaging.combine_shares(package, shares)
         plaintext = packaging.decrypt_record(package, data_key, record.commitment)
         return ReadRecord(json.loads(plaintext), record, grant_id, tuple(good), tuple(bad))
+
+    # --- sessions: a patient's records in one access decision ----------------------------
+
+    def open_session(
+        self,
+        patient_id: str,
+        purpose: Purpose = Purpose.TREATMENT,
+        resource_types: Sequence[str] = (),
+    ) -> SessionGrant:
+        """One `access.session` for the patient's records in scope (all types when none are
+        named): the session the ledger granted, listing the record versions it covers, or
+        AccessDenied with the ledger's reason when it covers none."""
+        body = RequestSession(patient_id, purpose, tuple(sorted(set(resource_types))))
+        try:
+            outcome = self.ledger.submit(self.keys, "access.session", body, sender=self.member_id)
+        except TxRejected as exc:
+            if exc.code == Code.ACCESS_DENIED:
+                raise AccessDenied(exc.log) from None
+            raise
+        return self.session(outcome.tx_hash.lower()[:32])
+
+    def session(self, session_id: str) -> SessionGrant:
+        return self.ledger.query("/session", session_id, SessionGrant)  # type: ignore[no-any-return]
+
+    def read_session(
+        self, session: SessionGrant, versions: Sequence[RecordVersion], patience: float = 10.0
+    ) -> dict[tuple[str, int], ReadRecord | ClientError]:
+        """Decrypt many record versions a session covers: each package from the home node
+        first, the key shares from the custodians in one request per custodian (not one per
+        record), each share checked against its commitment and each plaintext against the
+        chain's. Every version gets its own answer: a resource, or why not."""
+        results: dict[tuple[str, int], ReadRecord | ClientError] = {}
+        pending: dict[tuple[str, int], tuple[RecordVersion, packaging.RecordPackage]] = {}
+        for version in versions:
+            key = (version.record_id, version.version)
+            if session.grant_for(*key) is None:
+                results[key] = AccessDenied(
+                    f"session {session.id} does not cover {version.record_id} v{version.version}"
+                )
+                continue
+            try:
+                pending[key] = (version, self._package(version, session.id))
+            except ClientError as exc:
+                results[key] = exc
+        shares: dict[tuple[str, int], list[packaging.Share]] = {k: [] for k in pending}
+        good: dict[tuple[str, int], list[str]] = {k: [] for k in pending}
+        bad: dict[tuple[str, int], list[str]] = {k: [] for k in pending}
+        refused: dict[tuple[str, int], dict[str, str]] = {k: {} for k in pending}
+        apis = self.node_apis()
+        home = self.node_organization
+        order = sorted(apis, key=lambda organization: (organization != home, organization))
+        deadline = time.monotonic() + patience
+        while True:
+            retry = False
+            for organization in order:
+                asked = [
+                    key
+                    for key, (version, _) in pending.items()
+                    if len(shares[key]) < version.threshold
+                    and organization not in good[key]
+                    and organization not in bad[key]
+                    and any(c.organization == organization for c in version.custodians)
+                    and not refused[key].get(organization, "").startswith("final:")
+                ]
+                for start in range(0, len(asked), MAX_RELEASE_RECORDS):
+                    chunk = asked[start : start + MAX_RELEASE_RECORDS]
+                    answers = self._release_many(organization, apis, session.id, chunk)
+                    for key, (status, text, sealed) in zip(chunk, answers, strict=True):
+                        version, package = pending[key]
+                        if status in (404, 503):
+                            refused[key][organization] = f"HTTP {status}"
+                            retry = True
+                            continue
+                        if status != 200 or sealed is None:
+                            refused[key][organization] = f"final:HTTP {status}: {text}"
+                            continue
+                        custody = next(
+                            c for c in version.custodians if c.organization == organization
+                        )
+                        try:
+                            share = packaging.unseal_share(sealed, self.keys.encryption_secret)
+                        except packaging.PackageError:
+                            bad[key].append(organization)
+                            continue
+                        if share.index != custody.index or not packaging.share_is_valid(
+                            package, share
+                        ):
+                            bad[key].append(organization)
+                            continue
+                        refused[key].pop(organization, None)
+                        shares[key].append(share)
+                        good[key].append(organization)
+            done = all(len(shares[k]) >= v.threshold for k, (v, _) in pending.items())
+            if done or not retry or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        for key, (version, package) in pending.items():
+            if len(shares[key]) < version.threshold:
+                why = "; ".join(
+                    f"{org} ({reason.removeprefix('final:')})"
+                    for org, reason in sorted(refused[key].items())
+                )
+                results[key] = ClientError(
+                    f"only {len(shares[key])} of the {version.threshold} key shares needed for"
+                    f" {version.record_id} v{version.version} could be obtained (wrong shares"
+                    f" from: {bad[key] or 'none'}; no share from: {why or 'none'})"
+                )
+                continue
+            try:
+                data_key = packaging.combine_shares(package, shares[key][: version.threshold])
+                plaintext = packaging.decrypt_record(package, data_key, version.commitment)
+            except packaging.PackageError as exc:
+                results[key] = ClientError(f"{version.record_id} v{version.version}: {exc}")
+                continue
+            results[key] = ReadRecord(
+                json.loads(plaintext), version, session.id, tuple(good[key]), tuple(bad[key])
+            )
+        return results
+
+    def _release_many(
+        self, organization: str, apis: dict[str, str], grant_id: str, records: list[tuple[str, int]]
+    ) -> list[tuple[int, str, bytes | None]]:
+        """One custodian's answers for many record versions of a session: (status, reason,
+        the sealed share) each."""
+        if self.home is not None and organization == self.node_organization:
+            return [
+                (a.status, a.text, a.body if a.status == 200 else None)
+                for a in self.home.release_shares(self.member_id, grant_id, records)
+            ]
+        body = json.dumps({"grant": grant_id, "records": records}).encode()
+        try:
+            response = self._request(
+                "POST", apis[organization], "/v1/keys/release", body, organization=organization
+            )
+        except ClientError as exc:
+            return [(0, str(exc), None)] * len(records)
+        if response.status_code != 200:
+            return [(response.status_code, response.text, None)] * len(records)
+        try:
+            items = response.json()["shares"]
+            answers: list[tuple[int, str, bytes | None]] = []
+            for item, (record_id, version) in zip(items, records, strict=True):
+                if (item["record_id"], item["version"]) != (record_id, version):
+                    raise ValueError("answers out of order")
+                status = int(item["status"])
+                sealed = base64.b64decode(item["sealed_share"]) if status == 200 else None
+                answers.append((status, str(item.get("error", "")), sealed))
+        except (KeyError, ValueError, TypeError):
+            return [(502, "a custodian answered something else than shares", None)] * len(records)
+        return answers
 
     def _gather_shares(
         self,
@@ -657,20 +819,32 @@ class RecordsClient:
         recipients: dict[str, Member | None] = {}
         found = []
         for proven in trail.entries:
-            if not proven.granted_access or proven.entry.sender == patient_id:
+            if proven.entry.sender == patient_id:
                 continue
-            grant = self.grant(proven.grant_id)
-            if (
-                grant.requester != proven.entry.sender
-                or grant.patient != patient_id
-                or grant.height != proven.height
-            ):
-                raise ProofError(
-                    f"grant {grant.id} does not match its proven audit entry {proven.index}"
-                )
-            if grant.requester not in recipients:
-                recipients[grant.requester] = self.member(grant.requester)
-            found.append(Disclosure(proven, grant, recipients[grant.requester]))
+            if proven.granted_access:
+                grants = [self.grant(proven.grant_id)]
+            elif proven.opened_session:
+                # A session disclosed every record version it covered: one entry each.
+                session = self.session(proven.grant_id)
+                grants = [
+                    grant
+                    for c in session.records
+                    if (grant := session.grant_for(c.record_id, c.version)) is not None
+                ]
+            else:
+                continue
+            for grant in grants:
+                if (
+                    grant.requester != proven.entry.sender
+                    or grant.patient != patient_id
+                    or grant.height != proven.height
+                ):
+                    raise ProofError(
+                        f"grant {grant.id} does not match its proven audit entry {proven.index}"
+                    )
+                if grant.requester not in recipients:
+                    recipients[grant.requester] = self.member(grant.requester)
+                found.append(Disclosure(proven, grant, recipients[grant.requester]))
         return found
 
     def export_bundle(self, patient_id: str) -> dict[str, Any]:

@@ -108,7 +108,7 @@ from medledger.fhir.search import (
 )
 from medledger.fhir.smart import AccessToken, SmartError, scope_permits
 from medledger.ledger import codec
-from medledger.ledger.access import Grant, grant_basis, release_problem
+from medledger.ledger.access import Grant, SessionGrant, grant_basis, release_problem
 from medledger.ledger.consent import (
     Consent,
     ConsentStatus,
@@ -183,6 +183,7 @@ TX_ACTIONS: Mapping[str, str] = {
     "record.mark-error": "U",
     "record.erase": "D",
     "access.request": "R",
+    "access.session": "R",
     "consent.grant": "C",
     "consent.revoke": "U",
     "delegate.add": "C",
@@ -487,6 +488,10 @@ class FhirGateway:
             )
         self.ctx = ctx
         self.cache = ReadCache()
+        # The latest session each member opened per (patient, purpose): reads of that patient's
+        # records it covers need no new commit while a custodian would still release for it.
+        self.sessions: dict[tuple[str, str, str], SessionGrant] = {}
+        self._sessions_lock = threading.Lock()
         self.readers = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="fhir-read")
         self.entries = ThreadPoolExecutor(4, thread_name_prefix="fhir-batch")
         self.consent_patients: dict[str, str] = {}
@@ -615,6 +620,13 @@ class FhirGateway:
         hit = self.cached(caller, version, consents if consents is not None else {})
         if hit is not None:
             return copy.deepcopy(hit)
+        if self.covering_session(caller, version.patient, [version]) is not None:
+            answer = self.read_chart(caller, version.patient, [version])[
+                (version.record_id, version.version)
+            ]
+            if isinstance(answer, ClientError):
+                raise answer
+            return copy.deepcopy(answer)
         if not reserved:
             caller.reserve_grants(1)
         read = caller.client.read(version.record_id, caller.purpose, version.version)
@@ -645,14 +657,29 @@ class FhirGateway:
         versions: Sequence[RecordVersion],
         consents: dict[str, list[Consent]],
     ) -> ReadBatch:
-        """Read versions in parallel (their access requests share blocks); refused (422
-        too-costly) before any is issued when they need more access requests than the
-        request's bound."""
+        """Read versions in parallel. Several records of one patient are read through one
+        session (`access.session`: one commit for the patient's chart, key shares for the whole
+        page in one request per custodian), or the session the caller already holds; a
+        patient's single record through its own access request. Refused (422 too-costly)
+        before anything is issued when that takes more access requests than the bound."""
         batch = ReadBatch({})
-        caller.reserve_grants(sum(1 for v in versions if self.cached(caller, v, consents) is None))
+        uncached = [v for v in versions if self.cached(caller, v, consents) is None]
+        by_patient: dict[str, list[RecordVersion]] = {}
+        for version in uncached:
+            by_patient.setdefault(version.patient, []).append(version)
+        charts = {p: vs for p, vs in by_patient.items() if len(vs) > 1 and self.ctx.view}
+        caller.reserve_grants(
+            sum(1 for p, vs in charts.items() if self.covering_session(caller, p, vs) is None)
+            + sum(len(vs) for p, vs in by_patient.items() if p not in charts)
+        )
+        chart_reads = {
+            patient: self.readers.submit(self.read_chart, caller, patient, chart)
+            for patient, chart in charts.items()
+        }
         futures: list[tuple[RecordVersion, Future[Json]]] = [
             (v, self.readers.submit(self.read_version, caller, v, consents, reserved=True))
             for v in versions
+            if v.patient not in charts or v not in uncached
         ]
         for version, future in futures:
             try:
@@ -663,7 +690,76 @@ class FhirGateway:
                 continue
             except ClientError as exc:
                 batch.failures.append(f"{version.resource_type}/{version.record_id}: {exc}")
+        for patient, chart_future in chart_reads.items():
+            try:
+                read = chart_future.result()
+            except AccessDenied:
+                batch.withheld += len(charts[patient])
+                continue
+            except ClientError as exc:
+                batch.failures.extend(
+                    f"{v.resource_type}/{v.record_id}: {exc}" for v in charts[patient]
+                )
+                continue
+            for version in charts[patient]:
+                answer = read[(version.record_id, version.version)]
+                if isinstance(answer, AccessDenied):
+                    batch.withheld += 1
+                elif isinstance(answer, RecordErased):
+                    continue
+                elif isinstance(answer, ClientError):
+                    batch.failures.append(f"{version.resource_type}/{version.record_id}: {answer}")
+                else:
+                    batch.resources[(version.record_id, version.version)] = copy.deepcopy(answer)
         return batch
+
+    def covering_session(
+        self, caller: Caller, patient: str, versions: Sequence[RecordVersion]
+    ) -> SessionGrant | None:
+        """The caller's session for the patient and purpose, if a custodian would still release
+        shares for every one of `versions` under it (the ledger's rule on committed state: not
+        expired, covering them, its consents still active)."""
+        key = (caller.member_id, patient, caller.purpose.value)
+        with self._sessions_lock:
+            session = self.sessions.get(key)
+        if session is None or self.ctx.view is None:
+            return None
+        member = caller.member()
+        with self.ctx.view.snapshot() as reads:
+            now_ns = reads.block_time_ns()
+            if now_ns >= session.expires_ns:
+                with self._sessions_lock:
+                    self.sessions.pop(key, None)
+                return None
+            state = State(reads)
+            for version in versions:
+                grant = session.grant_for(version.record_id, version.version)
+                if grant is None or release_problem(state, member, grant, now_ns) is not None:
+                    return None
+        return session
+
+    def read_chart(
+        self, caller: Caller, patient: str, versions: list[RecordVersion]
+    ) -> dict[tuple[str, int], Json | ClientError]:
+        """Several versions of one patient's records through a session: the caller's current
+        one where it covers them, else a new one (whose access request the caller reserved).
+        Each version's resource, or why not."""
+        session = self.covering_session(caller, patient, versions)
+        if session is None:
+            session = caller.client.open_session(patient, caller.purpose)
+            with self._sessions_lock:
+                self.sessions[(caller.member_id, patient, caller.purpose.value)] = session
+        answers: dict[tuple[str, int], Json | ClientError] = {}
+        for key, read in caller.client.read_session(session, versions).items():
+            if isinstance(read, ClientError):
+                answers[key] = read
+                continue
+            grant = session.grant_for(*key)
+            assert grant is not None  # read_session reads only what the session covers
+            cache_key = (caller.member_id, key[0], key[1], caller.purpose.value)
+            self.cache.put(cache_key, Cached(read.resource, grant))
+            answers[key] = read.resource
+        return answers
 
     def read(self, caller: Caller, resource_type: str, record_id: str, vid: int = 0) -> Reply:
         history = self.record(caller, resource_type, record_id)
@@ -2129,28 +2225,43 @@ class FhirGateway:
         return event
 
     def enrich_access(self, caller: Caller, event: Json, proven: ProvenAuditEntry) -> None:
-        if not proven.granted_access:
-            return
+        """What a granted access request or session disclosed: each record version as an
+        entity, and the purpose of use."""
         try:
-            grant = caller.client.grant(proven.grant_id)
+            if proven.granted_access:
+                grants = [caller.client.grant(proven.grant_id)]
+            elif proven.opened_session:
+                session = caller.client.session(proven.grant_id)
+                grants = [
+                    grant
+                    for c in session.records
+                    if (grant := session.grant_for(c.record_id, c.version)) is not None
+                ]
+            else:
+                return
         except ClientError:
             return
-        event["entity"].append(
-            {
-                "what": {
-                    "reference": f"{grant.resource_type}/{grant.record_id}/_history/{grant.version}"
-                },
-                "type": {
-                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                    "code": "2",
-                    "display": "System Object",
-                },
-            }
-        )
-        reason = [{"system": ACT_REASON, "code": PURPOSE_CODES[grant.purpose]}]
-        if grant.emergency:
+        for grant in grants:
+            event["entity"].append(
+                {
+                    "what": {
+                        "reference": (
+                            f"{grant.resource_type}/{grant.record_id}/_history/{grant.version}"
+                        )
+                    },
+                    "type": {
+                        "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                        "code": "2",
+                        "display": "System Object",
+                    },
+                }
+            )
+        if not grants:
+            return
+        reason = [{"system": ACT_REASON, "code": PURPOSE_CODES[grants[0].purpose]}]
+        if grants[0].emergency:
             reason.append(
-                {"system": ACT_REASON, "code": "ETREAT", "display": grant.emergency_reason}
+                {"system": ACT_REASON, "code": "ETREAT", "display": grants[0].emergency_reason}
             )
         event["purposeOfEvent"] = [{"coding": reason}]
 

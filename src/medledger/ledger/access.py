@@ -14,6 +14,7 @@ unexpired grant lets custodian nodes release key shares.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 import msgspec
@@ -33,7 +34,7 @@ from medledger.ledger.consent import (
 from medledger.ledger.context import TxContext
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.governance import load_params
-from medledger.ledger.model import Member, Role
+from medledger.ledger.model import Member, Role, member_key
 from medledger.ledger.records import (
     AUTHOR_ROLES,
     RecordStatus,
@@ -98,6 +99,94 @@ class Grant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expires_ns: int
 
 
+class RequestSession(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`access.session`: a patient's records for one purpose, for a short session — every
+    record of `resource_types` (all types when empty) whose latest version the requester may
+    read now, decided record by record as `access.request` decides one."""
+
+    patient: str
+    purpose: Purpose
+    resource_types: tuple[str, ...] = ()
+
+
+class CoveredRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One record version a session covers, and the basis it was granted on."""
+
+    record_id: str
+    version: int
+    resource_type: str
+    basis: Basis
+    consent_id: str
+
+
+class SessionGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a granted `access.session` lets its requester obtain key shares for, until
+    `expires_ns`: the record versions it covered, each listed (so the accounting of
+    disclosures names every record the session disclosed)."""
+
+    id: str
+    requester: str
+    requester_organization: str
+    patient: str
+    purpose: Purpose
+    records: tuple[CoveredRecord, ...]
+    height: int
+    time_ns: int
+    expires_ns: int
+
+    def grant_for(self, record_id: str, version: int) -> Grant | None:
+        """The grant this session holds for one record version, as `access.request` would
+        have recorded it; None when the session does not cover it."""
+        covered = next(
+            (c for c in self.records if c.record_id == record_id and c.version == version), None
+        )
+        if covered is None:
+            return None
+        return Grant(
+            id=self.id,
+            requester=self.requester,
+            requester_organization=self.requester_organization,
+            record_id=covered.record_id,
+            version=covered.version,
+            patient=self.patient,
+            resource_type=covered.resource_type,
+            purpose=self.purpose,
+            basis=covered.basis,
+            consent_id=covered.consent_id,
+            emergency=False,
+            emergency_reason="",
+            height=self.height,
+            time_ns=self.time_ns,
+            expires_ns=self.expires_ns,
+        )
+
+
+# A session covers at most this many records, found among at most MAX_SESSION_SCAN of the
+# patient's records: execution stays bounded whatever the patient's chart holds; a larger
+# chart is read by resource type, or record by record.
+MAX_SESSION_RECORDS = 1000
+MAX_SESSION_SCAN = 5000
+MAX_SESSION_TYPES = 32
+
+
+def session_key(session_id: str) -> bytes:
+    return f"session/{session_id}".encode()
+
+
+def load_session(state: State, session_id: str) -> SessionGrant | None:
+    return state.read(session_key(session_id), SessionGrant)
+
+
+def grant_for(state: State, grant_id: str, record_id: str, version: int) -> Grant | None:
+    """The grant `grant_id` names for one record version: an access request's grant for that
+    version, or what a session of that id covers of it."""
+    grant = load_grant(state, grant_id)
+    if grant is not None:
+        return grant if (grant.record_id, grant.version) == (record_id, version) else None
+    session = load_session(state, grant_id)
+    return session.grant_for(record_id, version) if session is not None else None
+
+
 def grant_key(grant_id: str) -> bytes:
     return f"grant/{grant_id}".encode()
 
@@ -149,6 +238,82 @@ def request_access(state: State, ctx: TxContext, body: RequestAccess) -> str:
         f"granted{flag}: grant {grant_id} to {ctx.sender.id} for {body.purpose}"
         f" on {version.record_id} v{version.version} ({basis}{via})"
     )
+
+
+def request_session(state: State, ctx: TxContext, body: RequestSession) -> str:
+    """Grant the patient's records in scope that the requester may read now, in one
+    transaction: opening a chart or a search page costs one commit, not one per record. Denied
+    (and recorded as a denial on the patient's trail) when it covers none."""
+    ctx.effects.subject = body.patient
+    if len(body.resource_types) > MAX_SESSION_TYPES or not all(
+        _RESOURCE_TYPE.fullmatch(t) for t in body.resource_types
+    ):
+        raise LedgerError(
+            Code.INVALID_BODY,
+            f"resource_types are at most {MAX_SESSION_TYPES} FHIR resource type names",
+        )
+    patient = state.read(member_key(body.patient), Member)
+    if patient is None or patient.role is not Role.PATIENT:
+        raise LedgerError(Code.NOT_FOUND, f"unknown patient {body.patient}")
+    wanted = set(body.resource_types)
+    params = load_params(state)
+    covered: list[CoveredRecord] = []
+    reasons: list[str] = []
+    prefix = f"patient-record/{body.patient}/".encode()
+    for scanned, (key, _) in enumerate(state.scan(prefix)):
+        if scanned >= MAX_SESSION_SCAN:
+            raise LedgerError(
+                Code.TOO_LARGE,
+                f"the patient has more than {MAX_SESSION_SCAN} records: open sessions by"
+                " resource type, or request records one by one",
+                subject=body.patient,
+            )
+        record_id = key[len(prefix) :].decode()
+        head = load_head(state, record_id)
+        if head.erased:
+            continue
+        version = load_version(state, record_id, head.latest)
+        if version.status is RecordStatus.ERASED or (
+            wanted and version.resource_type not in wanted
+        ):
+            continue
+        basis = grant_basis(state, ctx.sender, version, body.purpose, ctx.block.time_ns)
+        if isinstance(basis, str):
+            if len(reasons) < 3:
+                reasons.append(basis)
+            continue
+        covered.append(CoveredRecord(record_id, version.version, version.resource_type, *basis))
+        if len(covered) > MAX_SESSION_RECORDS:
+            raise LedgerError(
+                Code.TOO_LARGE,
+                f"a session covers at most {MAX_SESSION_RECORDS} records: open sessions by"
+                " resource type",
+                subject=body.patient,
+            )
+    if not covered:
+        detail = "; ".join(reasons) if reasons else "the patient has no records in scope"
+        raise _denied(body.patient, f"no record of the patient is covered: {detail}")
+    session_id = ctx.tx_hash.hex()[:32]
+    session = SessionGrant(
+        id=session_id,
+        requester=ctx.sender.id,
+        requester_organization=ctx.sender.organization,
+        patient=body.patient,
+        purpose=body.purpose,
+        records=tuple(covered),
+        height=ctx.block.height,
+        time_ns=ctx.block.time_ns,
+        expires_ns=ctx.block.time_ns + params.session_grant_seconds * SECOND_NS,
+    )
+    state.write(session_key(session_id), session)
+    state.put(patient_grant_key(body.patient, session_id), b"")
+    return (
+        f"granted: session {session_id} to {ctx.sender.id} for {body.purpose} on"
+        f" {len(covered)} records of {body.patient}"
+    )
+
+
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 
 
 def decide(

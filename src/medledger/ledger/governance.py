@@ -46,6 +46,7 @@ PARAMETER_BOUNDS: dict[str, tuple[int, int]] = {
     "proposal_period_blocks": (100, 1_000_000),
     "max_validators": (4, 150),
     "access_grant_seconds": (60, 7 * 24 * HOUR),
+    "session_grant_seconds": (60, 24 * HOUR),
     "emergency_grant_seconds": (60, 24 * HOUR),
     "erasure_by_organization_admin": (0, 1),
 }

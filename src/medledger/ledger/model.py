@@ -90,6 +90,8 @@ class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_validators: int = 50
     # How long a granted access request lets its grantee obtain key shares.
     access_grant_seconds: int = 86_400
+    # How long a session (`access.session`, a patient's records at once) lasts.
+    session_grant_seconds: int = 900
     # Break-the-glass grants are short-lived.
     emergency_grant_seconds: int = 4 * 3600
     # 1: besides the patient, the admin of the author's organization may erase a record

@@ -12,7 +12,7 @@ from medledger.ledger import (
     identity,
     records,
 )
-from medledger.ledger.access import RequestAccess
+from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.claims import (
     APPEAL_ROLES,
     PAYER_ROLES,
@@ -73,6 +73,7 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
         SetDelegate, frozenset({Role.PATIENT, Role.ADMIN}), consent.remove_delegate
     ),
     "access.request": TransactionRule(RequestAccess, READERS, access.request_access),
+    "access.session": TransactionRule(RequestSession, READERS, access.request_session),
     "client.register": TransactionRule(RegisterClient, ADMINS, clients.register_client),
     "client.revoke": TransactionRule(RevokeClient, ADMINS, clients.revoke_client),
     # Claims: the rule functions check the organization (provider or the claim's insurer).

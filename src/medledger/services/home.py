@@ -15,6 +15,7 @@ from medledger.services.packages import (
     package_copy,
     refuse,
     release_share,
+    release_shares,
     store_package,
 )
 from medledger.store.sqlite import CommittedReads, CommittedView
@@ -58,6 +59,23 @@ class InProcessNode:
             except PackageRefused as refusal:
                 return NodeAnswer(refusal.status, refusal.reason.encode())
         return NodeAnswer(200, released.sealed_share)
+
+    def release_shares(
+        self, member_id: str, grant_id: str, records: list[tuple[str, int]]
+    ) -> list[NodeAnswer]:
+        with self.view.snapshot() as reads:
+            try:
+                member = _active_member(reads, member_id)
+                answers = release_shares(self.services, reads, member, grant_id, records)
+            except PackageRefused as refusal:
+                refuse(self.services, member_id, grant_id, refusal.reason)
+                return [NodeAnswer(refusal.status, refusal.reason.encode())] * len(records)
+        return [
+            NodeAnswer(a.status, a.reason.encode())
+            if isinstance(a, PackageRefused)
+            else NodeAnswer(200, a.sealed_share)
+            for a in answers
+        ]
 
 
 def _active_member(reads: CommittedReads, member_id: str) -> Member:

@@ -23,7 +23,7 @@ from typing import Protocol
 from medledger.auth import ReplayCache
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
-from medledger.ledger.access import Grant, load_grant, release_problem
+from medledger.ledger.access import Grant, grant_for, load_grant, release_problem
 from medledger.ledger.claims import CLAIM_AUTHOR_ROLES
 from medledger.ledger.model import Member
 from medledger.ledger.records import (
@@ -230,12 +230,8 @@ def _may_download(
         return True
     if not grant_id:
         return False
-    grant = load_grant(State(reads), grant_id)
-    return (
-        grant is not None
-        and grant_problem(reads, member, grant) is None
-        and (grant.record_id == version.record_id and grant.version == version.version)
-    )
+    grant = grant_for(State(reads), grant_id, version.record_id, version.version)
+    return grant is not None and grant_problem(reads, member, grant) is None
 
 
 def grant_problem(reads: CommittedReads, member: Member, grant: Grant) -> str | None:
@@ -243,33 +239,69 @@ def grant_problem(reads: CommittedReads, member: Member, grant: Grant) -> str | 
     return release_problem(State(reads), member, grant, reads.block_time_ns())
 
 
+# Record versions one key release request may name (a session's search page or chart).
+MAX_RELEASE_RECORDS = 256
+
+RecordRef = tuple[str, int]
+
+
 def release_share(
-    services: RecordServices, reads: CommittedReads, member: Member, grant_id: str
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    grant_id: str,
+    record: RecordRef | None = None,
 ) -> ReleasedShare:
-    """This node's share of the data key of the record version `grant_id` names, re-sealed to
-    `member`'s encryption key. Every release and every refusal is in the node audit log."""
+    """This node's share of the data key of the record version `grant_id` names — or, for a
+    session, of `record` among those it covers — re-sealed to `member`'s encryption key. Every
+    release and every refusal is in the node audit log."""
+    target = grant_id if record is None else f"{grant_id} {record[0]} v{record[1]}"
     try:
-        released = _release(services, reads, member, grant_id)
+        released = _release(services, reads, member, grant_id, record)
     except PackageRefused as refusal:
         if refusal.status != 503:  # a retry later, not a decision
-            refuse(services, member.id, grant_id, refusal.reason)
+            refuse(services, member.id, target, refusal.reason)
         raise
     except Exception as exc:  # nothing a caller sends may take the node down
         reason = f"internal error ({type(exc).__name__}); no share released"
-        refuse(services, member.id, grant_id, reason)
+        refuse(services, member.id, target, reason)
         raise PackageRefused(500, reason) from None
-    services.audit.record(member.id, "key.release", grant_id, "released")
+    services.audit.record(member.id, "key.release", target, "released")
     log.info("key share released", extra={"requester": member.id, "grant": grant_id})
     return released
 
 
+def release_shares(
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    grant_id: str,
+    records: list[RecordRef],
+) -> list[ReleasedShare | PackageRefused]:
+    """`release_share` for many record versions of one session, each decided on its own."""
+    if len(records) > MAX_RELEASE_RECORDS:
+        raise PackageRefused(400, f"at most {MAX_RELEASE_RECORDS} records per request")
+    answers: list[ReleasedShare | PackageRefused] = []
+    for record in records:
+        try:
+            answers.append(release_share(services, reads, member, grant_id, record))
+        except PackageRefused as refusal:
+            answers.append(refusal)
+    return answers
+
+
 def _release(
-    services: RecordServices, reads: CommittedReads, member: Member, grant_id: str
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    grant_id: str,
+    record: RecordRef | None,
 ) -> ReleasedShare:
     state = State(reads)
-    grant = load_grant(state, grant_id)
+    grant = load_grant(state, grant_id) if record is None else grant_for(state, grant_id, *record)
     if grant is None:
-        raise PackageRefused(404, "no committed grant with that id")
+        what = "no committed grant with that id"
+        raise PackageRefused(404, what if record is None else f"{what} for that record version")
     problem = grant_problem(reads, member, grant)
     if problem is not None:
         raise PackageRefused(403, problem)

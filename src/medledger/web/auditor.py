@@ -26,7 +26,7 @@ from medledger.web.common import (
 )
 from medledger.web.context import PortalContext
 from medledger.web.proofs import AuditEvidence, audit_evidence
-from medledger.web.trail import TrailRow, trail_rows
+from medledger.web.trail import ACCESS_TYPES, TrailRow, trail_rows
 
 SECOND_NS = 1_000_000_000
 
@@ -61,7 +61,7 @@ def _accounting(
     evidence = audit_evidence(session_client, patient)
     rows = [
         row
-        for row in trail_rows(context, session_client, evidence, frozenset({"access.request"}))
+        for row in trail_rows(context, session_client, evidence, ACCESS_TYPES)
         if (start_ns is None or row.time_ns >= start_ns)
         and (end_ns is None or row.time_ns < end_ns)
     ]

@@ -36,7 +36,7 @@ from medledger.web.common import (
 from medledger.web.context import PortalContext
 from medledger.web.fhirview import ResourceView, describe
 from medledger.web.proofs import AuditEvidence, audit_evidence
-from medledger.web.trail import TrailRow, trail_rows
+from medledger.web.trail import ACCESS_TYPES, TrailRow, trail_rows
 
 SECOND_NS = 1_000_000_000
 DAY_NS = 86_400 * SECOND_NS
@@ -309,7 +309,7 @@ async def accesses(request: web.Request) -> web.StreamResponse:
 
     def load() -> tuple[AuditEvidence, list[TrailRow]]:
         evidence = audit_evidence(client, session.member.id)
-        return evidence, trail_rows(context, client, evidence, frozenset({"access.request"}))
+        return evidence, trail_rows(context, client, evidence, ACCESS_TYPES)
 
     evidence, rows = await run(load)
     return render(

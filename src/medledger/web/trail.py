@@ -35,7 +35,7 @@ class TrailRow:
 
     @property
     def granted(self) -> bool:
-        return self.type == "access.request" and self.code == Code.OK
+        return self.type in ACCESS_TYPES and self.code == Code.OK
 
     @property
     def denied(self) -> bool:
@@ -64,10 +64,14 @@ class TrailRow:
         return f"{self.grant.resource_type} v{self.grant.version} ({self.grant.purpose})"
 
 
+# What grants access on the ledger: one record's access request, or a session over a chart.
+ACCESS_TYPES = frozenset({"access.request", "access.session"})
+
+
 def _outcome(entry: ProvenAuditEntry) -> str:
     code = entry.entry.code
     if code == Code.OK:
-        return "granted" if entry.entry.type == "access.request" else "ok"
+        return "granted" if entry.entry.type in ACCESS_TYPES else "ok"
     if code == Code.ACCESS_DENIED:
         return "denied"
     try:
@@ -83,21 +87,24 @@ def trail_rows(
     types: frozenset[str] | None = None,
 ) -> list[TrailRow]:
     """The trail's entries (of `types`, or all), newest first, each with its grant when the
-    ledger granted access."""
-    rows = []
+    ledger granted access — a session as one row per record version it covered."""
+    rows: list[TrailRow] = []
     for proven in evidence.trail.entries:
         entry = proven.entry
         if types is not None and entry.type not in types:
             continue
-        grant = None
-        if proven.granted_access:
-            try:
-                grant = client.grant(proven.grant_id)
-            except QueryError:
-                grant = None
+        grants: list[Grant | None] = [None]
+        try:
+            if proven.granted_access:
+                grants = [client.grant(proven.grant_id)]
+            elif proven.opened_session:
+                session = client.session(proven.grant_id)
+                grants = [session.grant_for(c.record_id, c.version) for c in session.records]
+        except QueryError:
+            grants = [None]
         member = context.member(entry.sender)
         proof = evidence.proof_of(proven)
-        rows.append(
+        rows.extend(
             TrailRow(
                 index=proven.index,
                 height=proven.height,
@@ -116,6 +123,7 @@ def trail_rows(
                 leaf=proof.leaf,
                 proof=",".join(proof.inclusion_proof),
             )
+            for grant in grants
         )
     rows.reverse()
     return rows
