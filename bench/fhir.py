@@ -71,8 +71,8 @@ from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import encode_keystore
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
-from medledger.services.custody import Custody
 from medledger.samples.fhir import generate_patient, generate_patient_record_set, sized_observation
+from medledger.services.custody import Custody
 
 EHR_NODE = 0
 CLIENT_ID = "bench-ehr"

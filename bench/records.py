@@ -70,13 +70,13 @@ from bench.common import (
     write_results,
 )
 from medledger.auth import node_audience, sign_request
-from medledger.client.records import RecordsClient, RecordWrite
+from medledger.client.records import RecordsClient, RecordWrite, Sealing
 from medledger.client.sdk import ClientError, LedgerClient, TxOutcome
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.consent import GrantConsent, GranteeKind, Purpose, ScopeKind
 from medledger.ledger.model import Member, Role
-from medledger.ledger.records import RecordVersion
+from medledger.ledger.records import PutRecord, RecordVersion
 from medledger.node.services import load_services_config
 from medledger.samples.fhir import canonical_json, sized_observation
 
@@ -145,13 +145,33 @@ class TimedRecordsClient(RecordsClient):
             inner = self.timings["ledger queries"] - queries
             self.timings[name] += time.perf_counter() - start - inner
 
-    def _seal(
-        self, resource: Any, record_id: str, version: int, patient: Member
-    ) -> tuple[packaging.SealedRecord, str, str, tuple[str, ...], int]:
-        result: tuple[packaging.SealedRecord, str, str, tuple[str, ...], int] = self._timed(
+    def seal_and_upload(
+        self,
+        resource: Any,
+        patient_id: str,
+        record_id: str | None = None,
+        version: int = 1,
+        previous: int = 0,
+        *,
+        sealing: Sealing | None = None,
+        patient: Member | None = None,
+    ) -> PutRecord:
+        # "validate + seal" is this step less its queries (timed by the ledger client) and
+        # its upload (timed by _upload).
+        uploaded = self.timings["upload"]
+        result: PutRecord = self._timed(
             "validate + seal",
-            lambda: super(TimedRecordsClient, self)._seal(resource, record_id, version, patient),
+            lambda: super(TimedRecordsClient, self).seal_and_upload(
+                resource,
+                patient_id,
+                record_id,
+                version,
+                previous,
+                sealing=sealing,
+                patient=patient,
+            ),
         )
+        self.timings["validate + seal"] -= self.timings["upload"] - uploaded
         return result
 
     def _upload(self, sealed: packaging.SealedRecord) -> None:
@@ -192,8 +212,10 @@ class TimedRecordsClient(RecordsClient):
         finally:
             self.timings["key release"] += time.perf_counter() - start
 
-    def _request(self, method: str, base: str, path: str, body: bytes = b"") -> httpx.Response:
-        response = super()._request(method, base, path, body)
+    def _request(
+        self, method: str, base: str, path: str, body: bytes = b"", organization: str = ""
+    ) -> httpx.Response:
+        response = super()._request(method, base, path, body, organization)
         if path == "/v1/keys/release":
             self.timings["key release requests"] += 1
             if response.status_code in (404, 503):

@@ -196,7 +196,7 @@ def checkpoint(
     with LedgerClient(net.rpc(0), CHAIN_ID) as client:
         interval = block_seconds(client)
         height = int(client.rpc("status")["sync_info"]["latest_block_height"])
-    point = {
+    point: dict[str, Any] = {
         "records": acked.total,
         "height": height,
         "stretch_records_per_s": done / seconds if seconds else 0.0,

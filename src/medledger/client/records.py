@@ -83,6 +83,15 @@ class WrittenRecord:
 
 
 @dataclass(frozen=True)
+class Sealing:
+    """One snapshot of what records are sealed for (see `RecordsClient.sealing`)."""
+
+    custodians: tuple[packaging.Custodian, ...]
+    threshold: int
+    author_key: bytes
+
+
+@dataclass(frozen=True)
 class RecordWrite:
     """One entry of `put_many`: a new record (previous 0) or an amendment of the record's
     version `previous`, which must be its latest."""
@@ -257,10 +266,9 @@ class RecordsClient:
 
     # --- writing -------------------------------------------------------------------------
 
-    def _seal(
-        self, resource: Any, record_id: str, version: int, patient: Member
-    ) -> tuple[packaging.SealedRecord, str, str, tuple[str, ...], int]:
-        validated = validate_resource(resource)
+    def sealing(self) -> Sealing:
+        """What every record this member writes now is sealed for: the active organizations'
+        nodes as custodians (in id order), the threshold, and the author's encryption key."""
         organizations = sorted(
             (
                 o
@@ -269,29 +277,14 @@ class RecordsClient:
             ),
             key=lambda o: o.id,
         )
-        custodians = [
-            packaging.Custodian(o.id, i + 1, o.node_encryption_key)
-            for i, o in enumerate(organizations)
-        ]
         author = self.ledger.query("/member", self.member_id, Member)
-        threshold = threshold_for(len(custodians))
-        sealed = packaging.seal_record(
-            validated.canonical,
-            record_id=record_id,
-            record_version=version,
-            patient=patient.id,
-            author=self.member_id,
-            patient_key=patient.encryption_key,
+        return Sealing(
+            custodians=tuple(
+                packaging.Custodian(o.id, i + 1, o.node_encryption_key)
+                for i, o in enumerate(organizations)
+            ),
+            threshold=threshold_for(len(organizations)),
             author_key=author.encryption_key,
-            custodians=custodians,
-            threshold=threshold,
-        )
-        return (
-            sealed,
-            validated.resource_type,
-            validated.category,
-            tuple(o.id for o in organizations),
-            threshold,
         )
 
     def _upload(self, sealed: packaging.SealedRecord) -> None:
@@ -313,82 +306,78 @@ class RecordsClient:
         record_id: str | None = None,
         version: int = 1,
         previous: int = 0,
+        *,
+        sealing: Sealing | None = None,
+        patient: Member | None = None,
     ) -> PutRecord:
         """Validate, seal and upload one record version without committing it: the body of a
         new record (`previous` 0) or of an amendment of version `previous`, for a `record.put`,
-        `record.amend` or an entry of a `record.put-many`."""
+        `record.amend` or an entry of a `record.put-many`. A batch passes one `sealing` (and
+        the patient's member entry) for all its records."""
+        validated = validate_resource(resource)
         record_id = record_id or str(uuid.uuid4())
-        patient = self.ledger.query("/member", patient_id, Member)
-        sealed, resource_type, category, custodians, threshold = self._seal(
-            resource, record_id, version, patient
+        patient = patient or self.ledger.query("/member", patient_id, Member)
+        sealing = sealing or self.sealing()
+        sealed = packaging.seal_record(
+            validated.canonical,
+            record_id=record_id,
+            record_version=version,
+            patient=patient.id,
+            author=self.member_id,
+            patient_key=patient.encryption_key,
+            author_key=sealing.author_key,
+            custodians=list(sealing.custodians),
+            threshold=sealing.threshold,
         )
         self._upload(sealed)
         return PutRecord(
             record_id,
             patient_id,
-            resource_type,
-            category,
+            validated.resource_type,
+            validated.category,
             sealed.digest,
             len(sealed.package),
             sealed.commitment,
-            threshold,
-            custodians,
+            sealing.threshold,
+            tuple(c.organization for c in sealing.custodians),
             previous=previous,
         )
 
     def put(self, resource: Any, patient_id: str, record_id: str | None = None) -> WrittenRecord:
         """Validate, seal, upload and commit a new record about a patient."""
-        record_id = record_id or str(uuid.uuid4())
-        patient = self.ledger.query("/member", patient_id, Member)
-        sealed, resource_type, category, custodians, threshold = self._seal(
-            resource, record_id, 1, patient
-        )
-        self._upload(sealed)
-        body = PutRecord(
-            record_id,
-            patient_id,
-            resource_type,
-            category,
-            sealed.digest,
-            len(sealed.package),
-            sealed.commitment,
-            threshold,
-            custodians,
-        )
+        body = self.seal_and_upload(resource, patient_id, record_id)
         outcome = self.ledger.submit(self.keys, "record.put", body, sender=self.member_id)
-        return WrittenRecord(record_id, 1, sealed.digest, outcome)
+        return WrittenRecord(body.record_id, 1, body.package_digest, outcome)
 
     def amend(self, record_id: str, resource: Any, previous: int | None = None) -> WrittenRecord:
         """A new version linked to the latest one (or to `previous`, which the ledger then
         requires to be the latest: an optimistic lock, as HTTP If-Match)."""
         history = self.history(record_id)
         latest = history.head.latest if previous is None else previous
-        patient = self.ledger.query("/member", history.head.patient, Member)
-        sealed, resource_type, category, custodians, threshold = self._seal(
-            resource, record_id, latest + 1, patient
-        )
-        self._upload(sealed)
-        body = PutRecord(
-            record_id,
-            patient.id,
-            resource_type,
-            category,
-            sealed.digest,
-            len(sealed.package),
-            sealed.commitment,
-            threshold,
-            custodians,
-            previous=latest,
+        body = self.seal_and_upload(
+            resource, history.head.patient, record_id, latest + 1, previous=latest
         )
         outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
-        return WrittenRecord(record_id, latest + 1, sealed.digest, outcome)
+        return WrittenRecord(record_id, latest + 1, body.package_digest, outcome)
 
     def put_many(self, writes: Sequence[RecordWrite]) -> list[WrittenRecord]:
-        """Validate, seal and upload every record or amendment, then commit them all in one
+        """Validate, seal and upload every record or amendment — against one snapshot of the
+        custodians, the threshold, the author and each patient — then commit them all in one
         `record.put-many` transaction: all are stored, or none is."""
+        sealing = self.sealing()
+        patients = {
+            pid: self.ledger.query("/member", pid, Member)
+            for pid in dict.fromkeys(w.patient_id for w in writes)
+        }
         bodies = [
             self.seal_and_upload(
-                w.resource, w.patient_id, w.record_id, w.previous + 1, previous=w.previous
+                w.resource,
+                w.patient_id,
+                w.record_id,
+                w.previous + 1,
+                previous=w.previous,
+                sealing=sealing,
+                patient=patients[w.patient_id],
             )
             for w in writes
         ]

@@ -174,6 +174,7 @@ CONSENT_IS_THE_PATIENTS = (
 # HTTP methods that write, as SMART interactions.
 WRITE_INTERACTIONS: Mapping[str, str] = {"POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 READ_WORKERS = 32
+REQUEST_WORKERS = 32
 CACHE_LIMIT = 4096
 
 TX_ACTIONS: Mapping[str, str] = {
@@ -494,6 +495,10 @@ class FhirGateway:
         self._sessions_lock = threading.Lock()
         self.readers = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="fhir-read")
         self.entries = ThreadPoolExecutor(4, thread_name_prefix="fhir-batch")
+        # FHIR requests run here, not on the loop's default executor (min(32, cores + 4)
+        # threads, shared with the portal and HL7): a request mostly waits for a commit, so
+        # concurrent clients are not held to the number of cores.
+        self.requests = ThreadPoolExecutor(REQUEST_WORKERS, thread_name_prefix="fhir-request")
         self.consent_patients: dict[str, str] = {}
         self.started = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -506,6 +511,7 @@ class FhirGateway:
         return self.ctx.tokens.token_url
 
     def close(self) -> None:
+        self.requests.shutdown(wait=False, cancel_futures=True)
         self.entries.shutdown(wait=False, cancel_futures=True)
         self.readers.shutdown(wait=False, cancel_futures=True)
 
@@ -2586,7 +2592,7 @@ async def run(request: web.Request, token: AccessToken, work: Callable[[Caller],
         except ClientError as exc:
             raise from_client(exc) from None
 
-    return await asyncio.to_thread(job)
+    return await asyncio.get_running_loop().run_in_executor(gateway.requests, job)
 
 
 def query_params(request: web.Request) -> list[tuple[str, str]]:
