@@ -40,7 +40,9 @@ from medledger.config import NodeConfig
 from medledger.crypto.keys import KeyPair
 from medledger.crypto.keystore import Keyring
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import add_fhir_routes
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.smart import TokenService
 from medledger.ledger.model import Member, Role, Status
 from medledger.ledger.transactions import EnrollMember

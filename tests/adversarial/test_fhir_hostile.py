@@ -31,7 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from medledger.client.records import RecordsClient
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import add_fhir_routes
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.smart import TokenService
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import GranteeKind, Purpose, ScopeKind

@@ -25,7 +25,9 @@ from medledger.api.openapi import (
 from medledger.api.records import add_record_routes
 from medledger.fhir.capability import RESOURCES
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import add_fhir_routes
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.search import SEARCH_PARAMS
 from medledger.fhir.smart import TokenService
 from medledger.services.packages import RecordServices

@@ -24,8 +24,13 @@ from medledger.fhir.bulk import (
 )
 from medledger.fhir.capability import RECORD_TYPES
 from medledger.fhir.context import EXPORT_RETENTION, FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import GATEWAY, add_fhir_routes
+from medledger.fhir.gateway import (
+    GATEWAY,
+)
 from medledger.fhir.outcome import FhirError
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.smart import AccessToken, SmartError
 from medledger.ledger.consent import Purpose
 

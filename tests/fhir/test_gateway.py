@@ -20,8 +20,8 @@ from conftest import Consortium
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import (
-    add_fhir_routes,
+from medledger.fhir.outcome import FhirError
+from medledger.fhir.plumbing import (
     in_entry,
     parse_etag,
     parse_prefer,
@@ -30,7 +30,9 @@ from medledger.fhir.gateway import (
     strip_server_meta,
     with_meta,
 )
-from medledger.fhir.outcome import FhirError
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.smart import TokenService
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.consent import Purpose

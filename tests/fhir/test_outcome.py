@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from medledger.client.errors import LEDGER_STATUS
 from medledger.client.records import AccessDenied, RecordErased
 from medledger.client.sdk import ClientError, ProofError, QueryError, TxRejected
 from medledger.fhir.outcome import (
-    LEDGER_STATUS,
     FhirError,
     from_client,
     from_ledger,

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from medledger.cli.chain import node_option, signer_options
 from medledger.cli.common import keys_dir_option, resolve_passphrase
+from medledger.client.errors import EXIT_DENIED, EXIT_ERASED
 from medledger.client.lightclient import VerifiedHeader, parse_timestamp
 from medledger.client.records import (
     AccessDenied,
@@ -63,8 +64,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 API_ENV = "MEDLEDGER_API"
 DEFAULT_API = "http://127.0.0.1:26660"  # a node's default api_listen
 DEBUG_ENV = "MEDLEDGER_DEBUG"
-EXIT_DENIED = 3
-EXIT_ERASED = 4
 SECOND_NS = 1_000_000_000
 PURPOSES = [p.value for p in Purpose]
 DURATION = re.compile(r"^(\d+)([mhdw])$")

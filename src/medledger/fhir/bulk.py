@@ -59,19 +59,13 @@ from medledger.client.records import AccessDenied, RecordErased, RecordSummary
 from medledger.client.sdk import ClientError
 from medledger.fhir.capability import RECORD_TYPES
 from medledger.fhir.gateway import (
-    FHIR_JSON,
     GATEWAY,
-    Caller,
     FhirGateway,
-    Json,
+)
+from medledger.fhir.http import (
     error_response,
-    http_date,
-    ns_of,
-    parse_prefer,
-    parse_purpose,
     query_params,
     run,
-    with_meta,
 )
 from medledger.fhir.outcome import (
     FhirError,
@@ -85,6 +79,16 @@ from medledger.fhir.outcome import (
     issue,
     not_found,
     operation_outcome,
+)
+from medledger.fhir.plumbing import (
+    FHIR_JSON,
+    Caller,
+    Json,
+    http_date,
+    ns_of,
+    parse_prefer,
+    parse_purpose,
+    with_meta,
 )
 from medledger.fhir.search import rfc3339
 from medledger.fhir.smart import AccessToken, SmartError, scope_permits

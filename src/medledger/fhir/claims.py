@@ -52,19 +52,13 @@ from medledger.client.sdk import ClientError, QueryError
 from medledger.fhir.capability import RESOURCES
 from medledger.fhir.gateway import (
     GATEWAY,
-    Caller,
     FhirGateway,
-    Reply,
+)
+from medledger.fhir.http import (
     authorize,
-    etag,
     fhir_response,
-    http_date,
-    parse_prefer,
-    parse_purpose,
     query_params,
     read_body,
-    strip_server_meta,
-    with_meta,
 )
 from medledger.fhir.outcome import (
     FhirError,
@@ -74,6 +68,16 @@ from medledger.fhir.outcome import (
     from_validation,
     invalid,
     not_found,
+)
+from medledger.fhir.plumbing import (
+    Caller,
+    Reply,
+    etag,
+    http_date,
+    parse_prefer,
+    parse_purpose,
+    strip_server_meta,
+    with_meta,
 )
 from medledger.fhir.search import (
     DEFAULT_COUNT,

@@ -18,33 +18,15 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-from medledger.client.records import AccessDenied, RecordErased
+from medledger.client.errors import classify, classify_code
+from medledger.client.records import AccessDenied
 from medledger.client.sdk import ClientError, ProofError, QueryError, TxRejected
 from medledger.fhir.smart import SmartError
-from medledger.ledger.errors import Code
 from medledger.validation import FhirValidationError
 
 Json = dict[str, Any]
 
 # Ledger result codes as (HTTP status, FHIR issue type).
-LEDGER_STATUS: Mapping[Code, tuple[int, str]] = {
-    Code.MALFORMED: (400, "invalid"),
-    Code.WRONG_CHAIN: (500, "exception"),
-    Code.BAD_SIGNATURE: (500, "exception"),
-    Code.BAD_NONCE: (503, "transient"),
-    Code.UNKNOWN_SENDER: (403, "security"),
-    Code.UNKNOWN_TYPE: (500, "exception"),
-    Code.SENDER_INACTIVE: (403, "security"),
-    Code.TOO_LARGE: (413, "too-costly"),
-    Code.UNAUTHORIZED: (403, "forbidden"),
-    Code.INVALID_BODY: (422, "business-rule"),
-    Code.NOT_FOUND: (404, "not-found"),
-    Code.CONFLICT: (409, "conflict"),
-    Code.EXPIRED: (422, "business-rule"),
-    Code.ACCESS_DENIED: (403, "forbidden"),
-    Code.ERASED: (410, "deleted"),
-    Code.INTERNAL: (500, "exception"),
-}
 
 # SMART/OAuth refusals: (HTTP status) -> FHIR issue type.
 SMART_ISSUE: Mapping[int, str] = {400: "invalid", 401: "login", 403: "forbidden"}
@@ -148,11 +130,10 @@ def exception_summary(error: BaseException) -> str:
 
 def from_ledger(code: int, log: str) -> FhirError:
     """A ledger refusal (a transaction's or a query's result code) as an HTTP error."""
-    try:
-        status, kind = LEDGER_STATUS[Code(code)]
-    except (ValueError, KeyError):
-        status, kind = 500, "exception"
-    return FhirError(status, kind, f"ledger: {log}" if log else f"ledger refused (code {code})")
+    kind = classify_code(code)
+    return FhirError(
+        kind.status, kind.issue, f"ledger: {log}" if log else f"ledger refused (code {code})"
+    )
 
 
 def from_smart(error: SmartError) -> FhirError:
@@ -180,18 +161,18 @@ def from_validation(error: FhirValidationError) -> FhirError:
 
 
 def from_client(error: ClientError) -> FhirError:
-    """What the SDK raised while acting for the caller."""
+    """What the SDK raised while acting for the caller (`medledger.client.errors` classifies
+    it for every front door)."""
+    kind = classify(error)
     if isinstance(error, AccessDenied):
-        return FhirError(403, "forbidden", f"ledger: {error.log}")
-    if isinstance(error, RecordErased):
-        return FhirError(410, "deleted", str(error))
-    if isinstance(error, TxRejected):
+        diagnostics = f"ledger: {error.log}"
+    elif isinstance(error, TxRejected | QueryError):
         return from_ledger(error.code, error.log)
-    if isinstance(error, QueryError):
-        return from_ledger(error.code, error.log)
-    if isinstance(error, ProofError):
-        return FhirError(502, "exception", f"an answer failed its proof: {error}")
-    return FhirError(503, "transient", str(error))
+    elif isinstance(error, ProofError):
+        diagnostics = f"an answer failed its proof: {error}"
+    else:
+        diagnostics = str(error)
+    return FhirError(kind.status, kind.issue, diagnostics)
 
 
 def _quoted(text: str) -> str:

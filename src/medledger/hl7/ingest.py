@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 import hl7  # type: ignore[import-untyped]
 
+from medledger.client.errors import classify
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import ClientError, QueryError, TxRejected
 from medledger.crypto.package import PackageError
@@ -82,6 +83,13 @@ from medledger.hl7.oru import (
 from medledger.ledger.errors import Code
 from medledger.ledger.records import PutRecord, PutRecords, RecordStatus
 from medledger.validation import FhirValidationError, validate_resource
+
+
+def ack_for(error: ClientError) -> AckCode:
+    """AR (send again later) for what is transient — the network, a mempool that is full —
+    and AE for a refusal the message would meet again (`medledger.client.errors`)."""
+    return AckCode.REJECT if classify(error).transient else AckCode.ERROR
+
 
 log = logging.getLogger("medledger.hl7")
 withhold_library_content()
@@ -510,8 +518,10 @@ class Hl7Processor:
         except Hl7Error:
             raise
         except TxRejected as exc:
-            raise Hl7Error(AckCode.ERROR, f"the ledger refused the results: {exc.log}") from None
-        except (ClientError, PackageError, FhirValidationError) as exc:
+            raise Hl7Error(ack_for(exc), f"the ledger refused the results: {exc.log}") from None
+        except ClientError as exc:
+            raise Hl7Error(ack_for(exc), f"the results could not be recorded: {exc}") from None
+        except (PackageError, FhirValidationError) as exc:
             raise Hl7Error(AckCode.ERROR, f"the results could not be recorded: {exc}") from None
         except Exception as exc:  # a custody or configuration problem of this node
             log.error(
@@ -600,8 +610,10 @@ class Hl7Processor:
         except Hl7Error:
             raise
         except TxRejected as exc:
-            raise Hl7Error(AckCode.ERROR, f"the ledger refused the patient: {exc.log}") from None
-        except (ClientError, PackageError, FhirValidationError, ValueError) as exc:
+            raise Hl7Error(ack_for(exc), f"the ledger refused the patient: {exc.log}") from None
+        except ClientError as exc:
+            raise Hl7Error(ack_for(exc), f"the patient could not be recorded: {exc}") from None
+        except (PackageError, FhirValidationError, ValueError) as exc:
             raise Hl7Error(AckCode.ERROR, f"the patient could not be recorded: {exc}") from None
         except Exception as exc:  # a custody or configuration problem of this node
             log.error(

@@ -22,7 +22,9 @@ from medledger.api.records import add_record_routes
 from medledger.auth import ReplayCache
 from medledger.config import load_node_config
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
-from medledger.fhir.gateway import add_fhir_routes
+from medledger.fhir.routes import (
+    add_fhir_routes,
+)
 from medledger.fhir.smart import TokenService
 from medledger.hl7.mllp import start_hl7_listener
 from medledger.ledger.app import BlockOutcome

@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
+from medledger.client.errors import classify
 from medledger.client.records import HomeNode
 from medledger.client.sdk import ClientError, LedgerClient, ProofError, TxRejected
 from medledger.config import NodeConfig
@@ -125,14 +126,15 @@ async def portal_middleware(request: web.Request, handler: Handler) -> web.Strea
             response = await handler(request)
     except PageError as exc:
         response = _error_page(request, exc.status, exc.title, exc.message)
-    except TxRejected as exc:
-        response = _error_page(request, 409, "The ledger refused this", exc.log or str(exc))
-    except ProofError as exc:
-        response = _error_page(
-            request, 502, "The node's answer did not verify", f"{exc} — try another node."
-        )
     except ClientError as exc:
-        response = _error_page(request, 502, "The network did not answer", str(exc))
+        kind = classify(exc)
+        if isinstance(exc, TxRejected):
+            message = exc.log or str(exc)
+        elif isinstance(exc, ProofError):
+            message = f"{exc} — try another node."
+        else:
+            message = str(exc)
+        response = _error_page(request, kind.status, kind.title, message)
     except web.HTTPException:
         raise
     except Exception:
