@@ -285,14 +285,8 @@ class Replicator:
                 async with client.stream("POST", url, content=body, headers=headers) as response:
                     if response.status_code != 200:
                         return set()
-                    chunks: list[bytes] = []
-                    received = 0
-                    async for chunk in response.aiter_raw():
-                        received += len(chunk)
-                        if received > ceiling:
-                            raise PeerAnswerError(f"peer sent more than {ceiling} bytes")
-                        chunks.append(chunk)
-            answer = msgspec.msgpack.decode(b"".join(chunks), type=list[tuple[str, bytes]])
+                    raw = await read_bounded(response, ceiling)
+            answer = msgspec.msgpack.decode(raw, type=list[tuple[str, bytes]])
         except Exception as exc:  # a bad peer or answer: fetch one by one instead
             self.failed_attempts += 1
             log.warning(
@@ -373,14 +367,20 @@ class Replicator:
         async with client.stream("GET", base.rstrip("/") + path, headers=headers) as response:
             if response.status_code != 200:
                 return None
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise PeerAnswerError(f"peer announced {declared} bytes, more than {limit}")
-            chunks: list[bytes] = []
-            received = 0
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received > limit:
-                    raise PeerAnswerError(f"peer sent more than {limit} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await read_bounded(response, limit)
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """A peer's answer, abandoned (PeerAnswerError) as soon as it announces or sends more than
+    `limit` bytes."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PeerAnswerError(f"peer announced {declared} bytes, more than {limit}")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received > limit:
+            raise PeerAnswerError(f"peer sent more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
