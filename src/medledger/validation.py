@@ -373,6 +373,22 @@ def validate_resource(data: bytes | str | Mapping[str, Any]) -> ValidatedResourc
     )
 
 
+def with_references_renamed(
+    validated: ValidatedResource, resource: dict[str, Any]
+) -> ValidatedResource:
+    """`validated` once the server renamed references in it (a transaction's `urn:uuid:` and
+    new patients' ids), which leaves a valid resource valid: its canonical form and patient
+    reference are computed again, the models are not run a second time. `resource` must be
+    `validated.resource` with references rewritten, nothing else."""
+    return ValidatedResource(
+        resource_type=validated.resource_type,
+        category=_category(validated.resource_type, resource),
+        patient_reference=_patient_reference(validated.resource_type, resource),
+        canonical=_canonical_bytes(resource),
+        resource=resource,
+    )
+
+
 # -- internals ----------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from medledger.cli.bulk import (
     transaction_bundle,
 )
 from medledger.fhir.capability import RESOURCES
+from medledger.ledger.records import MAX_RECORDS_PER_TX
 from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +48,7 @@ def keys_of(plan: BundlePlan) -> dict[str, int]:
 
 def test_a_large_bundle_is_split_with_the_patient_first_and_references_backwards() -> None:
     bundle = synthea_bundle(3, 150)
-    plan = plan_bundle(bundle, SUPPORTED)
+    plan = plan_bundle(bundle, SUPPORTED, chunk_size=100)
     sent = [e.resource_type for e in plan.entries]
     assert sent[0] == "Patient"
     assert len(plan.entries) == 152  # the patient, 150 clinical resources, its Provenance
@@ -75,7 +76,7 @@ def test_a_large_bundle_is_split_with_the_patient_first_and_references_backwards
 
 
 def test_later_transactions_reference_earlier_entries_by_their_new_ids() -> None:
-    plan = plan_bundle(synthea_bundle(3, 150), SUPPORTED)
+    plan = plan_bundle(synthea_bundle(3, 150), SUPPORTED, chunk_size=100)
     patient = plan.chunks[0][0]
     assert plan.identifiers[patient.key] == (SYNTHEA, patient.resource["identifier"][0]["value"])
     first = transaction_bundle(plan.chunks[0], {}, plan.identifiers)
@@ -170,7 +171,7 @@ def test_entries_are_ordered_by_their_references_and_cycles_are_reported() -> No
     assert [e.key.removeprefix("urn:uuid:") for e in plan.entries] == ["p", "o2", "o3", "o1", "o4"]
     assert any("later transaction" in w for w in plan.warnings)  # o3 → o4 across the split
     with pytest.raises(ValueError):
-        plan_bundle(bundle, SUPPORTED, chunk_size=101)
+        plan_bundle(bundle, SUPPORTED, chunk_size=MAX_RECORDS_PER_TX + 1)
 
 
 def test_unusable_bundles_and_entries_are_reported() -> None:
@@ -252,7 +253,7 @@ def test_a_refused_entry_is_reported_and_the_rest_is_sent_again() -> None:
     # Mark one observation so the stand-in server refuses it.
     target = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
     target["resource"]["status"] = "preliminary"
-    plan = plan_bundle(bundle, SUPPORTED)
+    plan = plan_bundle(bundle, SUPPORTED, chunk_size=100)
     server = FakeServer({"preliminary": (400, "Observation.status: bad")})
     report = run_import(plan, server)
     assert [f.position for f in report.failed] == [bundle["entry"].index(target)]

@@ -168,6 +168,8 @@ def imported(sites: dict[int, Site], tmp_path_factory: pytest.TempPathFactory) -
             str(key_file),
             "--report",
             str(report_file),
+            "--chunk-size",
+            "50",
         ],
         capture_output=True,
         text=True,

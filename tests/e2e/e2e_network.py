@@ -110,6 +110,33 @@ def header_app_hash(cfg: NodeConfig, height: int) -> str:
     return value
 
 
+def services_counters(cfg: NodeConfig) -> dict[str, float]:
+    """What the node's own services (FHIR, HL7, portal) asked, from its Prometheus metrics:
+    `rpc:<method>` for CometBFT RPC calls, `query:<path>` for ledger queries answered
+    in-process."""
+    text = httpx.get(f"{cfg.api_url}/metrics", timeout=10).text
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        for metric, kind in (
+            ("medledger_services_rpc_calls_total", "rpc"),
+            ("medledger_services_queries_total", "query"),
+        ):
+            if line.startswith(metric + "{"):
+                label = line.split('"')[1]
+                counters[f"{kind}:{label}"] = float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def assert_own_state_read_in_process(before: dict[str, float], after: dict[str, float]) -> None:
+    """Between two readings of `services_counters`: the services read ledger state in-process
+    and called CometBFT's RPC for nothing but submitting transactions (and the signed headers
+    and validator sets that proofs are checked against)."""
+    grown = {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+    rpc = {k: v for k, v in grown.items() if k.startswith("rpc:")}
+    assert set(rpc) <= {"rpc:broadcast_tx_sync", "rpc:commit", "rpc:validators"}, rpc
+    assert any(k.startswith("query:") for k in grown), grown
+
+
 def log_tail(cfg: NodeConfig, name: str = "node.log", lines: int = 30) -> str:
     try:
         text = (cfg.log_dir / name).read_text(encoding="utf-8", errors="replace")

@@ -39,7 +39,12 @@ from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_network import Network, running_network
+from e2e_network import (
+    Network,
+    assert_own_state_read_in_process,
+    running_network,
+    services_counters,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -734,33 +739,13 @@ async def test_another_organization_reads_after_a_fhir_consent(
 # --- the node's own services ------------------------------------------------------------------
 
 
-def services_counters(network: Network, node: int) -> dict[str, float]:
-    """The node's counters of what its own services asked: `rpc:<method>` (CometBFT RPC calls)
-    and `query:<path>` (ledger queries answered in-process), from its Prometheus metrics."""
-    text = httpx.get(f"{network.configs[node].api_url}/metrics", timeout=10).text
-    counters: dict[str, float] = {}
-    for line in text.splitlines():
-        for metric, kind in (
-            ("medledger_services_rpc_calls_total", "rpc"),
-            ("medledger_services_queries_total", "query"),
-        ):
-            if line.startswith(metric + "{"):
-                label = line.split('"')[1]
-                counters[f"{kind}:{label}"] = float(line.rsplit(" ", 1)[1])
-    return counters
-
-
-def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
-
-
 async def test_fhir_requests_read_the_nodes_own_state_without_its_rpc(
     network: Network, sites: dict[int, Site], chart: Chart
 ) -> None:
     """A transaction Bundle, a read and searches — on the author's node and on another
     organization's — answer from each node's committed state in-process: the only CometBFT RPC
     calls are the transactions sent to the mempool."""
-    before = {node: services_counters(network, node) for node in (0, 1)}
+    before = {node: services_counters(network.configs[node]) for node in (0, 1)}
     site = sites[0]
     bundle = {
         "resourceType": "Bundle",
@@ -787,11 +772,9 @@ async def test_fhir_requests_read_the_nodes_own_state_without_its_rpc(
     assert written in {o.id for o in found}
     await sites[1].fhir().resources("Condition").search(patient=chart.patient).fetch_raw()
     for node in (0, 1):
-        asked = grown(before[node], services_counters(network, node))
-        rpc = {k: v for k, v in asked.items() if k.startswith("rpc:")}
-        assert set(rpc) <= {"rpc:broadcast_tx_sync"}, (node, rpc)
-        assert any(k.startswith("query:") for k in asked), (node, asked)
-    assert grown(before[0], services_counters(network, 0)).get("rpc:broadcast_tx_sync", 0) >= 1
+        assert_own_state_read_in_process(before[node], services_counters(network.configs[node]))
+    sent = services_counters(network.configs[0]).get("rpc:broadcast_tx_sync", 0)
+    assert sent > before[0].get("rpc:broadcast_tx_sync", 0)
 
 
 async def test_a_search_commits_once_per_patient_and_its_disclosures_name_every_record(

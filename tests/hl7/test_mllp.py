@@ -22,7 +22,14 @@ from hl7_samples import AUTHORITY, BMP, CBC, MRN, bmp, oru
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_network import CHAIN_ID, PASSPHRASE, Network, choose_ports
+from e2e_network import (
+    CHAIN_ID,
+    PASSPHRASE,
+    Network,
+    assert_own_state_read_in_process,
+    choose_ports,
+    services_counters,
+)
 
 from medledger.cli.hl7 import import_group
 from medledger.client.records import RecordsClient
@@ -128,8 +135,11 @@ def by_code(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_results_over_mllp_are_acknowledged_and_recorded(lab: Lab) -> None:
+    before = services_counters(lab.network.configs[0])
     ack = lab.send(oru("CBC-0001"))
     assert msa(ack)[:2] == ("AA", "CBC-0001"), msa(ack)
+    # The listener looked the patient up and learned of the commit in-process.
+    assert_own_state_read_in_process(before, services_counters(lab.network.configs[0]))
     msh = ack.segment("MSH")
     assert str(msh(9)) == "ACK^R01^ACK"
     assert [str(msh(n)) for n in (3, 5, 6)] == ["MEDLEDGER", "COBAS_LIS", "STMARY_LAB"]

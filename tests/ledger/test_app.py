@@ -148,7 +148,7 @@ def test_bad_input_gets_clear_code_and_changes_nothing(consortium: Consortium, c
         raw = sign_transaction(doc, CHAIN_ID, 1, "member.rotate", rotate)
         expected = Code.SENDER_INACTIVE
     elif case == "oversized":
-        big = RotateKey(doc.member_id, b"\x00" * 70_000, b"\x00" * 32)
+        big = RotateKey(doc.member_id, b"\x00" * 600_000, b"\x00" * 32)
         raw = sign_transaction(doc, CHAIN_ID, 1, "member.rotate", big)
         expected = Code.TOO_LARGE
     elif case == "unauthorized_role":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,10 @@ from typing import Any
 
 import pytest
 from portal_network import IDLE_SECONDS, MEMBER_PASSPHRASE, Cast, portal_cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from e2e_network import assert_own_state_read_in_process, services_counters
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -179,7 +184,10 @@ def test_consent_lets_a_clinician_read_until_the_patient_revokes(open_tab: Any, 
     assert clinician_id[:12] in consent.inner_text()
     patient.shot("patient-consents")
 
-    # The clinician finds the patient among those who shared, and reads a lab result.
+    # The clinician finds the patient among those who shared, and reads a lab result; the
+    # portal reads its node's ledger state in-process, never through its RPC.
+    clinician_node = cast.network.configs[cast.people[CLINICIAN].node]
+    before = services_counters(clinician_node)
     clinician = open_tab(CLINICIAN)
     cpage = clinician.page
     patient_id = cast.people[PATIENT].id
@@ -197,6 +205,7 @@ def test_consent_lets_a_clinician_read_until_the_patient_revokes(open_tab: Any, 
     assert re.search(r"\d", summary) and "reference" in summary
     assert "consent" in cpage.locator("main").inner_text()
     clinician.shot("clinician-record")
+    assert_own_state_read_in_process(before, services_counters(clinician_node))
 
     # One click revokes; the clinician's next read is refused by the ledger.
     patient.goto("/patient/consents")

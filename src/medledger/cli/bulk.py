@@ -8,8 +8,9 @@ FHIR transactions. A bundle of type transaction, batch or collection is taken en
 each entry becomes a `POST` of its resource type (the server assigns ids), with its fullUrl as
 a `urn:uuid:` so the server resolves the references between entries of a transaction.
 
-A transaction holds at most 100 entries (the ledger's `record.put-many` limit; 50 by default,
-`--chunk-size`), so a large bundle is split: its Patients come first, and every entry after
+A transaction holds at most 1,000 entries (the ledger's `record.put-many` limit; 500 by
+default, `--chunk-size`, which keeps a Synthea patient Bundle whole), so a larger bundle is
+split: its Patients come first, and every entry after
 the entries it references (reference cycles are broken in file order). References into an
 earlier transaction are rewritten before sending: the patient element (subject, patient) of a
 resource whose Patient was committed earlier becomes the conditional reference
@@ -68,15 +69,17 @@ from rich.table import Table
 from medledger.cli.hl7 import import_group
 from medledger.fhir.search import SEARCH_PARAMS
 from medledger.ledger.clients import JWK_ALGORITHMS
+from medledger.ledger.records import MAX_RECORDS_PER_TX
 
 Json = dict[str, Any]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
-MAX_ENTRIES = 100  # the ledger's record.put-many limit, which the gateway enforces
-# Entries per transaction by default: well inside MAX_ENTRIES, so that one record.put-many
-# stays small however long the organization and member ids are.
-DEFAULT_ENTRIES = 50
+MAX_ENTRIES = MAX_RECORDS_PER_TX  # the ledger's record.put-many limit; the gateway enforces it
+# Entries per transaction by default: a whole Synthea patient Bundle (250-400 entries), and
+# well inside MAX_ENTRIES so that one record.put-many stays under the chain's max_tx_bytes
+# however long the organization and member ids are.
+DEFAULT_ENTRIES = 500
 IMPORTABLE_BUNDLES = ("transaction", "batch", "collection")
 ENTRY_POSITION = re.compile(r"Bundle\.entry\[(\d+)\]")
 ENTRY_PREFIX = re.compile(r"Bundle\.entry\[\d+\](\.resource)?:?\s*")

@@ -58,7 +58,7 @@ from medledger.ledger.records import (
     RecordVersion,
     threshold_for,
 )
-from medledger.validation import validate_resource
+from medledger.validation import ValidatedResource, validate_resource
 
 # Record versions per key release request (the node's bound, MAX_RELEASE_RECORDS).
 MAX_RELEASE_RECORDS = 256
@@ -313,8 +313,11 @@ class RecordsClient:
         """Validate, seal and upload one record version without committing it: the body of a
         new record (`previous` 0) or of an amendment of version `previous`, for a `record.put`,
         `record.amend` or an entry of a `record.put-many`. A batch passes one `sealing` (and
-        the patient's member entry) for all its records."""
-        validated = validate_resource(resource)
+        the patient's member entry) for all its records; a resource already validated is not
+        validated again."""
+        validated = (
+            resource if isinstance(resource, ValidatedResource) else validate_resource(resource)
+        )
         record_id = record_id or str(uuid.uuid4())
         patient = patient or self.ledger.query("/member", patient_id, Member)
         sealing = sealing or self.sealing()

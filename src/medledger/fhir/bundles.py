@@ -62,7 +62,11 @@ from medledger.ledger.directory import (
 from medledger.ledger.records import (
     MAX_RECORDS_PER_TX,
 )
-from medledger.validation import FhirValidationError, validate_resource
+from medledger.validation import (
+    FhirValidationError,
+    validate_resource,
+    with_references_renamed,
+)
 
 
 class Bundles(Views):
@@ -220,7 +224,7 @@ class Bundles(Views):
                     if plan["method"] == "PUT" and patient != plan["patient"]:
                         raise business_rule("a record cannot move to another patient")
                     plan["patient"] = patient
-                validate_resource(resource)
+                plan["validated"] = validate_resource(resource)
             except FhirValidationError as exc:
                 raise in_entry(from_validation(exc), position) from None
             except FhirError as exc:
@@ -257,6 +261,11 @@ class Bundles(Views):
                         plan[key] = enrolled.get(plan[key], plan[key])
                 if plan["type"] == "Patient":
                     plan["resource"]["id"] = plan["id"]
+                if "validated" in plan:
+                    renamed = rewrite_references(plan["validated"].resource, renames)
+                    if plan["type"] == "Patient":
+                        renamed["id"] = plan["id"]
+                    plan["validated"] = with_references_renamed(plan["validated"], renamed)
 
         # Directory entries first (shared reference data, in their own directory.put), then
         # the records in one record.put-many.
@@ -269,7 +278,7 @@ class Bundles(Views):
             directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         writes = [
             RecordWrite(
-                validate_resource(p["resource"]).resource,
+                p["validated"] if "validated" in p else validate_resource(p["resource"]),
                 p["patient"],
                 p["id"],
                 p.get("previous", 0),

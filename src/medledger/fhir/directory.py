@@ -43,7 +43,8 @@ Json = dict[str, Any]
 DIRECTORY_ONLY_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
 assert DIRECTORY_ONLY_TYPES <= DIRECTORY_TYPES
 STATUS_TAG = "urn:medledger:record-status"
-# Room for the envelope and the other entries' framing under the chain's max_tx_bytes (64 KiB).
+# Room for the envelope and the other entries' framing under the chain's max_tx_bytes (at
+# least 64 KiB whatever governance sets: its lower bound is 16 KiB, so keep batches small).
 MAX_BATCH_BYTES = 48 * 1024
 
 

@@ -85,7 +85,8 @@ class Validator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Chain parameters; governance may change each of them by name."""
 
-    max_tx_bytes: int = 65536
+    # Room for a put-many of MAX_RECORDS_PER_TX records (record packages are off-chain).
+    max_tx_bytes: int = 512 * 1024
     proposal_period_blocks: int = 2000
     max_validators: int = 50
     # How long a granted access request lets its grantee obtain key shares.

@@ -105,7 +105,9 @@ class PutRecords(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     records: tuple[PutRecord, ...]
 
 
-MAX_RECORDS_PER_TX = 100
+# A FHIR transaction Bundle is one put-many, atomically: Synthea's patient Bundles hold 250-400
+# entries, so a put-many holds up to 1,000 (about 300 KB, under max_tx_bytes).
+MAX_RECORDS_PER_TX = 1000
 
 
 class MarkEnteredInError(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

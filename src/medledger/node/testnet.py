@@ -129,7 +129,7 @@ class CometTuning:
     # state-dependent, so this stays on.
     recheck: bool = True
     # [mempool] max_tx_bytes: hard ceiling on one transaction before CheckTx even sees it. The
-    # ledger's own `max_tx_bytes` parameter (64 KiB, raisable by governance) is the real limit;
+    # ledger's own `max_tx_bytes` parameter (512 KiB, changeable by governance) is the real limit;
     # record packages are off-chain, so 1 MiB leaves room for governance without letting a
     # peer push megabyte transactions.
     max_tx_bytes: int = 1 * MiB
