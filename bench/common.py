@@ -786,6 +786,17 @@ class Testnet:
         groups["bench process"].append(os.getpid())
         return groups
 
+    def replication_status(self) -> list[dict[str, Any]]:
+        """Each node's replication counters (/health): packages fetched, how many in batches
+        from the author's node, failed attempts."""
+        found: list[dict[str, Any]] = []
+        for cfg in self.configs:
+            status: dict[str, Any] = {}
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                status = dict(httpx.get(f"{cfg.api_url}/health", timeout=5).json()["replication"])
+            found.append(status)
+        return found
+
     def packages_missing(self) -> list[float | None]:
         """Each node's medledger_packages_missing gauge (/metrics), None if unreadable."""
         found: list[float | None] = []

@@ -257,7 +257,14 @@ async def test_packages_come_in_one_batch_from_the_authors_node(
     elsewhere = digests[0]  # the author's node lacks this one; another peer has it
     other = Peer(packages={elsewhere: written[elsewhere]})
     author = Peer(packages={d: written[d] for d in digests[1:]})
-    h = await harness(other, author, source=lambda digest: "peer-1")
+    # Each package exactly as large as its committed record declares: the answer's framing
+    # must not count against the packages' sizes.
+    h = await harness(
+        other,
+        author,
+        source=lambda digest: "peer-1",
+        expected_size=lambda digest: len(written[digest]),
+    )
     h.replicator.want(digests)
 
     await eventually(lambda: all(h.store.has(d) for d in digests), "every package")
@@ -267,6 +274,7 @@ async def test_packages_come_in_one_batch_from_the_authors_node(
     assert author.asked == [elsewhere]
     assert other.asked == [elsewhere] and other.batches == []
     assert h.replicator.status()["fetched"] == 5
+    assert h.replicator.status()["fetched_in_batches"] == 4
     assert h.replicator.missing == set()
 
 

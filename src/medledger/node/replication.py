@@ -42,6 +42,8 @@ from medledger.store.packages import ErasedPackage, PackageStore, PackageStoreEr
 
 log = logging.getLogger("medledger.replication")
 
+BATCH_FRAMING = 72  # bytes of MessagePack framing around each package of a batch answer
+
 
 class PeerAnswerError(Exception):
     """A peer's answer was refused (too large, wrong bytes)."""
@@ -70,6 +72,8 @@ class Replicator:
         self.peers = peers
         self.missing: set[str] = set()
         self.fetched = 0
+        self.fetched_in_batches = 0
+        self.batch_requests = 0
         self.failed_attempts = 0
         self.invalid_digests = 0
         self._wake = asyncio.Event()
@@ -135,6 +139,8 @@ class Replicator:
             "in_flight": len(self._in_flight),
             "requests_in_flight": len(self._tasks),
             "fetched": self.fetched,
+            "fetched_in_batches": self.fetched_in_batches,
+            "batch_requests": self.batch_requests,
             "failed_attempts": self.failed_attempts,
             "invalid_digests": self.invalid_digests,
         }
@@ -279,7 +285,10 @@ class Replicator:
             "Content-Type": "application/json",
         }
         url = self.peers[organization].rstrip("/") + BATCH_PATH
-        ceiling = sum(limits.values()) + 64 * len(digests) + 16
+        self.batch_requests += 1
+        # MessagePack framing: an array header, then per package a 2-array, the digest as a
+        # str 8 (2 + 64 bytes) and the bytes' bin header (at most 5).
+        ceiling = sum(limits.values()) + BATCH_FRAMING * len(digests) + 8
         try:
             async with asyncio.timeout(self._peer_timeout):
                 async with client.stream("POST", url, content=body, headers=headers) as response:
@@ -303,6 +312,7 @@ class Replicator:
             except (ErasedPackage, PackageStoreError):
                 continue  # erased meanwhile, or bytes not matching: the single fetch decides
             self.fetched += 1
+            self.fetched_in_batches += 1
             stored.add(digest)
         return stored
 
