@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -308,26 +308,27 @@ class RecordsClient:
         previous: int = 0,
         *,
         sealing: Sealing | None = None,
-        patient: Member | None = None,
+        patient_key: bytes | None = None,
     ) -> PutRecord:
         """Validate, seal and upload one record version without committing it: the body of a
         new record (`previous` 0) or of an amendment of version `previous`, for a `record.put`,
         `record.amend` or an entry of a `record.put-many`. A batch passes one `sealing` (and
-        the patient's member entry) for all its records; a resource already validated is not
+        the patient's encryption key) for all its records; a resource already validated is not
         validated again."""
         validated = (
             resource if isinstance(resource, ValidatedResource) else validate_resource(resource)
         )
         record_id = record_id or str(uuid.uuid4())
-        patient = patient or self.ledger.query("/member", patient_id, Member)
+        if patient_key is None:
+            patient_key = self.ledger.query("/member", patient_id, Member).encryption_key
         sealing = sealing or self.sealing()
         sealed = packaging.seal_record(
             validated.canonical,
             record_id=record_id,
             record_version=version,
-            patient=patient.id,
+            patient=patient_id,
             author=self.member_id,
-            patient_key=patient.encryption_key,
+            patient_key=patient_key,
             author_key=sealing.author_key,
             custodians=list(sealing.custodians),
             threshold=sealing.threshold,
@@ -363,13 +364,18 @@ class RecordsClient:
         outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
         return WrittenRecord(record_id, latest + 1, body.package_digest, outcome)
 
-    def put_many(self, writes: Sequence[RecordWrite]) -> list[WrittenRecord]:
+    def put_many(
+        self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None
+    ) -> list[WrittenRecord]:
         """Validate, seal and upload every record or amendment — against one snapshot of the
         custodians, the threshold, the author and each patient — then commit them all in one
-        `record.put-many` transaction: all are stored, or none is."""
+        `record.put-many` transaction: all are stored, or none is. `patient_keys` gives the
+        encryption keys of patients whose enrollment this member sent but that may not be
+        committed yet (it executes first: same sender, earlier nonce)."""
         sealing = self.sealing()
+        known = dict(patient_keys or {})
         patients = {
-            pid: self.ledger.query("/member", pid, Member)
+            pid: known.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
             for pid in dict.fromkeys(w.patient_id for w in writes)
         }
         bodies = [
@@ -380,7 +386,7 @@ class RecordsClient:
                 w.previous + 1,
                 previous=w.previous,
                 sealing=sealing,
-                patient=patients[w.patient_id],
+                patient_key=patients[w.patient_id],
             )
             for w in writes
         ]

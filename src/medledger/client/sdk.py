@@ -281,6 +281,14 @@ class LedgerClient:
     ) -> TxOutcome:
         """Sign, send and wait for a transaction; raise TxRejected if it failed (with check)."""
         sender_id = sender or keys.member_id
+        tx_hash = self.send(keys, tx_type, body, sender=sender_id)
+        return self.outcome_of(tx_hash, sender_id, timeout=timeout, check=check)
+
+    def send(self, keys: KeyPair, tx_type: str, body: object, *, sender: str = "") -> str:
+        """Sign and send a transaction without waiting for its block; its hash, once the
+        mempool took it. Transactions sent for one sender get consecutive nonces, so a later
+        one may rely on an earlier one that is still in the mempool (they execute in order)."""
+        sender_id = sender or keys.member_id
         with self._nonce_lock:
             nonce = max(self.next_nonce(sender_id), self._sent_nonces.get(sender_id, 0) + 1)
             raw = sign_transaction(keys, self.chain_id, nonce, tx_type, body, sender=sender_id)
@@ -290,6 +298,14 @@ class LedgerClient:
                 self._sent_nonces.pop(sender_id, None)
                 raise
             self._sent_nonces[sender_id] = nonce
+        return tx_hash
+
+    def outcome_of(
+        self, tx_hash: str, sender: str, *, timeout: float = 30.0, check: bool = True
+    ) -> TxOutcome:
+        """Wait for a transaction `send` sent for `sender`; TxRejected if it failed (with
+        check)."""
+        sender_id = sender
         outcome = self.wait_for(tx_hash, timeout)
         if not outcome.ok and outcome.code != Code.ACCESS_DENIED:
             # A refused transaction leaves its nonce unused: start again from the chain's.

@@ -247,11 +247,18 @@ class Bundles(Views):
                 except FhirError as exc:
                     raise in_entry(exc, position) from None
 
-        # Enroll the new patients, then put their real ids everywhere.
+        # Enroll the new patients, then put their real ids everywhere. Their enrollments are
+        # not waited for: the records follow them from the same member, so they execute first,
+        # most often in the same block.
         enrolled: dict[str, str] = {}
+        enrollments: list[str] = []
+        patient_keys: dict[str, bytes] = {}
         for plan in plans:
             if plan.get("pending"):
-                enrolled[plan["id"]] = self.new_patient_keys(caller).member_id
+                keys, tx_hash = self.enroll_patient(caller)
+                enrolled[plan["id"]] = keys.member_id
+                patient_keys[keys.member_id] = keys.encryption_key
+                enrollments.append(tx_hash)
         if enrolled:
             renames = {f"Patient/{old}": f"Patient/{new}" for old, new in enrolled.items()}
             for plan in plans:
@@ -286,7 +293,13 @@ class Bundles(Views):
             for p in plans
             if not p.get("existing") and not p.get("directory")
         ]
-        done = caller.client.put_many(writes) if writes else []
+        try:
+            done = caller.client.put_many(writes, patient_keys) if writes else []
+        finally:
+            # A refused enrollment explains a refused put-many better than its "unknown
+            # patient"; and an enrollment must not go unchecked when nothing else was written.
+            for tx_hash in enrollments:
+                caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
         for plan in plans:
             if plan["type"] == "Patient" and not plan.get("existing"):
                 self.link_identifiers(plan["resource"], plan["id"])

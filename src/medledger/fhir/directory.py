@@ -43,9 +43,8 @@ Json = dict[str, Any]
 DIRECTORY_ONLY_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
 assert DIRECTORY_ONLY_TYPES <= DIRECTORY_TYPES
 STATUS_TAG = "urn:medledger:record-status"
-# Room for the envelope and the other entries' framing under the chain's max_tx_bytes (at
-# least 64 KiB whatever governance sets: its lower bound is 16 KiB, so keep batches small).
-MAX_BATCH_BYTES = 48 * 1024
+# A directory.put is filled up to three quarters of the chain's max_tx_bytes, leaving room for
+# the envelope and the framing of the entries.
 
 
 class DirectoryEntries(msgspec.Struct, frozen=True):
@@ -129,18 +128,21 @@ class Directory:
     def write(self, keys: KeyPair, sender: str, writes: Sequence[DirectoryWrite]) -> None:
         """Commit `writes` in order, in as few `directory.put` transactions as the chain's
         size bound allows (each transaction all or none)."""
-        for batch in batches(writes):
+        max_tx_bytes = int(self.ledger.query("/params")["max_tx_bytes"])
+        for batch in batches(writes, max_tx_bytes * 3 // 4):
             self.ledger.submit(
                 keys, "directory.put", PutDirectoryEntries(tuple(batch)), sender=sender
             )
 
 
-def batches(writes: Iterable[DirectoryWrite]) -> list[list[DirectoryWrite]]:
+def batches(writes: Iterable[DirectoryWrite], max_bytes: int) -> list[list[DirectoryWrite]]:
+    """`writes` in order, in batches of at most MAX_ENTRIES_PER_TX entries and about
+    `max_bytes`."""
     out: list[list[DirectoryWrite]] = []
     size = 0
     for write in writes:
         cost = len(write.resource) + len(write.entry_id) + 64
-        if not out or len(out[-1]) >= MAX_ENTRIES_PER_TX or size + cost > MAX_BATCH_BYTES:
+        if not out or len(out[-1]) >= MAX_ENTRIES_PER_TX or size + cost > max_bytes:
             out.append([])
             size = 0
         out[-1].append(write)

@@ -56,7 +56,7 @@ DIRECTORY_ROLES = frozenset(
 )
 ENTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")  # FHIR ids: 1-64 of A-Z a-z 0-9 - .
 MAX_ENTRY_BYTES = 16 * 1024
-MAX_ENTRIES_PER_TX = 100
+MAX_ENTRIES_PER_TX = 1000  # as a put-many; the chain's max_tx_bytes bounds the bytes
 MAX_IDENTIFIERS = 32
 MAX_IDENTIFIER_CHARS = 1024
 
