@@ -40,7 +40,10 @@ bench: setup
 	$(PY) bench/run.py
 
 # Records end to end (put, put_many, reads) and the FHIR API (ingest, search), each beside the
-# raw ledger rate of its own run: about 3 and 2 minutes. `make bench` stays the ledger benchmark.
+# raw ledger rate of its own run: about 3 and 7 minutes. bench-fhir also measures HAPI FHIR JPA
+# on PostgreSQL with the public Synthea Bundles (bench/hapi_server.py installs Java 17, Maven and
+# PostgreSQL 15 when missing and builds bench/hapi once: minutes the first time). `make bench`
+# stays the ledger benchmark.
 bench-records: setup
 	$(PY) bench/records.py
 

@@ -15,11 +15,19 @@ the same network.
    first search about a patient, so every matching record needs an access request committed,
    key shares and decryption; warm: the same searches again, served from the gateway's cache of
    decrypted resources while their grants last.
+4. medledger beside HAPI FHIR JPA (bench/fhir_compare.py): the public Synthea Bundles of
+   ../shared/testdata/synthea (the hospital and practitioner support Bundles, then patient
+   Bundles with 1 client and other patient Bundles with 6 clients) into a HAPI FHIR JPA server
+   on PostgreSQL (bench/hapi_server.py, run before the testnet starts, alone on the machine)
+   and into the testnet, after the same warm-up on both; then the same searches on both, cold
+   and warm. The table compares medledger ÷ HAPI.
 
-Run it as `.venv/bin/python bench/fhir.py` (or `make bench-fhir`); `--help` lists the knobs.
-Results go to bench/results/fhir-latest.json plus a timestamped copy. The testnet lives in a
-temporary directory on its own ports and is stopped at the end, also on an error, Ctrl-C,
-SIGTERM or SIGHUP.
+Phases 1-3 are the "generated" phases (--skip-generated), phase 4 needs the Synthea folder
+(--synthea-dir; skipped, saying so, when it is absent) and its HAPI half can be left out
+(--skip-hapi). Run it as `.venv/bin/python bench/fhir.py` (or `make bench-fhir`); `--help`
+lists the knobs. Results go to bench/results/fhir-latest.json plus a timestamped copy. The
+testnet, HAPI and its PostgreSQL live in temporary directories on their own loopback ports and
+are stopped at the end, also on an error, Ctrl-C, SIGTERM or SIGHUP.
 """
 
 # ruff: noqa: E402  (imports follow the sys.path set-up below)
@@ -40,6 +48,7 @@ import argparse
 import datetime as dt
 import os
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -52,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.common import (
     RESULTS_DIR,
+    ROOT,
     TERMINATING,
     CpuMeter,
     Testnet,
@@ -67,8 +77,18 @@ from bench.common import (
     terminate_cleanly,
     write_results,
 )
+from bench.fhir_compare import (
+    EXAMPLES as SYNTHEA_QUERIES,
+)
+from bench.fhir_compare import (
+    HapiTarget,
+    MedledgerTarget,
+    load_synthea,
+    run_server,
+    whole_file_refusal,
+)
+from bench.hapi_server import hapi_server
 from medledger.crypto.keys import KeyPair
-from medledger.crypto.keystore import encode_keystore
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
 from medledger.samples.fhir import generate_patient, generate_patient_record_set, sized_observation
@@ -80,6 +100,7 @@ SCOPES = ("system/*.cruds",)
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 LOINC = "http://loinc.org"
 SINCE = "2024-07-01"
+SYNTHEA_DIR = ROOT.parent / "shared" / "testdata" / "synthea"
 
 
 # -- the EHR and its SMART client ---------------------------------------------------------------
@@ -335,15 +356,6 @@ def ingest_phase(
     return result, [c for s in states for c in s.charts]
 
 
-def argon2_moderate_s() -> float:
-    """What sealing one custodial keystore costs here (Argon2id at the MODERATE cost the node
-    uses for every patient a FHIR client registers)."""
-    keys = KeyPair.generate()
-    start = time.perf_counter()
-    encode_keystore("calibration", keys, "calibration passphrase")
-    return time.perf_counter() - start
-
-
 # -- search -----------------------------------------------------------------------------------
 
 
@@ -459,9 +471,15 @@ def report(results: dict[str, Any]) -> list[str]:
         "load average (1 min) at start / end: "
         + " / ".join(fmt(v[0], 1) if v else "-" for v in loads)
     )
+    git = results.get("git", {})
+    add(
+        f"commit {git.get('rev', '?')}"
+        + (" with uncommitted changes in src/" if git.get("src_uncommitted") else "")
+    )
     base = results.get("raw_tps")
-    add("")
-    add("Raw ledger baseline (member.rotate, closed loop, same network)")
+    if results.get("raw"):
+        add("")
+        add("Raw ledger baseline (member.rotate, closed loop, same network)")
     for step in results.get("raw", []):
         add(
             f"  {step['label']:<8} {fmt(step['tps']):>6} tx/s  p50 {fmt(step['latency_p50_s'], 2)}s"
@@ -486,10 +504,6 @@ def report(results: dict[str, Any]) -> list[str]:
                 f"{fmt(phase['bundle_latency_s']['p50'], 2):>6} "
                 f"{fmt(phase['bundle_latency_s']['p99'], 2):>6}  {used}"
             )
-        add(
-            f"  Argon2id MODERATE (one custodial keystore per new patient) here: "
-            f"{fmt(results.get('argon2_moderate_s'), 2)}s"
-        )
     search = results.get("search")
     if search:
         add("")
@@ -510,13 +524,175 @@ def report(results: dict[str, Any]) -> list[str]:
             f"{fmt(search['warm_all_s']['p50'], 3)}s p99 {fmt(search['warm_all_s']['p99'], 3)}s;"
             f" unexpected answers: {search['wrong_answers']}"
         )
+    lines.extend(report_comparison(results))
     return lines
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs != theirs or ours != ours or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def compare(ours: dict[str, Any], hapi: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the comparison table: medledger, HAPI and medledger ÷ HAPI."""
+    rows: list[dict[str, Any]] = []
+    for key, label in (
+        ("support", "ingest res/s, support Bundles (1 client)"),
+        ("single", "ingest res/s, patient Bundles, 1 client"),
+        ("concurrent", f"ingest res/s, patient Bundles, {ours['concurrent']['clients']} clients"),
+    ):
+        a, b = ours[key]["resources_per_s"], hapi[key]["resources_per_s"]
+        rows.append({"row": label, "medledger": a, "hapi": b, "ratio": ratio(a, b), "unit": "/s"})
+    if "search" in ours and "search" in hapi:
+        for key, label in (("cold_all_s", "search p50, cold"), ("warm_all_s", "search p50, warm")):
+            a, b = ours["search"][key]["p50"], hapi["search"][key]["p50"]
+            rows.append(
+                {"row": label, "medledger": a, "hapi": b, "ratio": ratio(a, b), "unit": "s"}
+            )
+        for kind in ours["search"]["queries"]:
+            for when in ("cold", "warm"):
+                a = ours["search"]["queries"][kind][f"{when}_s"]["p50"]
+                b = hapi["search"]["queries"][kind][f"{when}_s"]["p50"]
+                rows.append(
+                    {
+                        "row": f"  {kind} p50, {when}",
+                        "medledger": a,
+                        "hapi": b,
+                        "ratio": ratio(a, b),
+                        "unit": "s",
+                    }
+                )
+    return rows
+
+
+def report_comparison(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
+    servers = [results[k] for k in ("medledger", "hapi") if k in results]
+    if not servers:
+        if "synthea" in results and "skipped" in results["synthea"]:
+            add("")
+            add(f"Synthea comparison skipped: {results['synthea']['skipped']}")
+        return lines
+    add("")
+    add("Synthea Bundles, medledger (4 validators) beside HAPI FHIR JPA 8.8.0 on PostgreSQL 15")
+    for server in servers:
+        add(f"  {server['server']}:")
+        for key in ("support", "warmup", "single", "concurrent"):
+            phase = server[key]
+            settle = f" + {phase['settle_s']:.1f}s to all nodes" if phase["settle_s"] else ""
+            add(
+                f"    {phase['label']:<28} {phase['bundles_done']:>2}/{phase['bundles']} Bundles "
+                f"{phase['accepted']:>5} accepted / {phase['entries']:>5} entries in "
+                f"{phase['answered_s']:.1f}s{settle}: {fmt(phase['resources_per_s'], 1)}/s; "
+                f"Bundle p50 {fmt(phase['bundle_latency_s']['p50'], 2)}s; cores "
+                + " ".join(f"{k} {v:.2f}" for k, v in phase["cpu_cores_used"].items())
+            )
+            blocks = (
+                f"{phase['blocks']} blocks ({fmt(phase['block_interval_s'], 2)}s apart), "
+                if phase.get("blocks")
+                else ""
+            )
+            add(
+                f"        {phase['transactions']} transactions, {blocks}load average "
+                f"{phase['load_average_1m_at_start']:.1f} at the start"
+            )
+            for reason, count in sorted(phase["refused"].items(), key=lambda kv: -kv[1])[:6]:
+                add(f"        refused {count:>4}: {reason[:110]}")
+        if "whole_bundle_post" in server:
+            add(f"    one POST of a whole Synthea patient Bundle: {server['whole_bundle_post']}")
+        search = server.get("search")
+        if search:
+            add(
+                f"    search ({search['patients_per_kind']} patients per query): cold p50 "
+                f"{fmt(search['cold_all_s']['p50'], 3)}s, warm p50 "
+                f"{fmt(search['warm_all_s']['p50'], 3)}s; unexpected answers "
+                f"{search['wrong_answers']}"
+                + (f" ({search['wrong'][0]})" if search["wrong"] else "")
+                + "; cores cold "
+                + " ".join(f"{k} {v:.2f}" for k, v in search["cpu_cores_used_cold"].items())
+            )
+    rows = results.get("comparison")
+    if rows:
+        add("")
+        add(f"  {'':<46} {'medledger':>10} {'HAPI':>10} {'ours ÷ HAPI':>11}")
+        for row in rows:
+            digits = 1 if row["unit"] == "/s" else 3
+            add(
+                f"  {row['row']:<46} {fmt(row['medledger'], digits):>10} "
+                f"{fmt(row['hapi'], digits):>10} {fmt(row['ratio'], 3):>11}"
+            )
+        add("  (ingest: above 1 is faster than HAPI; search latency: above 1 is slower)")
+        add("  queries: " + "; ".join(SYNTHEA_QUERIES.values()))
+    return lines
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether src/ had uncommitted changes."""
+    state: dict[str, Any] = {"rev": "?", "src_uncommitted": None}
+    try:
+        state["rev"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        porcelain = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        state["src_uncommitted"] = bool(porcelain.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return state
+
+
+def generated_phases(net: Testnet, site: Site, args: argparse.Namespace) -> dict[str, Any]:
+    """Phases 2 and 3 (ingest of generated Bundles, search), as before the HAPI comparison."""
+    out: dict[str, Any] = {"ingest": []}
+    phase, charts = ingest_phase(
+        net,
+        site,
+        label=f"new Patient + {args.observations} Obs + Cond.",
+        clients=args.clients,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        observations=args.observations,
+        target_bytes=args.target_bytes,
+        seed_base=1_000,
+    )
+    out["ingest"].append(phase)
+    searchable = charts
+    if args.existing_seconds > 0 and charts:
+        registered = charts[-args.clients :]
+        searchable = charts[: -args.clients]
+        phase, _ = ingest_phase(
+            net,
+            site,
+            label=f"known patient, {args.observations} Obs + Cond.",
+            clients=args.clients,
+            warmup=args.warmup,
+            seconds=args.existing_seconds,
+            observations=args.observations,
+            target_bytes=args.target_bytes,
+            seed_base=500_000,
+            existing=[c.patient for c in registered],
+        )
+        out["ingest"].append(phase)
+    if not args.skip_search:
+        out["search"] = search_phase(net, site, searchable, args.per_query, args.warm_rounds)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--clients", type=int, default=6, help="concurrent FHIR clients")
-    parser.add_argument("--observations", type=int, default=20, help="per Bundle")
+    parser.add_argument("--observations", type=int, default=20, help="per generated Bundle")
     parser.add_argument("--target-bytes", type=int, default=2048)
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--seconds", type=float, default=25.0, help="measured s, new patients")
@@ -532,73 +708,112 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-window", type=int, default=2000)
     parser.add_argument("--raw-warmup", type=float, default=3.0)
     parser.add_argument("--raw-seconds", type=float, default=8.0)
-    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-search", action="store_true", help="no search phase at all")
+    parser.add_argument(
+        "--skip-generated",
+        action="store_true",
+        help="skip the raw ledger baseline and the generated-Bundle phases (1-3)",
+    )
+    parser.add_argument("--skip-hapi", action="store_true", help="no HAPI FHIR JPA server")
+    parser.add_argument(
+        "--skip-synthea", action="store_true", help="no Synthea comparison (phase 4) at all"
+    )
+    parser.add_argument("--synthea-dir", type=Path, default=SYNTHEA_DIR)
+    parser.add_argument(
+        "--synthea-limit",
+        type=int,
+        default=8,
+        help="patient Bundles per phase (1 client, then as many others with --clients)",
+    )
+    parser.add_argument(
+        "--warmup-bundles",
+        type=int,
+        default=6,
+        help="generated Bundles each server ingests before the measured Synthea phases",
+    )
+    parser.add_argument("--hapi-heap", default="2g", help="HAPI's JVM heap (-Xmx/-Xms)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.synthea_limit < 2 and not (args.skip_synthea or args.skip_search):
+        parser.error("--synthea-limit must be at least 2 for the searches (4 kinds of query)")
 
     started = time.monotonic()
     results: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join([".venv/bin/python", "bench/fhir.py", *sys.argv[1:]]),
         "machine": machine_info(),
-        "settings": vars(args) | {"out": str(args.out)},
+        "git": git_state(),
+        "settings": vars(args) | {"out": str(args.out), "synthea_dir": str(args.synthea_dir)},
         "raw": [],
         "ingest": [],
     }
-    with terminate_cleanly(), medledger_testnet("fhir", 33000) as net:
-        raw = enroll_rotators(net, args.raw_members)
+    data = None
+    if not args.skip_synthea:
+        if args.synthea_dir.is_dir():
+            data = load_synthea(args.synthea_dir, args.synthea_limit)
+            results["synthea"] = {
+                "dir": str(args.synthea_dir),
+                "support": [p.name for p in data.support],
+                "one_client": [p.path.name for p in data.phase_a],
+                "concurrent": [p.path.name for p in data.phase_b],
+            }
+        else:
+            log(f"no Synthea test data at {args.synthea_dir}: the HAPI comparison is skipped")
+            results["synthea"] = {"skipped": f"{args.synthea_dir} not found"}
+    comparison = dict(
+        clients=args.clients,
+        warmup_bundles=args.warmup_bundles,
+        warm_rounds=args.warm_rounds,
+        skip_search=args.skip_search,
+    )
+    with terminate_cleanly():
+        if data is not None and not args.skip_hapi:
+            log("HAPI FHIR JPA first, alone on the machine (--skip-hapi leaves it out)")
+            with hapi_server("hapi", heap=args.hapi_heap) as hapi:
+                results["hapi"] = run_server(HapiTarget(hapi), data, **comparison)
+                results["hapi"]["startup_s"] = hapi.startup_s
+                results["hapi"]["settings"] = hapi.settings
+        with medledger_testnet("fhir", 33000) as net:
+            site = None
+            if not args.skip_generated:
+                raw = enroll_rotators(net, args.raw_members)
 
-        def baseline(label: str) -> None:
-            results["raw"].append(
-                measure_raw(
-                    raw,
-                    label,
-                    warmup=args.raw_warmup,
-                    seconds=args.raw_seconds,
-                    window=args.raw_window,
-                )
-            )
+                def baseline(label: str) -> None:
+                    results["raw"].append(
+                        measure_raw(
+                            raw,
+                            label,
+                            warmup=args.raw_warmup,
+                            seconds=args.raw_seconds,
+                            window=args.raw_window,
+                        )
+                    )
 
-        baseline("before")
-        site = make_site(net)
-        phase, charts = ingest_phase(
-            net,
-            site,
-            label=f"new Patient + {args.observations} Obs + Cond.",
-            clients=args.clients,
-            warmup=args.warmup,
-            seconds=args.seconds,
-            observations=args.observations,
-            target_bytes=args.target_bytes,
-            seed_base=1_000,
-        )
-        results["ingest"].append(phase)
-        searchable = charts
-        if args.existing_seconds > 0 and charts:
-            registered = charts[-args.clients :]
-            searchable = charts[: -args.clients]
-            phase, _ = ingest_phase(
-                net,
-                site,
-                label=f"known patient, {args.observations} Obs + Cond.",
-                clients=args.clients,
-                warmup=args.warmup,
-                seconds=args.existing_seconds,
-                observations=args.observations,
-                target_bytes=args.target_bytes,
-                seed_base=500_000,
-                existing=[c.patient for c in registered],
-            )
-            results["ingest"].append(phase)
-        if not args.skip_search:
-            results["search"] = search_phase(
-                net, site, searchable, args.per_query, args.warm_rounds
-            )
-        baseline("after")
-    results["argon2_moderate_s"] = argon2_moderate_s()
-    results["raw_tps"] = statistics.mean(step["tps"] for step in results["raw"])
-    for phase in results["ingest"]:
-        phase["ratio_to_raw"] = phase["resources_per_s"] / results["raw_tps"]
+                baseline("before")
+                site = make_site(net)
+                generated = generated_phases(net, site, args)
+                results["ingest"] = generated["ingest"]
+                if "search" in generated:
+                    results["search"] = generated["search"]
+            if data is not None:
+                site = site or make_site(net)
+                target = MedledgerTarget(net, site.base, site.key, CLIENT_ID, EHR_NODE)
+                refusal = whole_file_refusal(target, data.spare[0]) if data.spare else "not tried"
+                log(f"medledger: one POST of a whole Synthea patient Bundle: {refusal}")
+                results["medledger"] = run_server(target, data, **comparison)
+                results["medledger"]["whole_bundle_post"] = refusal
+                results["medledger"]["replication_per_node"] = target.replication_status
+                results["medledger"]["replication_lags_s"] = [
+                    round(v, 2) for v in target.replication_lags
+                ]
+            if not args.skip_generated:
+                baseline("after")
+    if results["raw"]:
+        results["raw_tps"] = statistics.mean(step["tps"] for step in results["raw"])
+        for phase in results["ingest"]:
+            phase["ratio_to_raw"] = phase["resources_per_s"] / results["raw_tps"]
+    if "hapi" in results and "medledger" in results:
+        results["comparison"] = compare(results["medledger"], results["hapi"])
     results["wall_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     print("\n".join(report(results)))

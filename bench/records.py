@@ -75,7 +75,7 @@ from medledger.client.sdk import ClientError, LedgerClient, TxOutcome
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.consent import GrantConsent, GranteeKind, Purpose, ScopeKind
-from medledger.ledger.model import Member, Role
+from medledger.ledger.model import Role
 from medledger.ledger.records import PutRecord, RecordVersion
 from medledger.node.services import load_services_config
 from medledger.samples.fhir import canonical_json, sized_observation
@@ -154,7 +154,7 @@ class TimedRecordsClient(RecordsClient):
         previous: int = 0,
         *,
         sealing: Sealing | None = None,
-        patient: Member | None = None,
+        patient_key: bytes | None = None,
     ) -> PutRecord:
         # "validate + seal" is this step less its queries (timed by the ledger client) and
         # its upload (timed by _upload).
@@ -168,7 +168,7 @@ class TimedRecordsClient(RecordsClient):
                 version,
                 previous,
                 sealing=sealing,
-                patient=patient,
+                patient_key=patient_key,
             ),
         )
         self.timings["validate + seal"] -= self.timings["upload"] - uploaded
