@@ -319,3 +319,24 @@ def test_a_sessions_shares_come_in_one_request_and_only_to_its_requester(
     assert "another member" in stolen[0].text
     too_many = node.release_shares(doctor.member_id, session_id, asked * 65)
     assert {a.status for a in too_many} == {400}
+
+
+def test_the_node_audit_log_takes_many_decisions_in_one_write(tmp_path: Path) -> None:
+    audit = NodeAuditLog(tmp_path / "audit.db")
+    try:
+        audit.record_many(
+            [
+                ("dr-a", "key.release", "s1 rec-1 v1", "released", ""),
+                ("dr-a", "key.release", "s1 rec-2 v1", "released", ""),
+                ("dr-b", "key.release", "s1 rec-1 v1", "refused", "the grant belongs to another"),
+            ]
+        )
+        audit.record_many([])
+        rows = audit.entries("key.release")
+        assert [(r["actor"], r["target"], r["outcome"]) for r in rows] == [
+            ("dr-b", "s1 rec-1 v1", "refused"),
+            ("dr-a", "s1 rec-2 v1", "released"),
+            ("dr-a", "s1 rec-1 v1", "released"),
+        ]
+    finally:
+        audit.close()

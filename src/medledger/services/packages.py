@@ -255,20 +255,12 @@ def release_share(
     """This node's share of the data key of the record version `grant_id` names — or, for a
     session, of `record` among those it covers — re-sealed to `member`'s encryption key. Every
     release and every refusal is in the node audit log."""
-    target = grant_id if record is None else f"{grant_id} {record[0]} v{record[1]}"
-    try:
-        released = _release(services, reads, member, grant_id, record)
-    except PackageRefused as refusal:
-        if refusal.status != 503:  # a retry later, not a decision
-            refuse(services, member.id, target, refusal.reason)
-        raise
-    except Exception as exc:  # nothing a caller sends may take the node down
-        reason = f"internal error ({type(exc).__name__}); no share released"
-        refuse(services, member.id, target, reason)
-        raise PackageRefused(500, reason) from None
-    services.audit.record(member.id, "key.release", target, "released")
-    log.info("key share released", extra={"requester": member.id, "grant": grant_id})
-    return released
+    answer, decision = _decide_release(services, reads, member, grant_id, record)
+    if decision is not None:
+        services.audit.record_many([decision])
+    if isinstance(answer, PackageRefused):
+        raise answer
+    return answer
 
 
 def release_shares(
@@ -278,16 +270,47 @@ def release_shares(
     grant_id: str,
     records: list[RecordRef],
 ) -> list[ReleasedShare | PackageRefused]:
-    """`release_share` for many record versions of one session, each decided on its own."""
+    """`release_share` for many record versions of one session, each decided on its own; the
+    node audit log takes the decisions in one write."""
     if len(records) > MAX_RELEASE_RECORDS:
         raise PackageRefused(400, f"at most {MAX_RELEASE_RECORDS} records per request")
     answers: list[ReleasedShare | PackageRefused] = []
+    decisions: list[AuditDecision] = []
     for record in records:
-        try:
-            answers.append(release_share(services, reads, member, grant_id, record))
-        except PackageRefused as refusal:
-            answers.append(refusal)
+        answer, decision = _decide_release(services, reads, member, grant_id, record)
+        answers.append(answer)
+        if decision is not None:
+            decisions.append(decision)
+    services.audit.record_many(decisions)
     return answers
+
+
+AuditDecision = tuple[str, str, str, str, str]
+
+
+def _decide_release(
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    grant_id: str,
+    record: RecordRef | None,
+) -> tuple[ReleasedShare | PackageRefused, AuditDecision | None]:
+    """The share or the refusal, and what the node audit log notes of it (nothing for a
+    "retry shortly", which is not a decision)."""
+    target = grant_id if record is None else f"{grant_id} {record[0]} v{record[1]}"
+    try:
+        released = _release(services, reads, member, grant_id, record)
+    except PackageRefused as refusal:
+        if refusal.status == 503:
+            return refusal, None
+        _log_refusal(member.id, target, refusal.reason)
+        return refusal, (member.id, "key.release", target, "refused", refusal.reason)
+    except Exception as exc:  # nothing a caller sends may take the node down
+        reason = f"internal error ({type(exc).__name__}); no share released"
+        _log_refusal(member.id, target, reason)
+        return PackageRefused(500, reason), (member.id, "key.release", target, "refused", reason)
+    log.info("key share released", extra={"requester": member.id, "grant": grant_id})
+    return released, (member.id, "key.release", target, "released", "")
 
 
 def _release(
@@ -341,6 +364,10 @@ def _release(
 
 def refuse(services: RecordServices, requester: str, grant_id: str, reason: str) -> None:
     services.audit.record(requester, "key.release", grant_id, "refused", reason)
+    _log_refusal(requester, grant_id, reason)
+
+
+def _log_refusal(requester: str, grant_id: str, reason: str) -> None:
     log.warning(
         "key release refused", extra={"requester": requester, "grant": grant_id, "reason": reason}
     )

@@ -103,16 +103,41 @@ class NodeAuditLog:
     def record(self, actor: str, action: str, target: str, outcome: str, reason: str = "") -> None:
         """Note one decision. A refusal only updates a counter in memory; a key release is
         written before this returns."""
-        key = (bounded(actor), bounded(action), bounded(target), bounded(outcome), bounded(reason))
+        self.record_many([(actor, action, target, outcome, reason)])
+
+    def record_many(self, decisions: list[tuple[str, str, str, str, str]]) -> None:
+        """Note decisions (actor, action, target, outcome, reason) — those that are written
+        (key releases) in one transaction, before this returns."""
         now = time.time()
-        if not is_bounded_refusal(actor, action, outcome):
-            with self._db_lock:
-                self._conn.execute(
+        written = []
+        for actor, action, target, outcome, reason in decisions:
+            key = (
+                bounded(actor),
+                bounded(action),
+                bounded(target),
+                bounded(outcome),
+                bounded(reason),
+            )
+            if is_bounded_refusal(actor, action, outcome):
+                self._count_refusal(key, now)
+            else:
+                written.append((now, *key, now))
+        if not written:
+            return
+        with self._db_lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
                     "INSERT INTO events (at, actor, action, target, outcome, reason, count,"
                     " last_at, refusal) VALUES (?, ?, ?, ?, ?, ?, 1, ?, 0)",
-                    (now, *key, now),
+                    written,
                 )
-            return
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _count_refusal(self, key: GroupKey, now: float) -> None:
         with self._pending_lock:
             group = self._pending.get(key)
             if group is None and len(self._pending) >= self.max_pending_groups:
