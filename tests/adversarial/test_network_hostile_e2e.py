@@ -60,7 +60,11 @@ def test_a_deeply_nested_jwk_does_not_halt_the_chain(network: Network) -> None:
         network.client(1).submit(network.admins[0], "client.register", body)
     assert refused.value.code == Code.INVALID_BODY, refused.value
     assert "jwk" in str(refused.value)
-    # The chain goes on: a later transaction commits, every validator agrees on it.
+    # The chain goes on: a later transaction commits, every validator agrees on it. (Sent to
+    # node 0 once it has the refused transaction's block too: until then node 0's mempool
+    # still holds that transaction, whose nonce the admin's next one reuses.)
+    assert refused.value.height is not None
+    network.wait_all_at(refused.value.height)
     after = enroll(network, Role.CLINICIAN)
     member = network.client(2).query("/member", after.member_id)
     assert member["id"] == after.member_id
