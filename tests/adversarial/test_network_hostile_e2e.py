@@ -46,9 +46,12 @@ def app_pids(network: Network) -> list[str]:
 
 
 def enroll(network: Network, role: Role) -> KeyPair:
+    """A new member, enrolled through node 0 and committed on every node (so the admin's next
+    transaction, through any node, takes the next nonce)."""
     keys = KeyPair.generate()
     body = EnrollMember(keys.verify_key, keys.encryption_key, role)
-    network.client(0).submit(network.admins[0], "member.enroll", body)
+    outcome = network.client(0).submit(network.admins[0], "member.enroll", body)
+    network.wait_all_at(outcome.height)
     return keys
 
 
