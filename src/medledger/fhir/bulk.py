@@ -735,7 +735,7 @@ async def in_thread(
         except ClientError as exc:
             raise from_client(exc) from None
 
-    return await asyncio.to_thread(job)
+    return await asyncio.get_running_loop().run_in_executor(gateway.requests, job)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -31,7 +31,6 @@ CapabilityStatement).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from medledger.client.claims import (
     ClaimsClient,
     money,
 )
-from medledger.client.sdk import ClientError, QueryError
+from medledger.client.sdk import QueryError
 from medledger.fhir.capability import RESOURCES
 from medledger.fhir.gateway import (
     GATEWAY,
@@ -59,13 +58,12 @@ from medledger.fhir.http import (
     fhir_response,
     query_params,
     read_body,
+    run,
 )
 from medledger.fhir.outcome import (
     FhirError,
     business_rule,
     forbidden,
-    from_client,
-    from_validation,
     invalid,
     not_found,
 )
@@ -75,7 +73,6 @@ from medledger.fhir.plumbing import (
     etag,
     http_date,
     parse_prefer,
-    parse_purpose,
     strip_server_meta,
     with_meta,
 )
@@ -110,8 +107,7 @@ from medledger.ledger.consent import Consent, Purpose
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
 from medledger.ledger.records import RECORD_ID, RecordStatus, RecordVersion
-from medledger.services.custody import CustodyError
-from medledger.validation import FhirValidationError, validate_resource
+from medledger.validation import validate_resource
 
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -794,26 +790,14 @@ async def _run(request: web.Request, token: AccessToken, work: Callable[[ClaimsV
     """Run the SDK work off the event loop, as the token's member, reading for payment unless
     X-Purpose-Of-Use names another purpose."""
     gateway = request.app[GATEWAY]
-    header = request.headers.get("X-Purpose-Of-Use")
-    purpose = parse_purpose(header) if header and header.strip() else Purpose.PAYMENT
-    prefer = parse_prefer(request.headers.get("Prefer"))
 
-    def job() -> T:
-        caller = gateway.caller(token, purpose, prefer)
+    def in_view(caller: Caller) -> T:
         try:
             return work(ClaimsView(gateway, caller))
         except ClaimError as exc:
             raise business_rule(str(exc)) from None
-        except FhirValidationError as exc:
-            raise from_validation(exc) from None
-        except SearchError as exc:
-            raise invalid(str(exc)) from None
-        except CustodyError as exc:
-            raise forbidden(str(exc)) from None
-        except ClientError as exc:
-            raise from_client(exc) from None
 
-    return await asyncio.to_thread(job)
+    return await run(request, token, in_view, default_purpose=Purpose.PAYMENT)
 
 
 async def _search(request: web.Request, resource_type: str) -> web.Response:

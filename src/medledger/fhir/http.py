@@ -45,6 +45,7 @@ from medledger.fhir.search import (
     SearchError,
 )
 from medledger.fhir.smart import AccessToken, SmartError
+from medledger.ledger.consent import Purpose
 from medledger.services.custody import CustodyError
 from medledger.validation import FhirValidationError
 
@@ -187,10 +188,19 @@ def known_type(resource_type: str) -> None:
         raise not_supported(f"resource type {resource_type!r} is not supported here", 404)
 
 
-async def run(request: web.Request, token: AccessToken, work: Callable[[Caller], T]) -> T:
-    """Run sync SDK work off the event loop (which also serves the ABCI connection)."""
+async def run(
+    request: web.Request,
+    token: AccessToken,
+    work: Callable[[Caller], T],
+    *,
+    default_purpose: Purpose = Purpose.TREATMENT,
+) -> T:
+    """Run sync SDK work off the event loop (which also serves the ABCI connection), on the
+    gateway's own executor, as the token's member under the X-Purpose-Of-Use purpose (or
+    `default_purpose` when the header is absent)."""
     gateway = request.app[GATEWAY]
-    purpose = parse_purpose(request.headers.get("X-Purpose-Of-Use"))
+    header = request.headers.get("X-Purpose-Of-Use")
+    purpose = parse_purpose(header) if header and header.strip() else default_purpose
     prefer = parse_prefer(request.headers.get("Prefer"))
 
     def job() -> T:

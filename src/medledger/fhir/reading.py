@@ -185,41 +185,31 @@ class Reading(GatewayCore):
             patient: self.readers.submit(self.read_chart, caller, patient, chart)
             for patient, chart in charts.items()
         }
+        in_charts = {(v.record_id, v.version) for chart in charts.values() for v in chart}
         futures: list[tuple[RecordVersion, Future[Json]]] = [
             (v, self.readers.submit(self.read_version, caller, v, consents, reserved=True))
             for v in versions
-            if v.patient not in charts or v not in uncached
+            if (v.record_id, v.version) not in in_charts
         ]
         for version, future in futures:
             try:
-                batch.resources[(version.record_id, version.version)] = future.result()
-            except AccessDenied:
-                batch.withheld += 1
-            except RecordErased:
-                continue
+                add_read(batch, version, future.result())
             except ClientError as exc:
-                batch.failures.append(f"{version.resource_type}/{version.record_id}: {exc}")
+                add_read(batch, version, exc)
         for patient, chart_future in chart_reads.items():
             try:
                 read = chart_future.result()
-            except AccessDenied:
-                batch.withheld += len(charts[patient])
-                continue
             except ClientError as exc:
-                batch.failures.extend(
-                    f"{v.resource_type}/{v.record_id}: {exc}" for v in charts[patient]
-                )
+                for version in charts[patient]:
+                    add_read(batch, version, exc)
                 continue
             for version in charts[patient]:
                 answer = read[(version.record_id, version.version)]
-                if isinstance(answer, AccessDenied):
-                    batch.withheld += 1
-                elif isinstance(answer, RecordErased):
-                    continue
-                elif isinstance(answer, ClientError):
-                    batch.failures.append(f"{version.resource_type}/{version.record_id}: {answer}")
-                else:
-                    batch.resources[(version.record_id, version.version)] = copy.deepcopy(answer)
+                add_read(
+                    batch,
+                    version,
+                    answer if isinstance(answer, ClientError) else copy.deepcopy(answer),
+                )
         return batch
 
     def covering_session(
@@ -291,3 +281,16 @@ class Reading(GatewayCore):
                 f"/_history/{version.version}"
             )
         return Reply(status, resource, headers)
+
+
+def add_read(batch: ReadBatch, version: RecordVersion, outcome: Json | ClientError) -> None:
+    """One version's outcome in a batch: its resource; withheld when the ledger denied it;
+    left out when it was erased; a failure otherwise."""
+    if isinstance(outcome, AccessDenied):
+        batch.withheld += 1
+    elif isinstance(outcome, RecordErased):
+        return
+    elif isinstance(outcome, ClientError):
+        batch.failures.append(f"{version.resource_type}/{version.record_id}: {outcome}")
+    else:
+        batch.resources[(version.record_id, version.version)] = outcome

@@ -205,15 +205,12 @@ class Writing(Searching):
         self, caller: Caller, status: int, resource: Json, version: RecordVersion
     ) -> Reply:
         reply = self.resource_reply(status, with_meta(resource, version), version, location=True)
-        preference = caller.prefer.get("return", "representation")
-        if preference == "minimal":
-            reply.body = None
-        elif preference.lower() == "operationoutcome":
-            reply.body = information(
-                f"{version.resource_type}/{version.record_id} version {version.version} committed"
-                f" at height {version.height}"
-            )
-        return reply
+        return as_preferred(
+            caller,
+            reply,
+            f"{version.resource_type}/{version.record_id} version {version.version} committed"
+            f" at height {version.height}",
+        )
 
     def create(
         self, caller: Caller, resource_type: str, body: Any, if_none_exist: str | None
@@ -373,15 +370,12 @@ class Writing(Searching):
 
     def entry_written(self, caller: Caller, status: int, entry: DirectoryEntry) -> Reply:
         reply = self.entry_reply(status, entry, location=True)
-        preference = caller.prefer.get("return", "representation")
-        if preference == "minimal":
-            reply.body = None
-        elif preference.lower() == "operationoutcome":
-            reply.body = information(
-                f"{entry.resource_type}/{entry.entry_id} version {entry.version} committed at"
-                f" height {entry.height}"
-            )
-        return reply
+        return as_preferred(
+            caller,
+            reply,
+            f"{entry.resource_type}/{entry.entry_id} version {entry.version} committed at"
+            f" height {entry.height}",
+        )
 
     def read_version_any(
         self, caller: Caller, resource_type: str, resource_id: str, vid: int
@@ -480,3 +474,14 @@ class Writing(Searching):
                 " entered-in-error (records are never removed; the patient may erase one)"
             ),
         )
+
+
+def as_preferred(caller: Caller, reply: Reply, committed: str) -> Reply:
+    """A write's reply as the client's `Prefer: return=` asks: the resource (the default),
+    nothing, or an OperationOutcome saying what was committed."""
+    preference = caller.prefer.get("return", "representation")
+    if preference == "minimal":
+        reply.body = None
+    elif preference.lower() == "operationoutcome":
+        reply.body = information(committed)
+    return reply

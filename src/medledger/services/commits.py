@@ -30,7 +30,6 @@ class CommitNotices:
         self._capacity = capacity
         self._recent: OrderedDict[str, CommittedTx] = OrderedDict()
         self._changed = threading.Condition()
-        self.height = 0
 
     def block_committed(self, outcome: BlockOutcome) -> None:
         """Called on the event loop right after Commit: cheap, never blocks on a waiter."""
@@ -41,7 +40,6 @@ class CommitNotices:
                 self._recent.move_to_end(name)
             while len(self._recent) > self._capacity:
                 self._recent.popitem(last=False)
-            self.height = max(self.height, outcome.height)
             self._changed.notify_all()
 
     def result(self, tx_hash: str) -> CommittedTx | None:
@@ -55,8 +53,3 @@ class CommitNotices:
         with self._changed:
             self._changed.wait_for(lambda: name in self._recent, timeout)
             return self._recent.get(name)
-
-    def wait_for_height(self, height: int, timeout: float) -> bool:
-        """Whether a block at `height` or above committed within `timeout` seconds."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self.height >= height, timeout)
