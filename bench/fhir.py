@@ -83,6 +83,7 @@ from bench.fhir_compare import (
 from bench.fhir_compare import (
     HapiTarget,
     MedledgerTarget,
+    clinical_entries,
     load_synthea,
     run_server,
     whole_file_refusal,
@@ -91,7 +92,7 @@ from bench.hapi_server import hapi_server
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.clients import RegisterClient
 from medledger.ledger.model import Role
-from medledger.samples.fhir import generate_patient, generate_patient_record_set, sized_observation
+from medledger.samples.fhir import generate_patient
 from medledger.services.custody import Custody
 
 EHR_NODE = 0
@@ -193,28 +194,7 @@ def bundle_for(seed: int, observations: int, target_bytes: int, patient: str | N
     else:
         reference = f"Patient/{patient}"
     author = f"Practitioner/{uuid.uuid5(uuid.NAMESPACE_URL, f'bench-practitioner-{seed % 7}')}"
-    for i in range(observations):
-        observation = sized_observation(
-            seed * 1000 + i, target_bytes, patient_ref=reference, author_ref=author
-        )
-        entries.append(
-            {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                "resource": observation,
-                "request": {"method": "POST", "url": "Observation"},
-            }
-        )
-    chart = generate_patient_record_set(
-        seed, reference, author, when="2025-01-01T00:00:00Z", count=30
-    )
-    for condition in [r for r in chart if r["resourceType"] == "Condition"][:2]:
-        entries.append(
-            {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                "resource": condition,
-                "request": {"method": "POST", "url": "Condition"},
-            }
-        )
+    entries += clinical_entries(seed, reference, author, observations, target_bytes)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 

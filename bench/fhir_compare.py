@@ -167,21 +167,22 @@ def load_synthea(directory: Path, per_phase: int) -> SyntheaSet:
     )
 
 
-def warmup_bundle(seed: int, npi: str, observations: int = 20) -> tuple[Json, PatientFile]:
-    """A generated transaction Bundle (a new Patient with a Synthea-style identifier, lab
-    Observations and Conditions by a support-Bundle Practitioner) and what searches find."""
-    patient = generate_patient(seed)
-    del patient["id"]
-    value = str(uuid.uuid5(uuid.NAMESPACE_URL, f"medledger-bench-warmup-{seed}-{time.time()}"))
-    patient["identifier"].insert(0, {"system": SYNTHEA_SYSTEM, "value": value})
-    reference = f"urn:uuid:{uuid.uuid4()}"
-    author = f"Practitioner?identifier={NPI}|{npi}"
-    entries: list[Json] = [
-        {"fullUrl": reference, "resource": patient, "request": {"method": "POST", "url": "Patient"}}
-    ]
+def clinical_entries(
+    seed: int,
+    reference: str,
+    author: str,
+    observations: int,
+    target_bytes: int,
+    *,
+    with_ids: bool = True,
+) -> list[Json]:
+    """Transaction entries about the patient `reference`: `observations` sized lab Observations
+    and (up to two of) its Conditions by `author`, each a POST with a `urn:uuid:` fullUrl;
+    without their generated ids unless `with_ids`."""
+    entries: list[Json] = []
     for i in range(observations):
         observation = sized_observation(
-            seed * 1000 + i, 2048, patient_ref=reference, author_ref=author
+            seed * 1000 + i, target_bytes, patient_ref=reference, author_ref=author
         )
         entries.append(
             {
@@ -194,7 +195,8 @@ def warmup_bundle(seed: int, npi: str, observations: int = 20) -> tuple[Json, Pa
         seed, reference, author, when="2025-01-01T00:00:00Z", count=30
     )
     for condition in [r for r in chart if r["resourceType"] == "Condition"][:2]:
-        del condition["id"]
+        if not with_ids:
+            del condition["id"]
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{uuid.uuid4()}",
@@ -202,6 +204,22 @@ def warmup_bundle(seed: int, npi: str, observations: int = 20) -> tuple[Json, Pa
                 "request": {"method": "POST", "url": "Condition"},
             }
         )
+    return entries
+
+
+def warmup_bundle(seed: int, npi: str, observations: int = 20) -> tuple[Json, PatientFile]:
+    """A generated transaction Bundle (a new Patient with a Synthea-style identifier, lab
+    Observations and Conditions by a support-Bundle Practitioner) and what searches find."""
+    patient = generate_patient(seed)
+    del patient["id"]
+    value = str(uuid.uuid5(uuid.NAMESPACE_URL, f"medledger-bench-warmup-{seed}-{time.time()}"))
+    patient["identifier"].insert(0, {"system": SYNTHEA_SYSTEM, "value": value})
+    reference = f"urn:uuid:{uuid.uuid4()}"
+    author = f"Practitioner?identifier={NPI}|{npi}"
+    entries: list[Json] = [
+        {"fullUrl": reference, "resource": patient, "request": {"method": "POST", "url": "Patient"}}
+    ]
+    entries += clinical_entries(seed, reference, author, observations, 2048, with_ids=False)
     bundle: Json = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     info = patient_file(Path(f"generated-{seed}.json"), bundle)
     return bundle, info
