@@ -18,14 +18,19 @@ from medledger.ledger.claims import (
     AdjudicateClaim,
     AppealClaim,
     AppealReason,
+    CVX_SYSTEM,
+    SNOMED_SYSTEM,
     Claim,
     ClaimAction,
     ClaimItem,
     ClaimStats,
     ClaimStatus,
+    ImportClaims,
+    ImportedClaim,
     ItemDecision,
     Outcome,
     PayClaim,
+    Remittance,
     SubmitClaim,
     claim_key,
     claim_stats,
@@ -64,6 +69,8 @@ class Cast:
         self.examiner = self.enroll("careplus", "careplus-examiner", Role.BILLING)
         self.insurer_admin = c.admin("careplus")
         self.insurer_auditor = self.enroll("careplus", "careplus-auditor", Role.AUDITOR)
+        self.ehr = self.enroll("st-mary", "st-mary-ehr", Role.EHR)
+        self.lab_system = self.enroll("northside-lab", "northside-lis", Role.LIS)
 
     def enroll(self, org: str, name: str, role: Role) -> KeyPair:
         keys = keys_for(name)
@@ -600,3 +607,178 @@ def test_amount_formatting_and_outcomes() -> None:
     assert outcome_of(ITEMS, IN_FULL) is Outcome.APPROVED
     assert outcome_of(ITEMS, PARTIAL) is Outcome.PARTIAL
     assert outcome_of(ITEMS, tuple(ItemDecision(i.sequence, 0) for i in ITEMS)) is Outcome.DENIED
+
+
+# --- imported claim history (claim.import) -------------------------------------------------
+
+HISTORY_ITEMS = (
+    ClaimItem(1, "410620009", SERVED, 0, SNOMED_SYSTEM),  # the encounter line: no charge
+    ClaimItem(2, "08", SERVED, 14_052, CVX_SYSTEM),
+)
+
+
+def imported(
+    claim_id: str,
+    patient: str,
+    *,
+    payer: str = "Cigna Health",
+    insurer: str = "",
+    remittance: Remittance | None = None,
+    items: tuple[ClaimItem, ...] = HISTORY_ITEMS,
+    **changes: object,
+) -> ImportedClaim:
+    body = ImportedClaim(
+        claim_id=claim_id,
+        insurer=insurer,
+        payer=payer,
+        coverage="",
+        currency="USD",
+        items=items,
+        total=sum(i.amount for i in items),
+        supporting=(),
+        record=sealed(f"{claim_id}-claim", patient),
+        remittance=remittance,
+    )
+    return msgspec.structs.replace(body, **changes)
+
+
+def remitted(claim_id: str, patient: str, approved: int = 11_242, paid: int = 11_242) -> Remittance:
+    decisions = (ItemDecision(1, 0), ItemDecision(2, approved, ("2",) if approved < 14_052 else ()))
+    return Remittance(
+        outcome=outcome_of(HISTORY_ITEMS, decisions),
+        decisions=decisions,
+        paid=paid,
+        reference=f"{claim_id}-eob",
+        record=sealed(f"{claim_id}-eob", patient, "ExplanationOfBenefit"),
+    )
+
+
+def test_an_ehr_imports_claim_history_with_the_payers_reported_decisions(
+    consortium: Consortium, cast: Cast
+) -> None:
+    c, pid = consortium, cast.patient.member_id
+    history = ImportClaims(
+        (
+            imported("h-1", pid, remittance=remitted("h-1", pid)),
+            imported("h-2", pid, payer="NO_INSURANCE"),
+            imported(
+                "h-3", pid, insurer="careplus", payer="", remittance=remitted("h-3", pid, paid=0)
+            ),
+        )
+    )
+    result = c.submit(cast.ehr, "claim.import", history)
+    assert result.ok, result.log
+    assert "3 claims imported by st-mary, 2 with the payer's reported decision" in result.log
+
+    paid = load(c, "h-1")
+    assert paid.imported and paid.payer == "Cigna Health" and paid.insurer == ""
+    assert (paid.status, paid.outcome) == (ClaimStatus.PAID, Outcome.PARTIAL)
+    assert (paid.total, paid.approved_total, paid.paid_total) == (14_052, 11_242, 11_242)
+    assert [s.action for s in paid.history] == [
+        ClaimAction.SUBMIT,
+        ClaimAction.ADJUDICATE,
+        ClaimAction.PAY,
+    ]
+    assert [s.reported for s in paid.history] == [False, True, True]
+    assert {s.actor for s in paid.history} == {cast.ehr.member_id}
+    assert (
+        paid.responses == ("h-1-eob",) and paid.payer_name == "Cigna Health (outside the network)"
+    )
+    unpaid = load(c, "h-2")
+    assert unpaid.status is ClaimStatus.SUBMITTED and unpaid.outcome is None
+    decided = load(c, "h-3")
+    assert (decided.status, decided.insurer, decided.outstanding) == (
+        ClaimStatus.ADJUDICATED,
+        "careplus",
+        11_242,
+    )
+
+    # The network insurer of an imported claim takes it from there: it pays what is outstanding.
+    assert c.submit(cast.examiner, "claim.pay", PayClaim("h-3", 11_242, "USD", "eft-h3")).ok
+    # Nobody on the network acts for an outside payer; its claims are closed history.
+    log = refused(c, cast.examiner, "claim.pay", PayClaim("h-1", 1, "USD", "x"), Code.CONFLICT).log
+    assert "outside the network" in log
+    log = refused(
+        c, cast.patient, "claim.appeal", AppealClaim("h-1", AppealReason.DISAGREE), Code.CONFLICT
+    ).log
+    assert "appeal to it directly" in log
+    # The outside payer is counted by name in the statistics; the network insurer by id.
+    stats = msgspec.json.decode(answer(c.chain.store, "/claims/stats", b"", False), type=ClaimStats)
+    assert [i.organization for i in stats.insurers] == [
+        "Cigna Health (outside the network)",
+        "NO_INSURANCE (outside the network)",
+        "careplus",
+    ]
+    listed = json.loads(answer(c.chain.store, "/claims", f"patient:{pid}".encode(), False))
+    assert sorted(x["id"] for x in listed) == ["h-1", "h-2", "h-3"]
+
+
+def test_claim_import_refusals_change_nothing(consortium: Consortium, cast: Cast) -> None:
+    c, pid, other = consortium, cast.patient.member_id, cast.other_patient.member_id
+
+    def refuse(who: KeyPair, claims: tuple[ImportedClaim, ...], code: Code, text: str) -> None:
+        log = refused(c, who, "claim.import", ImportClaims(claims), code).log
+        assert text in log, log
+
+    one = (imported("r-1", pid),)
+    # Who: an insurer's member, a patient, a lab system, a provider's auditor.
+    refuse(cast.examiner, one, Code.UNAUTHORIZED, "of kind insurer")
+    refuse(cast.lab_system, one, Code.UNAUTHORIZED, "role lis may not send claim.import")
+    refuse(cast.patient, one, Code.UNAUTHORIZED, "")
+    # What: codes outside the known systems or of the wrong form; a zero total on submit.
+    odd = (ClaimItem(1, "123", SERVED, 100, "http://example.org/codes"),)
+    refuse(cast.ehr, (imported("r-1", pid, items=odd),), Code.INVALID_BODY, "is not one of")
+    bad = (ClaimItem(1, "12ab", SERVED, 100, SNOMED_SYSTEM),)
+    refuse(cast.ehr, (imported("r-1", pid, items=bad),), Code.INVALID_BODY, "is not a code of")
+    log = refused(
+        c,
+        cast.billing,
+        "claim.submit",
+        submission("r-9", pid, items=HISTORY_ITEMS),
+        Code.INVALID_BODY,
+    ).log
+    assert "network's table only" in log
+    # The payer: neither named, both named, a network organization that is not an insurer.
+    refuse(cast.ehr, (imported("r-1", pid, payer=""),), Code.INVALID_BODY, "outside payer's name")
+    refuse(
+        cast.ehr,
+        (imported("r-1", pid, insurer="careplus"),),
+        Code.INVALID_BODY,
+        "named in insurer",
+    )
+    refuse(
+        cast.ehr,
+        (imported("r-1", pid, insurer="riverside", payer=""),),
+        Code.INVALID_BODY,
+        "not an insurer",
+    )
+    # The payer's decision: more approved than billed, paid more than approved, an outcome the
+    # amounts do not imply, an EOB about another patient or of another type.
+    over = msgspec.structs.replace(
+        remitted("r-1", pid), decisions=(ItemDecision(1, 0), ItemDecision(2, 20_000))
+    )
+    refuse(cast.ehr, (imported("r-1", pid, remittance=over),), Code.INVALID_BODY, "exceeds")
+    overpaid = remitted("r-1", pid, paid=11_243)
+    refuse(cast.ehr, (imported("r-1", pid, remittance=overpaid),), Code.INVALID_BODY, "exceeds")
+    wrong = msgspec.structs.replace(remitted("r-1", pid), outcome=Outcome.APPROVED)
+    refuse(
+        cast.ehr, (imported("r-1", pid, remittance=wrong),), Code.INVALID_BODY, "make the outcome"
+    )
+    elsewhere = msgspec.structs.replace(
+        remitted("r-1", pid), record=sealed("r-1-eob", other, "ExplanationOfBenefit")
+    )
+    refuse(
+        cast.ehr,
+        (imported("r-1", pid, remittance=elsewhere),),
+        Code.INVALID_BODY,
+        "another patient",
+    )
+    response = msgspec.structs.replace(
+        remitted("r-1", pid), record=sealed("r-1-eob", pid, "ClaimResponse")
+    )
+    refuse(cast.ehr, (imported("r-1", pid, remittance=response),), Code.INVALID_BODY, "must be a")
+    # All or none: a good claim followed by a claim id already taken.
+    assert c.submit(cast.ehr, "claim.import", ImportClaims((imported("r-2", pid),))).ok
+    refuse(cast.ehr, (imported("r-3", pid), imported("r-2", pid)), Code.CONFLICT, "claim 1:")
+    assert State(c.chain.store).read(claim_key("r-3"), Claim) is None
+    refuse(cast.ehr, (), Code.INVALID_BODY, "claims per import")

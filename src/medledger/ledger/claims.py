@@ -31,6 +31,19 @@ The claim's life:
   status *appealed*, and the insurer adjudicates again; a re-adjudication never approves less
   than has already been paid.
 
+A claim's history from before the network (a Synthea or EHR export, with the payer's
+ExplanationOfBenefit) comes in through `claim.import`, sent by a member of the provider
+organization (billing, clinician, or its EHR system client): each claim with its sealed FHIR
+Claim and, when the payer decided it, the payer's decision as its explanation of benefit
+states it (approved amount per item, reasons, amount paid) with the sealed
+ExplanationOfBenefit. Those steps are marked *reported*: the provider reports what the payer
+decided outside the network; the insurer did not sign them. An imported claim keeps its
+source's service codes when they are in a known code system (SNOMED CT, CVX, RxNorm, LOINC,
+CPT, HCPCS, CDT; each code checked for form), may bill lines at zero (encounter lines), and
+its payer is a network insurer or, named in `payer`, an outside one. A claim whose payer is
+outside the network is closed history: nobody on the network adjudicates, pays or hears an
+appeal of it.
+
 Any other step is refused with the reason, and a refused step changes nothing.
 """
 
@@ -59,6 +72,7 @@ from medledger.ledger.state import State
 CLAIM_CATEGORY = "claim"
 CLAIM_RESOURCE = "Claim"
 RESPONSE_RESOURCE = "ClaimResponse"
+EOB_RESOURCE = "ExplanationOfBenefit"
 
 PROVIDER_KINDS = frozenset(
     {
@@ -71,6 +85,8 @@ PROVIDER_KINDS = frozenset(
 # Who acts for the provider (submits, appeals) and for the insurer (adjudicates, pays).
 PROVIDER_ROLES = frozenset({Role.BILLING, Role.CLINICIAN})
 PAYER_ROLES = frozenset({Role.BILLING, Role.ADMIN})
+# Who imports a provider's claim history: its billing and clinical members and its EHR.
+IMPORT_ROLES = frozenset(PROVIDER_ROLES | {Role.EHR})
 APPEAL_ROLES = frozenset(PROVIDER_ROLES | {Role.PATIENT, Role.DELEGATE})
 # Members who write the sealed Claim and ClaimResponse packages of these steps.
 CLAIM_AUTHOR_ROLES = frozenset(PROVIDER_ROLES | PAYER_ROLES)
@@ -79,6 +95,8 @@ MAX_ITEMS = 50
 MAX_SUPPORTING = 20
 MAX_REASONS = 5
 MAX_APPEALS = 3
+MAX_IMPORTED_PER_TX = 200
+MAX_PAYER_NAME = 100
 # 1 000 000 000.00 in major units: far above any real claim line, far below 64 bits.
 MAX_AMOUNT = 100_000_000_000
 
@@ -92,6 +110,21 @@ CPT_SYSTEM = "http://www.ama-assn.org/go/cpt"
 HCPCS_SYSTEM = "urn:oid:2.16.840.1.113883.6.285"
 CDT_SYSTEM = "http://www.ada.org/cdt"
 CARC_SYSTEM = "https://x12.org/codes/claim-adjustment-reason-codes"
+SNOMED_SYSTEM = "http://snomed.info/sct"
+CVX_SYSTEM = "http://hl7.org/fhir/sid/cvx"
+RXNORM_SYSTEM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+LOINC_SYSTEM = "http://loinc.org"
+
+# The code systems an imported claim's lines may keep, each with the form of its codes.
+IMPORT_CODE_SYSTEMS: Mapping[str, re.Pattern[str]] = {
+    SNOMED_SYSTEM: re.compile(r"[1-9][0-9]{5,17}", re.ASCII),
+    CVX_SYSTEM: re.compile(r"[0-9]{1,3}", re.ASCII),
+    RXNORM_SYSTEM: re.compile(r"[1-9][0-9]{0,9}", re.ASCII),
+    LOINC_SYSTEM: re.compile(r"[0-9]{1,7}-[0-9]", re.ASCII),
+    CPT_SYSTEM: re.compile(r"[0-9]{4}[0-9FTU]", re.ASCII),
+    HCPCS_SYSTEM: re.compile(r"[A-V][0-9]{4}", re.ASCII),
+    CDT_SYSTEM: re.compile(r"D[0-9]{4}", re.ASCII),
+}
 
 
 class ServiceCode(msgspec.Struct, frozen=True):
@@ -201,12 +234,15 @@ class AppealReason(StrEnum):
 
 class ClaimItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One billed line: its sequence number in the Claim, the service code, the date of
-    service (YYYY-MM-DD) and the billed amount in minor units."""
+    service (YYYY-MM-DD) and the billed amount in minor units. `system` is empty for a code of
+    the network's billing table (`SERVICE_CODES`); an imported claim's line may instead keep
+    its source's code in one of `IMPORT_CODE_SYSTEMS`."""
 
     sequence: int
     code: str
     service_date: str
     amount: int
+    system: str = ""
 
 
 class ItemDecision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -237,6 +273,9 @@ class ClaimStep(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reference: str = ""
     appeal_reason: AppealReason | None = None
     supporting_added: tuple[str, ...] = ()
+    # A step the provider reported from the payer's explanation of benefit (claim.import),
+    # not one the insurer took on the ledger.
+    reported: bool = False
 
 
 class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -264,11 +303,20 @@ class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     duplicate_of: str = ""
     first_adjudicated_ns: int = 0
     last_adjudicated_ns: int = 0
+    # An imported claim (claim.import); `payer` names its payer when that is outside the
+    # network (then `insurer` is "").
+    imported: bool = False
+    payer: str = ""
 
     @property
     def outstanding(self) -> int:
         """Approved but not yet paid, in minor units."""
         return self.approved_total - self.paid_total
+
+    @property
+    def payer_name(self) -> str:
+        """The insurer organization's id, or the outside payer's name."""
+        return self.insurer or f"{self.payer} (outside the network)"
 
 
 # --- transaction bodies ----------------------------------------------------------------------
@@ -307,6 +355,42 @@ class PayClaim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reference: str
 
 
+class Remittance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The payer's decision on an imported claim as its ExplanationOfBenefit states it: a
+    decision per item, the outcome those amounts imply, the amount paid (at most the approved
+    total) with the payer's payment reference, and in `record` the sealed EOB."""
+
+    outcome: Outcome
+    decisions: tuple[ItemDecision, ...]
+    paid: int
+    reference: str
+    record: PutRecord
+
+
+class ImportedClaim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One claim of a provider's history: as `SubmitClaim`, but its payer is a network insurer
+    (`insurer`) or an outside one (`payer`, with `insurer` ""), and `remittance` is the payer's
+    decision when it made one."""
+
+    claim_id: str
+    insurer: str
+    payer: str
+    coverage: str
+    currency: str
+    items: tuple[ClaimItem, ...]
+    total: int
+    supporting: tuple[str, ...]
+    record: PutRecord
+    remittance: Remittance | None = None
+
+
+class ImportClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`claim.import`: up to `MAX_IMPORTED_PER_TX` claims of the sender's organization, all
+    stored or none."""
+
+    claims: tuple[ImportedClaim, ...]
+
+
 class AppealClaim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`claim.appeal`, optionally naming further supporting records."""
 
@@ -334,9 +418,10 @@ def claim_record_key(record_id: str) -> bytes:
     return f"claim-record/{record_id}".encode()
 
 
-def service_key(provider: str, patient: str, service_date: str, code: str) -> bytes:
+def service_key(provider: str, patient: str, item: ClaimItem) -> bytes:
     """The first claim of a provider billing a service for a patient on a day."""
-    return f"claim-service/{provider}/{patient}/{service_date}/{code}".encode()
+    code = f"{item.code}@{item.system}" if item.system else item.code
+    return f"claim-service/{provider}/{patient}/{item.service_date}/{code}".encode()
 
 
 PARTIES = ("patient", "provider", "insurer")
@@ -422,7 +507,26 @@ def _block_date(ctx: TxContext) -> date:
     return datetime.fromtimestamp(ctx.block.time_ns // SECOND_NS, tz=UTC).date()
 
 
-def _check_items(ctx: TxContext, items: Sequence[ClaimItem], total: int) -> None:
+def _check_code(item: ClaimItem, imported: bool) -> None:
+    what = f"item {item.sequence}"
+    if not item.system:
+        if item.code not in SERVICE_CODES:
+            raise _invalid(f"{what}: unknown service code {item.code!r}")
+        return
+    form = IMPORT_CODE_SYSTEMS.get(item.system)
+    if not imported:
+        raise _invalid(f"{what}: a submitted claim bills codes of the network's table only")
+    if form is None:
+        raise _invalid(
+            f"{what}: code system {item.system[:80]!r} is not one of {sorted(IMPORT_CODE_SYSTEMS)}"
+        )
+    if not form.fullmatch(item.code):
+        raise _invalid(f"{what}: {item.code[:40]!r} is not a code of {item.system}")
+
+
+def _check_items(
+    ctx: TxContext, items: Sequence[ClaimItem], total: int, *, imported: bool = False
+) -> None:
     if not 0 < len(items) <= MAX_ITEMS:
         raise _invalid(f"a claim has 1-{MAX_ITEMS} items")
     today = _block_date(ctx)
@@ -430,8 +534,7 @@ def _check_items(ctx: TxContext, items: Sequence[ClaimItem], total: int) -> None
         what = f"item {item.sequence}"
         if item.sequence != position:
             raise _invalid(f"item sequences must be 1..{len(items)} in order; got {item.sequence}")
-        if item.code not in SERVICE_CODES:
-            raise _invalid(f"{what}: unknown service code {item.code!r}")
+        _check_code(item, imported)
         if not SERVICE_DATE.fullmatch(item.service_date):
             raise _invalid(f"{what}: date of service must be YYYY-MM-DD")
         try:
@@ -443,7 +546,7 @@ def _check_items(ctx: TxContext, items: Sequence[ClaimItem], total: int) -> None
         _check_amount(what, item.amount)
     if total != sum(i.amount for i in items):
         raise _invalid(f"total {total} is not the sum of the item amounts")
-    if total <= 0:
+    if total <= 0 and not imported:
         raise _invalid("a claim's total must be more than zero")
 
 
@@ -476,6 +579,12 @@ def _check_record(body: PutRecord, resource_type: str, patient: str) -> None:
 
 
 def _require_insurer(sender: Member, claim: Claim, step: str) -> None:
+    if not claim.insurer:
+        raise LedgerError(
+            Code.CONFLICT,
+            f"claim {claim.id} was imported with its payer {claim.payer!r} outside the network;"
+            f" nobody here may {step} it",
+        )
     if sender.organization != claim.insurer:
         raise LedgerError(
             Code.UNAUTHORIZED,
@@ -498,6 +607,7 @@ def _step(
     reference: str = "",
     appeal_reason: AppealReason | None = None,
     supporting_added: tuple[str, ...] = (),
+    reported: bool = False,
 ) -> ClaimStep:
     return ClaimStep(
         action=action,
@@ -514,6 +624,7 @@ def _step(
         reference=reference,
         appeal_reason=appeal_reason,
         supporting_added=supporting_added,
+        reported=reported,
     )
 
 
@@ -524,35 +635,49 @@ def _save(state: State, claim: Claim) -> None:
 # --- transitions -----------------------------------------------------------------------------
 
 
-def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
-    """A provider organization's billing or clinician member submits a claim to an insurer,
-    with its sealed FHIR Claim; a service the provider already billed for the patient on the
-    same day flags the claim as a possible duplicate (it is accepted, not refused)."""
-    patient = body.record.patient
-    ctx.effects.subject = patient
+def _provider_of(state: State, ctx: TxContext, roles: frozenset[Role], step: str) -> Organization:
     provider = load_organization(state, ctx.sender.organization)
     if provider.kind not in PROVIDER_KINDS:
         raise LedgerError(
             Code.UNAUTHORIZED,
-            f"claims are submitted by providers (hospital, clinic, lab, pharmacy);"
+            f"claims are {step} by providers (hospital, clinic, lab, pharmacy);"
             f" {provider.id} is of kind {provider.kind}",
         )
-    if ctx.sender.role not in PROVIDER_ROLES:
-        raise LedgerError(Code.UNAUTHORIZED, f"role {ctx.sender.role} may not submit claims")
+    if ctx.sender.role not in roles:
+        raise LedgerError(Code.UNAUTHORIZED, f"role {ctx.sender.role} may not {step} claims")
+    return provider
+
+
+def _open_claim(
+    state: State, ctx: TxContext, provider: Organization, body: SubmitClaim | ImportedClaim
+) -> Claim:
+    """Check and store a new claim with its Claim record (submitted or imported)."""
+    imported = isinstance(body, ImportedClaim)
+    patient = body.record.patient
     _check_id("claim_id", body.claim_id)
     if state.get(claim_key(body.claim_id)) is not None:
         raise LedgerError(Code.CONFLICT, f"claim {body.claim_id} exists")
-    insurer = _load_insurer(state, body.insurer)
-    _check_id("coverage", body.coverage)
+    payer = body.payer if isinstance(body, ImportedClaim) else ""
+    if payer and body.insurer:
+        raise _invalid("payer names an outside payer; a network insurer is named in insurer")
+    if (
+        imported
+        and not body.insurer
+        and (not 0 < len(payer) <= MAX_PAYER_NAME or not payer.isprintable())
+    ):
+        raise _invalid(f"payer: the outside payer's name, 1-{MAX_PAYER_NAME} characters")
+    insurer = _load_insurer(state, body.insurer).id if body.insurer else ""
+    if body.coverage or not imported:
+        _check_id("coverage", body.coverage)
     _check_currency(body.currency)
-    _check_items(ctx, body.items, body.total)
+    _check_items(ctx, body.items, body.total, imported=imported)
     _check_record(body.record, CLAIM_RESOURCE, patient)
     put_record(state, ctx, body.record)
     _check_supporting(state, patient, body.supporting)
 
     duplicate_of = ""
     for item in body.items:
-        key = service_key(provider.id, patient, item.service_date, item.code)
+        key = service_key(provider.id, patient, item)
         earlier = state.read(key, str)
         if earlier is None:
             state.write(key, body.claim_id)
@@ -563,7 +688,7 @@ def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
         provider=provider.id,
         submitter=ctx.sender.id,
         patient=patient,
-        insurer=insurer.id,
+        insurer=insurer,
         coverage=body.coverage,
         currency=body.currency,
         items=body.items,
@@ -583,16 +708,116 @@ def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
             ),
         ),
         duplicate_of=duplicate_of,
+        imported=imported,
+        payer=payer,
     )
     _save(state, claim)
-    parties = (("patient", patient), ("provider", provider.id), ("insurer", insurer.id))
+    parties = (("patient", patient), ("provider", provider.id), ("insurer", insurer))
     for party, party_id in parties:
-        state.put(party_index_prefix(party, party_id) + claim.id.encode(), b"")
+        if party_id:
+            state.put(party_index_prefix(party, party_id) + claim.id.encode(), b"")
     state.write(claim_record_key(body.record.record_id), claim.id)
-    flag = f"; flagged as a possible duplicate of claim {duplicate_of}" if duplicate_of else ""
+    return claim
+
+
+def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
+    """A provider organization's billing or clinician member submits a claim to an insurer,
+    with its sealed FHIR Claim; a service the provider already billed for the patient on the
+    same day flags the claim as a possible duplicate (it is accepted, not refused)."""
+    ctx.effects.subject = body.record.patient
+    provider = _provider_of(state, ctx, PROVIDER_ROLES, "submitted")
+    if not body.insurer:
+        raise LedgerError(Code.NOT_FOUND, "unknown insurer ''")
+    claim = _open_claim(state, ctx, provider, body)
+    flag = (
+        f"; flagged as a possible duplicate of claim {claim.duplicate_of}"
+        if claim.duplicate_of
+        else ""
+    )
     return (
-        f"claim {claim.id} submitted by {provider.id} to {insurer.id}: {len(body.items)} items,"
-        f" total {format_amount(body.total, body.currency)}{flag}"
+        f"claim {claim.id} submitted by {provider.id} to {claim.insurer}: {len(body.items)}"
+        f" items, total {format_amount(body.total, body.currency)}{flag}"
+    )
+
+
+def import_claims(state: State, ctx: TxContext, body: ImportClaims) -> str:
+    """A provider's member (billing, clinician, or its EHR system client) imports claims of
+    its history, each with the payer's reported decision and payment when there is one; any
+    refusal refuses them all."""
+    if not 0 < len(body.claims) <= MAX_IMPORTED_PER_TX:
+        raise _invalid(f"1-{MAX_IMPORTED_PER_TX} claims per import")
+    subjects = {c.record.patient for c in body.claims}
+    ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
+    provider = _provider_of(state, ctx, IMPORT_ROLES, "imported")
+    reported = 0
+    for position, imported in enumerate(body.claims):
+        try:
+            claim = _open_claim(state, ctx, provider, imported)
+            if imported.remittance is not None:
+                _report_remittance(state, ctx, claim, imported.remittance)
+                reported += 1
+        except LedgerError as err:
+            raise LedgerError(err.code, f"claim {position}: {err.message}") from None
+    ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
+    return (
+        f"{len(body.claims)} claims imported by {provider.id},"
+        f" {reported} with the payer's reported decision"
+    )
+
+
+def _report_remittance(state: State, ctx: TxContext, claim: Claim, body: Remittance) -> None:
+    """Record the payer's decision (and payment) on an imported claim as reported steps."""
+    approved = _check_decisions(claim, body.decisions, body.outcome)
+    if body.paid:
+        _check_amount("paid", body.paid)
+        _check_id("payment reference", body.reference)
+    if body.paid > approved:
+        raise _invalid(
+            f"paid {format_amount(body.paid, claim.currency)} exceeds the approved"
+            f" {format_amount(approved, claim.currency)}"
+        )
+    _check_record(body.record, EOB_RESOURCE, claim.patient)
+    put_record(state, ctx, body.record)
+    state.write(claim_record_key(body.record.record_id), claim.id)
+    history = [
+        _step(
+            ctx,
+            ClaimAction.ADJUDICATE,
+            ClaimStatus.ADJUDICATED,
+            amount=approved,
+            outcome=body.outcome,
+            decisions=body.decisions,
+            record_id=body.record.record_id,
+            reported=True,
+        )
+    ]
+    status = ClaimStatus.ADJUDICATED
+    if body.paid:
+        status = ClaimStatus.PAID if body.paid == approved else ClaimStatus.ADJUDICATED
+        history.append(
+            _step(
+                ctx,
+                ClaimAction.PAY,
+                status,
+                amount=body.paid,
+                reference=body.reference,
+                reported=True,
+            )
+        )
+    _save(
+        state,
+        msgspec.structs.replace(
+            claim,
+            status=status,
+            outcome=body.outcome,
+            decisions=body.decisions,
+            approved_total=approved,
+            paid_total=body.paid,
+            responses=(body.record.record_id,),
+            first_adjudicated_ns=ctx.block.time_ns,
+            last_adjudicated_ns=ctx.block.time_ns,
+            history=(*claim.history, *history),
+        ),
     )
 
 
@@ -608,21 +833,12 @@ def _load_insurer(state: State, org_id: str) -> Organization:
     return insurer
 
 
-def adjudicate_claim(state: State, ctx: TxContext, body: AdjudicateClaim) -> str:
-    """The claim's insurer decides every item of a submitted or appealed claim: approved amounts
-    never above the billed ones, reason codes for every reduction, and the outcome those
-    amounts imply; the sealed FHIR ClaimResponse is stored with the decision."""
-    claim = load_claim(state, body.claim_id)
-    ctx.effects.subject = claim.patient
-    _require_insurer(ctx.sender, claim, "adjudicate")
-    if claim.status not in (ClaimStatus.SUBMITTED, ClaimStatus.APPEALED):
-        raise LedgerError(
-            Code.CONFLICT,
-            f"claim {claim.id} is {claim.status}; it is adjudicated after submission or an appeal",
-        )
-    if len(body.decisions) != len(claim.items):
+def _check_decisions(claim: Claim, decisions: Sequence[ItemDecision], stated: Outcome) -> int:
+    """Check a decision on every item (approved amounts never above the billed ones, reason
+    codes for every reduction, the outcome those amounts imply); the approved total."""
+    if len(decisions) != len(claim.items):
         raise _invalid(f"decide each of the claim's {len(claim.items)} items, once, in order")
-    for item, decision in zip(claim.items, body.decisions, strict=True):
+    for item, decision in zip(claim.items, decisions, strict=True):
         what = f"item {item.sequence}"
         if decision.sequence != item.sequence:
             raise _invalid(f"decisions must follow the items in order; expected {what}")
@@ -641,10 +857,26 @@ def adjudicate_claim(state: State, ctx: TxContext, body: AdjudicateClaim) -> str
                 raise _invalid(f"{what}: unknown adjustment reason code {reason!r} (X12 CARC)")
         if decision.approved < item.amount and not decision.reasons:
             raise _invalid(f"{what}: a reduction needs at least one reason code (X12 CARC)")
-    outcome = outcome_of(claim.items, body.decisions)
-    if body.outcome is not outcome:
-        raise _invalid(f"the approved amounts make the outcome {outcome}, not {body.outcome}")
-    approved = sum(d.approved for d in body.decisions)
+    outcome = outcome_of(claim.items, decisions)
+    if stated is not outcome:
+        raise _invalid(f"the approved amounts make the outcome {outcome}, not {stated}")
+    return sum(d.approved for d in decisions)
+
+
+def adjudicate_claim(state: State, ctx: TxContext, body: AdjudicateClaim) -> str:
+    """The claim's insurer decides every item of a submitted or appealed claim: approved amounts
+    never above the billed ones, reason codes for every reduction, and the outcome those
+    amounts imply; the sealed FHIR ClaimResponse is stored with the decision."""
+    claim = load_claim(state, body.claim_id)
+    ctx.effects.subject = claim.patient
+    _require_insurer(ctx.sender, claim, "adjudicate")
+    if claim.status not in (ClaimStatus.SUBMITTED, ClaimStatus.APPEALED):
+        raise LedgerError(
+            Code.CONFLICT,
+            f"claim {claim.id} is {claim.status}; it is adjudicated after submission or an appeal",
+        )
+    approved = _check_decisions(claim, body.decisions, body.outcome)
+    outcome = body.outcome
     if approved < claim.paid_total:
         raise LedgerError(
             Code.CONFLICT,
@@ -739,6 +971,12 @@ def appeal_claim(state: State, ctx: TxContext, body: AppealClaim) -> str:
         raise LedgerError(
             Code.CONFLICT,
             f"claim {claim.id} is {claim.status}; only an adjudicated decision can be appealed",
+        )
+    if not claim.insurer:
+        raise LedgerError(
+            Code.CONFLICT,
+            f"claim {claim.id}'s payer {claim.payer!r} is outside the network; appeal to it"
+            " directly",
         )
     if claim.outcome not in (Outcome.PARTIAL, Outcome.DENIED):
         raise LedgerError(
@@ -863,11 +1101,12 @@ def party_stats(organization: str, claims: Iterable[Claim]) -> PartyStats:
 
 
 def claim_stats(claims: Iterable[Claim]) -> ClaimStats:
-    """Per provider and per insurer statistics of `claims`, each list by organization id."""
+    """Per provider and per insurer statistics of `claims`, each list by organization id (an
+    outside payer of imported claims by its name, marked as outside the network)."""
     chosen = list(claims)
     providers = sorted({c.provider for c in chosen})
-    insurers = sorted({c.insurer for c in chosen})
+    insurers = sorted({c.payer_name for c in chosen})
     return ClaimStats(
         providers=tuple(party_stats(p, (c for c in chosen if c.provider == p)) for p in providers),
-        insurers=tuple(party_stats(i, (c for c in chosen if c.insurer == i)) for i in insurers),
+        insurers=tuple(party_stats(i, (c for c in chosen if c.payer_name == i)) for i in insurers),
     )

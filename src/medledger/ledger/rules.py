@@ -15,10 +15,12 @@ from medledger.ledger import (
 from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.claims import (
     APPEAL_ROLES,
+    IMPORT_ROLES,
     PAYER_ROLES,
     PROVIDER_ROLES,
     AdjudicateClaim,
     AppealClaim,
+    ImportClaims,
     PayClaim,
     SubmitClaim,
 )
@@ -81,6 +83,7 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "claim.adjudicate": TransactionRule(AdjudicateClaim, PAYER_ROLES, claims.adjudicate_claim),
     "claim.pay": TransactionRule(PayClaim, PAYER_ROLES, claims.pay_claim),
     "claim.appeal": TransactionRule(AppealClaim, APPEAL_ROLES, claims.appeal_claim),
+    "claim.import": TransactionRule(ImportClaims, IMPORT_ROLES, claims.import_claims),
     # The shared directory (not PHI): the rule function checks the entry's organization.
     "directory.put": TransactionRule(
         directory.PutDirectoryEntries, directory.DIRECTORY_ROLES, directory.put_directory_entries
