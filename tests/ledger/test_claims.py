@@ -15,14 +15,15 @@ from medledger.crypto.keys import KeyPair
 from medledger.ledger import codec
 from medledger.ledger.access import RequestAccess
 from medledger.ledger.claims import (
+    CVX_SYSTEM,
+    SNOMED_SYSTEM,
     AdjudicateClaim,
     AppealClaim,
     AppealReason,
-    CVX_SYSTEM,
-    SNOMED_SYSTEM,
     Claim,
     ClaimAction,
     ClaimItem,
+    ClaimRemittance,
     ClaimStats,
     ClaimStatus,
     ImportClaims,
@@ -668,7 +669,7 @@ def test_an_ehr_imports_claim_history_with_the_payers_reported_decisions(
     )
     result = c.submit(cast.ehr, "claim.import", history)
     assert result.ok, result.log
-    assert "3 claims imported by st-mary, 2 with the payer's reported decision" in result.log
+    assert "3 claims imported by st-mary, 2 payer decisions reported" in result.log
 
     paid = load(c, "h-1")
     assert paid.imported and paid.payer == "Cigna Health" and paid.insurer == ""
@@ -781,4 +782,25 @@ def test_claim_import_refusals_change_nothing(consortium: Consortium, cast: Cast
     assert c.submit(cast.ehr, "claim.import", ImportClaims((imported("r-2", pid),))).ok
     refuse(cast.ehr, (imported("r-3", pid), imported("r-2", pid)), Code.CONFLICT, "claim 1:")
     assert State(c.chain.store).read(claim_key("r-3"), Claim) is None
-    refuse(cast.ehr, (), Code.INVALID_BODY, "claims per import")
+    refuse(cast.ehr, (), Code.INVALID_BODY, "claims and decisions per import")
+
+
+def test_a_payer_decision_may_follow_its_imported_claim(consortium: Consortium, cast: Cast) -> None:
+    c, pid = consortium, cast.patient.member_id
+    assert c.submit(cast.ehr, "claim.import", ImportClaims((imported("l-1", pid),))).ok
+    assert c.submit(cast.billing, "claim.submit", submission("l-2", pid)).ok
+    later = ImportClaims((), (ClaimRemittance("l-1", remitted("l-1", pid)),))
+
+    # Not by another provider; not for a claim submitted on the network (its insurer decides).
+    log = refused(c, cast.rival, "claim.import", later, Code.UNAUTHORIZED).log
+    assert "not one riverside imported" in log
+    native = ImportClaims((), (ClaimRemittance("l-2", remitted("l-2", pid)),))
+    log = refused(c, cast.ehr, "claim.import", native, Code.UNAUTHORIZED).log
+    assert "its payer decides it" in log
+
+    assert c.submit(cast.ehr, "claim.import", later).ok
+    claim = load(c, "l-1")
+    assert (claim.status, claim.paid_total) == (ClaimStatus.PAID, 11_242)
+    # Once decided, a second report is refused.
+    again = ImportClaims((), (ClaimRemittance("l-1", remitted("l-1b", pid)),))
+    assert "already paid" in refused(c, cast.ehr, "claim.import", again, Code.CONFLICT).log

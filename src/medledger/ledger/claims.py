@@ -384,11 +384,20 @@ class ImportedClaim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     remittance: Remittance | None = None
 
 
+class ClaimRemittance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The payer's decision on a claim imported earlier without one (its ExplanationOfBenefit
+    arrived later)."""
+
+    claim_id: str
+    remittance: Remittance
+
+
 class ImportClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`claim.import`: up to `MAX_IMPORTED_PER_TX` claims of the sender's organization, all
-    stored or none."""
+    """`claim.import`: up to `MAX_IMPORTED_PER_TX` claims of the sender's organization and
+    payer decisions on its earlier imported claims, all stored or none."""
 
     claims: tuple[ImportedClaim, ...]
+    remittances: tuple[ClaimRemittance, ...] = ()
 
 
 class AppealClaim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -742,11 +751,13 @@ def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
 
 def import_claims(state: State, ctx: TxContext, body: ImportClaims) -> str:
     """A provider's member (billing, clinician, or its EHR system client) imports claims of
-    its history, each with the payer's reported decision and payment when there is one; any
-    refusal refuses them all."""
-    if not 0 < len(body.claims) <= MAX_IMPORTED_PER_TX:
-        raise _invalid(f"1-{MAX_IMPORTED_PER_TX} claims per import")
-    subjects = {c.record.patient for c in body.claims}
+    its history, each with the payer's reported decision and payment when there is one, and
+    the payer's decisions on claims it imported earlier; any refusal refuses them all."""
+    if not 0 < len(body.claims) + len(body.remittances) <= MAX_IMPORTED_PER_TX:
+        raise _invalid(f"1-{MAX_IMPORTED_PER_TX} claims and decisions per import")
+    subjects = {c.record.patient for c in body.claims} | {
+        r.remittance.record.patient for r in body.remittances
+    }
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
     provider = _provider_of(state, ctx, IMPORT_ROLES, "imported")
     reported = 0
@@ -758,10 +769,23 @@ def import_claims(state: State, ctx: TxContext, body: ImportClaims) -> str:
                 reported += 1
         except LedgerError as err:
             raise LedgerError(err.code, f"claim {position}: {err.message}") from None
+    for position, later in enumerate(body.remittances):
+        try:
+            claim = load_claim(state, later.claim_id)
+            if not claim.imported or claim.provider != provider.id:
+                raise LedgerError(
+                    Code.UNAUTHORIZED,
+                    f"claim {claim.id} is not one {provider.id} imported; its payer decides it",
+                )
+            if claim.outcome is not None or claim.status is not ClaimStatus.SUBMITTED:
+                raise LedgerError(Code.CONFLICT, f"claim {claim.id} is already {claim.status}")
+            _report_remittance(state, ctx, claim, later.remittance)
+            reported += 1
+        except LedgerError as err:
+            raise LedgerError(err.code, f"decision {position}: {err.message}") from None
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
     return (
-        f"{len(body.claims)} claims imported by {provider.id},"
-        f" {reported} with the payer's reported decision"
+        f"{len(body.claims)} claims imported by {provider.id}, {reported} payer decisions reported"
     )
 
 
