@@ -203,6 +203,38 @@ def load_node_config(home: Path | str) -> NodeConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+MAX_PAYERS = 1000
+
+
+def load_payers(home: Path | str) -> dict[str, str]:
+    """The `[claims] payers` table of `HOME/medledger.toml`: how imported claims name payers
+    that are network insurers — a payer's identifier (`system|value`) or name -> the insurer
+    organization's id. Empty when absent; anything but a table of strings is a ConfigError."""
+    path = Path(home).expanduser().resolve() / CONFIG_FILE
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    claims = document.get("claims", {})
+    if not isinstance(claims, dict):
+        raise ConfigError(f"{path}: [claims] must be a table")
+    unknown = sorted(set(claims) - {"payers"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) in [claims]: {', '.join(unknown)}")
+    payers = claims.get("payers", {})
+    if not isinstance(payers, dict) or len(payers) > MAX_PAYERS:
+        raise ConfigError(f"{path}: [claims] payers is a table of at most {MAX_PAYERS} entries")
+    for name, organization in payers.items():
+        if not name or not isinstance(organization, str) or not organization:
+            raise ConfigError(
+                f"{path}: [claims] payers maps a payer's name or system|value to an insurer"
+                f" organization id; {name!r} = {organization!r} is not that"
+            )
+    return dict(payers)
+
+
 def write_node_config(cfg: NodeConfig) -> Path:
     """Write `cfg` as the `[node]` table of `HOME/medledger.toml` (creating HOME if needed),
     keeping any other tables and comments already in the file; returns the file's path."""

@@ -39,6 +39,7 @@ from medledger.client.claims import (
     to_minor_units,
 )
 from medledger.ledger.claims import (
+    CODE_SYSTEM_NAMES,
     REASON_CODES,
     SERVICE_CODES,
     AppealReason,
@@ -46,6 +47,7 @@ from medledger.ledger.claims import (
     ClaimStats,
     ItemDecision,
     PartyStats,
+    code_system,
     format_amount,
 )
 
@@ -147,7 +149,9 @@ def submit(
         result = ClaimsClient(records).submit(resource, supporting, claim_id)
     _print_step("submitted", result)
     found = result.claim
-    click.echo(f"  parties   {found.provider} -> insurer {found.insurer} (patient {found.patient})")
+    click.echo(
+        f"  parties   {found.provider} -> insurer {found.payer_name} (patient {found.patient})"
+    )
     click.echo(f"  items     {len(found.items)}")
     if found.duplicate_of:
         click.echo(
@@ -271,7 +275,9 @@ def show(node_url: str, claim_id: str, output: str) -> None:
     money = found.currency
     click.echo(f"claim {found.id}: {_status(found)}")
     click.echo(f"  provider   {found.provider} (submitted by {found.submitter})")
-    click.echo(f"  insurer    {found.insurer}, coverage {found.coverage}")
+    click.echo(f"  insurer    {found.payer_name}, coverage {found.coverage or '-'}")
+    if found.imported:
+        click.echo("  imported   from the provider's history; its payer's steps are reported")
     click.echo(f"  patient    {found.patient}")
     click.echo(
         f"  amounts    billed {format_amount(found.total, money)},"
@@ -287,7 +293,8 @@ def show(node_url: str, claim_id: str, output: str) -> None:
     items = Table("item", "code", "service", "date", "billed", "approved", "reasons")
     for item in found.items:
         decision = decided.get(item.sequence)
-        service = SERVICE_CODES[item.code].display if item.code in SERVICE_CODES else ""
+        system, display = code_system(item)
+        service = display or f"{CODE_SYSTEM_NAMES.get(system, system)} code"
         items.add_row(
             str(item.sequence),
             item.code,

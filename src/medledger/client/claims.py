@@ -17,10 +17,10 @@ other front ends (FHIR API, portal) to reuse.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
@@ -32,27 +32,37 @@ from medledger.ledger.claims import (
     CDT_SYSTEM,
     CLAIM_CATEGORY,
     CLAIM_RESOURCE,
+    CODE_TOKEN,
     CPT_SYSTEM,
     HCPCS_SYSTEM,
+    IMPORT_CODE_SYSTEMS,
+    MAX_IMPORTED_PER_TX,
+    MAX_ITEMS,
+    MAX_PAYER_NAME,
     PARTIES,
     REASON_CODES,
     RESPONSE_RESOURCE,
+    SERVICE_CODES,
     AdjudicateClaim,
     AppealClaim,
     AppealReason,
     Claim,
     ClaimItem,
+    ClaimRemittance,
     ClaimStats,
+    ImportClaims,
+    ImportedClaim,
     ItemDecision,
     Outcome,
     PayClaim,
+    Remittance,
     SubmitClaim,
     outcome_of,
 )
 from medledger.ledger.consent import Purpose
 from medledger.ledger.model import Member
-from medledger.ledger.records import PutRecord
-from medledger.validation import validate_resource
+from medledger.ledger.records import RECORD_ID, PutRecord
+from medledger.validation import ValidatedResource, validate_resource
 
 SERVICE_SYSTEMS = frozenset(
     {CPT_SYSTEM, HCPCS_SYSTEM, CDT_SYSTEM, "https://bluebutton.cms.gov/resources/codesystem/hcpcs"}
@@ -84,6 +94,10 @@ class ClaimContent:
     currency: str
     items: tuple[ClaimItem, ...]
     total: int
+    # An imported claim's payer outside the network, by name (then `insurer` is "").
+    payer: str = ""
+    # What an import kept differently from the document (e.g. a total that is not the sum).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -336,6 +350,253 @@ def claim_filter(
     return f"{chosen[0][0]}:{chosen[0][1]}".encode() if chosen else b""
 
 
+# --- claim history (claim.import) -----------------------------------------------------------
+
+# Adjudication categories of an ExplanationOfBenefit, by the last segment of their code: FHIR's
+# adjudication code system and CMS Blue Button's line variables (Synthea writes those).
+BENEFIT_CATEGORIES = frozenset({"benefit", "line_prvdr_pmt_amt"})
+# The X12 CARC reason a reduction of each kind stands for.
+REDUCTION_REASONS = (
+    (frozenset({"deductible", "line_bene_ptb_ddctbl_amt", "line_bene_pmt_amt_ddctbl"}), "1"),
+    (frozenset({"line_coinsrnc_amt", "coinsurance"}), "2"),
+    (frozenset({"copay"}), "3"),
+)
+UNEXPLAINED_REDUCTION = "45"  # charge exceeds the fee schedule or contracted arrangement
+UNPAID_LINE = "96"  # non-covered charge: the payer's line names no benefit
+
+
+@dataclass(frozen=True)
+class ReportedDecision:
+    """The payer's decision on a claim as its ExplanationOfBenefit states it."""
+
+    outcome: Outcome
+    decisions: tuple[ItemDecision, ...]
+    paid: int
+    reference: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HistoryClaim:
+    """One claim of a provider's history ready to import: its FHIR Claim (and the payer's
+    ExplanationOfBenefit, when the payer decided) validated, the record ids they are stored
+    under, and the billing summary and decision extracted from them. With `claim` None it is
+    the decision on claim `claim_id` imported earlier."""
+
+    claim_id: str
+    patient: str
+    claim: ValidatedResource | None
+    content: ClaimContent | None
+    record_id: str = ""
+    supporting: tuple[str, ...] = ()
+    eob: ValidatedResource | None = None
+    eob_record_id: str = ""
+    decision: ReportedDecision | None = None
+
+
+def to_cents(value: Any, what: str) -> int:
+    """A FHIR decimal money value as cents, rounded half to even (exports often carry binary
+    floating-point noise such as 28.104000000000003)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ClaimError(f"{what}: not a number")
+    try:
+        cents = (Decimal(str(value)) * 100).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
+    except InvalidOperation:
+        raise ClaimError(f"{what}: {value!r} is not a number") from None
+    return int(cents)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _history_code(item: Mapping[str, Any], what: str) -> tuple[str, str]:
+    """A line's code: one of the network's billing table (system ""), else the first coding
+    in a code system an imported claim may keep."""
+    codings = [
+        c
+        for c in (item.get("productOrService") or {}).get("coding", [])
+        if isinstance(c, Mapping) and isinstance(c.get("code"), str)
+    ]
+    for coding in codings:
+        if coding.get("system") in SERVICE_SYSTEMS and coding["code"] in SERVICE_CODES:
+            return str(coding["code"]), ""
+    for coding in codings:
+        if coding.get("system") in IMPORT_CODE_SYSTEMS and CODE_TOKEN.fullmatch(coding["code"]):
+            return str(coding["code"]), str(coding["system"])
+    raise ClaimError(
+        f"{what}: productOrService has no code of {', '.join(sorted(IMPORT_CODE_SYSTEMS))}"
+    )
+
+
+def claim_payer(
+    resource: Mapping[str, Any], payers: Mapping[str, str], insurers: Collection[str]
+) -> tuple[str, str]:
+    """Who pays a claim: (a network insurer's organization id, "") when Claim.insurer is one
+    or the payer's identifier (system|value) or name is mapped in `payers`; else ("", the
+    outside payer's name: Claim.insurer's display or the focal coverage's)."""
+    insurer = _mapping(resource.get("insurer"))
+    reference = str(insurer.get("reference") or "")
+    if reference.startswith("Organization/") and reference[13:] in insurers:
+        return reference[13:], ""
+    insurance = [i for i in resource.get("insurance") or [] if isinstance(i, Mapping)]
+    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else {})
+    coverage = _mapping(focal.get("coverage"))
+    identifier = _mapping(insurer.get("identifier"))
+    names = [
+        f"{identifier.get('system', '')}|{identifier.get('value', '')}" if identifier else "",
+        str(insurer.get("display") or ""),
+        str(coverage.get("display") or ""),
+    ]
+    for name in names:
+        if name and name in payers:
+            return payers[name], ""
+    outside = next((n for n in names[1:] if n), str(identifier.get("value") or ""))
+    if not outside:
+        raise ClaimError(
+            "the payer is not named: Claim.insurer (a reference, identifier or display) or"
+            " Claim.insurance.coverage.display is required"
+        )
+    if len(outside) > MAX_PAYER_NAME or not outside.isprintable():
+        raise ClaimError(f"the payer's name is 1-{MAX_PAYER_NAME} printable characters")
+    return "", outside
+
+
+def extract_history_claim(
+    resource: Mapping[str, Any], payers: Mapping[str, str], insurers: Collection[str]
+) -> ClaimContent:
+    """The billing summary of a FHIR Claim from a provider's history (a Synthea or EHR export):
+    as `extract_claim`, but a line may keep its source's code (see `_history_code`), a line
+    without a net amount or unit price bills nothing (an encounter line), amounts are rounded
+    to cents, and the payer may be outside the network (see `claim_payer`). The total is the
+    sum of the lines; a Claim.total that differs is kept in the document and noted."""
+    if resource.get("resourceType") != CLAIM_RESOURCE:
+        raise ClaimError(f"expected a FHIR Claim, got {resource.get('resourceType')!r}")
+    if resource.get("use") != "claim":
+        raise ClaimError(f"Claim.use is {resource.get('use')!r}; only 'claim' is imported")
+    patient = reference_id(resource.get("patient"), "Patient", "Claim.patient")
+    insurer, payer = claim_payer(resource, payers, insurers)
+    insurance = [i for i in resource.get("insurance") or [] if isinstance(i, Mapping)]
+    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else {})
+    coverage_ref = str(_mapping(focal.get("coverage")).get("reference") or "")
+    coverage = coverage_ref.rpartition("/")[2] if coverage_ref.startswith("Coverage/") else ""
+    raw_items = [i for i in resource.get("item") or [] if isinstance(i, Mapping)]
+    if not 0 < len(raw_items) <= MAX_ITEMS:
+        raise ClaimError(f"Claim.item: 1-{MAX_ITEMS} items")
+    currencies: set[str] = set()
+    items = []
+    for position, item in enumerate(raw_items, start=1):
+        what = f"Claim.item[{position}]"
+        price = _mapping(item.get("net")) or _mapping(item.get("unitPrice"))
+        if "value" not in price:
+            amount = 0
+        else:
+            quantity = 1 if "net" in item else (item.get("quantity") or {}).get("value", 1)
+            factor = 1 if "net" in item else item.get("factor", 1)
+            try:
+                value = (
+                    Decimal(str(price.get("value"))) * Decimal(str(quantity)) * Decimal(str(factor))
+                )
+            except InvalidOperation:
+                raise ClaimError(f"{what}: the amount is not a number") from None
+            amount = to_cents(value, what)
+            if price.get("currency"):
+                currencies.add(str(price["currency"]))
+        code, system = _history_code(item, what)
+        items.append(
+            ClaimItem(
+                sequence=position,
+                code=code,
+                service_date=_service_date(item, resource, what),
+                amount=amount,
+                system=system,
+            )
+        )
+    notes = []
+    total = sum(i.amount for i in items)
+    stated = resource.get("total")
+    if isinstance(stated, Mapping) and "value" in stated:
+        if stated.get("currency"):
+            currencies.add(str(stated["currency"]))
+        if to_cents(stated["value"], "Claim.total") != total:
+            notes.append(
+                f"Claim.total {stated['value']} is not the sum of its lines; the ledger keeps"
+                f" the lines' sum {Decimal(total) / 100}"
+            )
+    if len(currencies) != 1:
+        found = ", ".join(sorted(currencies)) or "none"
+        raise ClaimError(f"a claim has exactly one currency on its amounts (found: {found})")
+    return ClaimContent(
+        patient=patient,
+        provider="",
+        insurer=insurer,
+        coverage=coverage,
+        currency=currencies.pop(),
+        items=tuple(items),
+        total=total,
+        payer=payer,
+        notes=tuple(notes),
+    )
+
+
+def _category(entry: Mapping[str, Any]) -> str:
+    for coding in (entry.get("category") or {}).get("coding") or []:
+        if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
+            return str(coding["code"]).rstrip("/").rsplit("/", 1)[-1]
+    return ""
+
+
+def extract_reported_decision(
+    resource: Mapping[str, Any], items: Sequence[ClaimItem], record_id: str
+) -> ReportedDecision | None:
+    """The payer's decision in an ExplanationOfBenefit about a claim with `items` (None when
+    the EOB's outcome says the claim is not decided yet): per line the benefit (the payer's
+    payment; 0 when the line names none), reasons for any reduction (deductible 1,
+    coinsurance 2, copay 3, else 45; 96 for a billed line without a benefit), and the amount
+    paid — the EOB's payment, equal to the approved total when they differ by no more than
+    the rounding of its lines to cents. `record_id` is the reference when the payment has no
+    identifier."""
+    if resource.get("resourceType") != "ExplanationOfBenefit":
+        raise ClaimError(f"expected an ExplanationOfBenefit, got {resource.get('resourceType')!r}")
+    if resource.get("outcome") not in ("complete", "partial"):
+        return None
+    lines: dict[int, Mapping[str, Any]] = {}
+    for position, line in enumerate(resource.get("item") or [], start=1):
+        if isinstance(line, Mapping):
+            lines[int(line.get("sequence", position))] = line
+    decisions = []
+    for item in items:
+        what = f"ExplanationOfBenefit.item[{item.sequence}]"
+        amounts: dict[str, int] = {}
+        for entry in (lines.get(item.sequence) or {}).get("adjudication") or []:
+            if isinstance(entry, Mapping) and isinstance(entry.get("amount"), Mapping):
+                category = _category(entry)
+                cents = to_cents(entry["amount"].get("value"), f"{what} {category}")
+                amounts[category] = amounts.get(category, 0) + cents
+        benefit = [v for k, v in amounts.items() if k in BENEFIT_CATEGORIES]
+        approved = max(0, min(item.amount, benefit[0] if benefit else 0))
+        reasons: tuple[str, ...] = ()
+        if approved < item.amount:
+            reasons = tuple(
+                code for kinds, code in REDUCTION_REASONS if any(amounts.get(k) for k in kinds)
+            ) or ((UNPAID_LINE,) if not benefit else (UNEXPLAINED_REDUCTION,))
+        decisions.append(ItemDecision(item.sequence, approved, reasons))
+    approved_total = sum(d.approved for d in decisions)
+    payment = _mapping(resource.get("payment"))
+    paid = 0
+    amount = payment.get("amount")
+    if isinstance(amount, Mapping) and "value" in amount:
+        paid = max(0, to_cents(amount["value"], "ExplanationOfBenefit.payment.amount"))
+        if abs(paid - approved_total) <= len(items):
+            paid = approved_total
+        paid = min(paid, approved_total)
+    identifier = _mapping(payment.get("identifier"))
+    reference = str(identifier.get("value") or "")
+    if not RECORD_ID.fullmatch(reference):
+        reference = record_id
+    return ReportedDecision(outcome_of(items, decisions), tuple(decisions), paid, reference)
+
+
 # --- the client ------------------------------------------------------------------------------
 
 
@@ -384,6 +645,84 @@ class ClaimsClient:
         )
         outcome = self._submit("claim.submit", body)
         return ClaimResult(self.show(body.claim_id), outcome, put.record_id)
+
+    def import_history(
+        self, claims: Sequence[HistoryClaim], patient_keys: Mapping[str, bytes] | None = None
+    ) -> list[TxOutcome]:
+        """Seal every Claim and ExplanationOfBenefit of `claims` against one snapshot and
+        import them, in order, in `claim.import` transactions of at most MAX_IMPORTED_PER_TX
+        claims and about three quarters of the chain's max_tx_bytes (sent together, then
+        waited for). `patient_keys` as for `RecordsClient.put_many`."""
+        if not claims:
+            return []
+        sealing = self.records.sealing()
+        known = dict(patient_keys or {})
+        keys = {
+            pid: known.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
+            for pid in dict.fromkeys(c.patient for c in claims)
+        }
+
+        def seal(resource: ValidatedResource, patient: str, record_id: str) -> PutRecord:
+            put = self.records.seal_and_upload(
+                resource, patient, record_id, sealing=sealing, patient_key=keys[patient]
+            )
+            return msgspec.structs.replace(put, category=CLAIM_CATEGORY)
+
+        bodies: list[ImportedClaim | ClaimRemittance] = []
+        for claim in claims:
+            remittance = None
+            if claim.decision is not None and claim.eob is not None:
+                decision = claim.decision
+                remittance = Remittance(
+                    decision.outcome,
+                    decision.decisions,
+                    decision.paid,
+                    decision.reference,
+                    seal(claim.eob, claim.patient, claim.eob_record_id),
+                )
+            if claim.claim is None or claim.content is None:
+                if remittance is not None:
+                    bodies.append(ClaimRemittance(claim.claim_id, remittance))
+                continue
+            content = claim.content
+            bodies.append(
+                ImportedClaim(
+                    claim_id=claim.claim_id,
+                    insurer=content.insurer,
+                    payer=content.payer,
+                    coverage=content.coverage,
+                    currency=content.currency,
+                    items=content.items,
+                    total=content.total,
+                    supporting=claim.supporting,
+                    record=seal(claim.claim, claim.patient, claim.record_id),
+                    remittance=remittance,
+                )
+            )
+        max_bytes = int(self.ledger.query("/params")["max_tx_bytes"]) * 3 // 4
+        batches: list[list[ImportedClaim | ClaimRemittance]] = []
+        size = 0
+        for body in bodies:
+            cost = len(msgspec.msgpack.encode(body)) + 16
+            if not batches or len(batches[-1]) >= MAX_IMPORTED_PER_TX or size + cost > max_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(body)
+            size += cost
+        member = self.records.member_id
+        sent = [
+            self.ledger.send(
+                self.records.keys,
+                "claim.import",
+                ImportClaims(
+                    tuple(b for b in batch if isinstance(b, ImportedClaim)),
+                    tuple(b for b in batch if isinstance(b, ClaimRemittance)),
+                ),
+                sender=member,
+            )
+            for batch in batches
+        ]
+        return [self.ledger.outcome_of(tx_hash, member) for tx_hash in sent]
 
     def adjudicate(
         self,

@@ -15,6 +15,16 @@ from medledger.fhir.capability import (
     RECORD_TYPES,
     RESOURCES,
 )
+from medledger.fhir.claim_history import (
+    HISTORY_TYPES,
+    claims_of,
+    extract,
+    import_history,
+    insurers_of,
+    link_explanations,
+    plan_entry,
+    result,
+)
 from medledger.fhir.directory import (
     DIRECTORY_ONLY_TYPES,
     existing_entry,
@@ -59,6 +69,7 @@ from medledger.fhir.views import Views
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
 )
+from medledger.ledger.model import Organization
 from medledger.ledger.records import (
     MAX_RECORDS_PER_TX,
 )
@@ -102,10 +113,12 @@ class Bundles(Views):
             if method == "POST":
                 resource_type = url.split("?")[0]
                 self.require_scope(caller, resource_type, "c")
-                resource = self.incoming(resource_type, resource)
+                resource = self.incoming(resource_type, resource, in_transaction=True)
                 plan: Json = {"method": "POST", "type": resource_type, "resource": resource}
                 condition = request.get("ifNoneExist")
-                if resource_type in DIRECTORY_TYPES and (
+                if resource_type in HISTORY_TYPES:
+                    plan.update(plan_entry(resource_type))
+                elif resource_type in DIRECTORY_TYPES and (
                     resource_type != "Device" or is_directory_data(resource_type, resource)
                 ):
                     if resource_type != "Medication":  # bound to a patient by context, maybe
@@ -178,6 +191,7 @@ class Bundles(Views):
                 mapping[full_url] = f"{plan['type']}/{plan['id']}"
             plans.append(plan)
 
+        link_explanations(plans, mapping)
         pending = {p["id"] for p in plans if p.get("pending")}
         local: dict[tuple[str, str], str] = {}
         for position, plan in enumerate(plans):
@@ -247,6 +261,10 @@ class Bundles(Views):
                 except FhirError as exc:
                     raise in_entry(exc, position) from None
 
+        if any(p.get("claim") for p in plans):
+            organizations = caller.client.ledger.query("/organizations", b"", list[Organization])
+            extract(caller.client, plans, self.ctx.payers, insurers_of(organizations))
+
         # Enroll the new patients, then put their real ids everywhere. Their enrollments are
         # not waited for: the records follow them from the same member, so they execute first,
         # most often in the same block.
@@ -291,7 +309,7 @@ class Bundles(Views):
                 p.get("previous", 0),
             )
             for p in plans
-            if not p.get("existing") and not p.get("directory")
+            if not p.get("existing") and not p.get("directory") and not p.get("claim")
         ]
         try:
             done = caller.client.put_many(writes, patient_keys) if writes else []
@@ -300,12 +318,19 @@ class Bundles(Views):
             # patient"; and an enrollment must not go unchecked when nothing else was written.
             for tx_hash in enrollments:
                 caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
+        claims = {}
+        if any(p.get("claim") for p in plans):
+            import_history(caller.client, plans, patient_keys)
+            claims = claims_of(caller.client, plans)
         for plan in plans:
             if plan["type"] == "Patient" and not plan.get("existing"):
                 self.link_identifiers(plan["resource"], plan["id"])
         versions = {w.record_id: self.written(caller, w.record_id, w.version) for w in done}
         results = []
         for plan in plans:
+            if plan.get("claim"):
+                results.append(result(self.base, plan, claims[plan["id"]]))
+                continue
             if plan.get("directory"):
                 entry = read_entry(directory, plan["type"], plan["id"])
                 status = 200 if plan.get("existing") or plan["method"] == "PUT" else 201

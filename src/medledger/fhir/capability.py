@@ -171,12 +171,16 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         " record); targets about two patients are refused (422); found with patient=.",
     ),
     "Claim": ResourceSupport(
-        ("read", "search-type"),
+        ("read", "create", "search-type"),
         "Claim.id is the ledger's claim id; meta.tag carries the claim's ledger status."
         + _CLAIM_DOC
-        + " A claim is submitted by a billing or clinician member of the provider"
-        " (claim.submit); SMART clients act as system members, so POST answers 403 saying so:"
-        " submit with the SDK or `medledger claim submit`.",
+        + " POST submits a claim to a network insurer (claim.submit: billing codes of the"
+        " network's table, Claim.insurer an insurer organization) by a billing or clinician"
+        " member or the EHR system client of the provider. In a transaction Bundle, a Claim is"
+        " a claim of the provider's history (claim.import): its source's codes are kept, its"
+        " payer is a network insurer (Claim.insurer, or the node's [claims] payers table) or"
+        " one outside the network by name, and the ExplanationOfBenefit beside it is the"
+        " payer's decision, recorded as reported by the provider.",
         record=False,
         search=(
             _claim_param("_id", "token", "Resource-id", "The claim id."),
@@ -201,11 +205,14 @@ RESOURCES: Mapping[str, ResourceSupport] = {
         ),
     ),
     "ExplanationOfBenefit": ResourceSupport(
-        ("read", "search-type"),
+        ("read", "create", "search-type"),
         "One per claim (id = the claim id), built from the claim's on-chain state — items with"
         " their submitted, eligible and benefit amounts and adjustment reasons, payment, and the"
         " whole processing history as processNote and extension — and from its Claim and latest"
-        " ClaimResponse documents where the ledger lets the caller read them." + _CLAIM_DOC,
+        " ClaimResponse documents where the ledger lets the caller read them. Created (in a"
+        " transaction beside its Claim, or by POST for a claim the provider imported earlier)"
+        " it is the payer's decision on an imported claim, kept as an encrypted record."
+        + _CLAIM_DOC,
         record=False,
         search=(
             _claim_param("_id", "token", "Resource-id", "The claim id."),

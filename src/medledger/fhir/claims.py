@@ -19,11 +19,14 @@ FHIR Claim and each FHIR ClaimResponse are encrypted records. So:
   as processNote and as an extension — and, where the ledger lets the caller read them, from
   the Claim document (type, billing period, diagnoses, care team, quantities) and the latest
   ClaimResponse (disposition).
-- A claim is submitted (claim.submit) by a billing or clinician member of a provider
-  organization. A SMART client acts as a system member (ehr, lis), which the ledger does not
-  let submit claims: POST /fhir/Claim answers 403 saying which role is needed.
+- A claim is submitted (claim.submit, POST /fhir/Claim) by a billing or clinician member or
+  the EHR system client of a provider organization; a lab system (lis) gets 403 saying which
+  role is needed.
+- A provider's claim history comes in transaction Bundles (`fhir.claim_history`): Claims with
+  their ExplanationOfBenefits become imported claims with the payer's reported decision. POST
+  /fhir/ExplanationOfBenefit adds the payer's decision to a claim imported earlier.
 
-These types are served on their own endpoints only, not inside batch or transaction Bundles.
+Reads and searches are served on these endpoints only, not inside batch Bundles.
 `add_claim_fhir_routes(app)` serves them ahead of the gateway's generic `{type}` routes
 (through a middleware, so that the API keeps one route table, documented per type from the
 CapabilityStatement).
@@ -96,11 +99,13 @@ from medledger.ledger.claims import (
     PROVIDER_ROLES,
     REASON_CODES,
     SERVICE_CODES,
+    SUBMITTER_ROLES,
     Claim,
     ClaimAction,
     ClaimStatus,
     ClaimStep,
     ItemDecision,
+    code_system,
     format_amount,
 )
 from medledger.ledger.consent import Consent, Purpose
@@ -241,10 +246,13 @@ def step_text(claim: Claim, step: ClaimStep) -> str:
     """One step of a claim's history in words, with its block."""
     where = f"block {step.height}, {rfc3339(step.time_ns)}"
     who = f"{step.actor} ({step.actor_organization})"
+    if step.reported:
+        who = f"{claim.payer_name}, as reported by {who} from its explanation of benefit"
     currency = claim.currency
     match step.action:
         case ClaimAction.SUBMIT:
-            what = f"submitted by {who}: {format_amount(step.amount, currency)} billed"
+            verb = "imported" if claim.imported else "submitted"
+            what = f"{verb} by {who}: {format_amount(step.amount, currency)} billed"
         case ClaimAction.ADJUDICATE:
             what = (
                 f"adjudicated by {who}: {step.outcome},"
@@ -277,6 +285,8 @@ def _step_extension(claim: Claim, step: ClaimStep) -> Json:
         parts.append({"url": "paymentReference", "valueString": step.reference})
     if step.appeal_reason is not None:
         parts.append({"url": "appealReason", "valueCode": step.appeal_reason.value})
+    if step.reported:
+        parts.append({"url": "reported", "valueBoolean": True})
     return {"url": "step", "extension": parts}
 
 
@@ -292,6 +302,10 @@ def _ledger_extension(claim: Claim, with_claim_document: bool) -> Json:
         parts.insert(1, {"url": "outcome", "valueCode": claim.outcome.value})
     if claim.duplicate_of:
         parts.append({"url": "possibleDuplicateOf", "valueString": claim.duplicate_of})
+    if claim.imported:
+        parts.append({"url": "imported", "valueBoolean": True})
+    if claim.payer:
+        parts.append({"url": "outsidePayer", "valueString": claim.payer})
     parts.extend(_step_extension(claim, step) for step in claim.history)
     return {"url": CLAIM_EXTENSION, "extension": parts}
 
@@ -304,10 +318,10 @@ def _eob_items(claim: Claim, document: Mapping[str, Any] | None) -> list[Json]:
             source[int(item.get("sequence", position))] = item
     items = []
     for item in claim.items:
-        code = SERVICE_CODES.get(item.code)
-        coding: Json = {"code": item.code}
-        if code is not None:
-            coding = {"system": code.system, "code": item.code, "display": code.display}
+        system, display = code_system(item)
+        coding: Json = {"system": system, "code": item.code} if system else {"code": item.code}
+        if display:
+            coding["display"] = display
         entry: Json = {"sequence": item.sequence, "productOrService": {"coding": [coding]}}
         for element in ITEM_ELEMENTS:
             if element in source.get(item.sequence, {}):
@@ -364,7 +378,9 @@ def explanation_of_benefit(
         "use": "claim",
         "patient": {"reference": f"Patient/{claim.patient}"},
         "created": rfc3339(last.time_ns),
-        "insurer": {"reference": f"Organization/{claim.insurer}"},
+        "insurer": {"reference": f"Organization/{claim.insurer}"}
+        if claim.insurer
+        else {"display": claim.payer},
         "provider": {"reference": f"Organization/{claim.provider}"},
     }
     for element in CLAIM_ELEMENTS:
@@ -386,7 +402,12 @@ def explanation_of_benefit(
         eob["disposition"] = (
             disposition if isinstance(disposition, str) else DISPOSITIONS[claim.outcome]
         )
-    eob["insurance"] = [{"focal": True, "coverage": {"reference": f"Coverage/{claim.coverage}"}}]
+    coverage = (
+        {"reference": f"Coverage/{claim.coverage}"}
+        if claim.coverage
+        else {"display": claim.payer or claim.insurer}
+    )
+    eob["insurance"] = [{"focal": True, "coverage": coverage}]
     eob["item"] = _eob_items(claim, claim_document)
     totals = [_amount_entry("submitted", claim.total, claim.currency)]
     if decided:
@@ -400,6 +421,21 @@ def explanation_of_benefit(
         {"number": number, "type": "display", "text": step_text(claim, step)}
         for number, step in enumerate(claim.history, start=1)
     ]
+    if response_document and response_document.get("resourceType") == EOB:
+        return _as_sent(eob, response_document)
+    return eob
+
+
+def _as_sent(built: Json, document: Mapping[str, Any]) -> Json:
+    """An imported claim's ExplanationOfBenefit: the payer's document as the provider sent
+    it (ids and references as the import rewrote them), with the claim's ledger id, meta,
+    status tags, ledger extension and processing history."""
+    eob = copy.deepcopy(dict(document))
+    eob["id"] = built["id"]
+    eob["meta"] = {**(eob.get("meta") or {}), **built["meta"]}
+    eob["extension"] = [*(eob.get("extension") or []), *built["extension"]]
+    notes = [*(eob.get("processNote") or []), *built["processNote"]]
+    eob["processNote"] = [{**n, "number": i} for i, n in enumerate(notes, start=1)]
     return eob
 
 
@@ -754,17 +790,29 @@ class ClaimsView:
             notes,
         )
 
+    def import_explanation(self, body: Any) -> Reply:
+        """POST /ExplanationOfBenefit: the payer's decision on a claim this organization
+        imported earlier, as a transaction of that one entry (see `fhir.claim_history`)."""
+        if not isinstance(body, dict) or body.get("resourceType") != EOB:
+            raise invalid("POST /ExplanationOfBenefit takes an ExplanationOfBenefit")
+        entry = {"request": {"method": "POST", "url": EOB}, "resource": body}
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        answer = self.gateway.transaction(self.caller, bundle)
+        claim_id = str(answer["entry"][0]["fullUrl"]).rsplit("/", 1)[1]
+        reply = self.read_eob(claim_id)
+        reply.status = 201
+        reply.headers["Location"] = f"{self.gateway.base}/{EOB}/{claim_id}"
+        return reply
+
     def submit(self, body: Any) -> Reply:
         if not isinstance(body, dict) or body.get("resourceType") != CLAIM:
             raise invalid("POST /Claim takes a FHIR Claim", ["resourceType"])
         member = self.member
-        if member.role not in PROVIDER_ROLES:
+        if member.role not in SUBMITTER_ROLES:
             raise forbidden(
-                "submitting a claim (claim.submit) needs a billing or clinician member of a"
-                " provider organization (hospital, clinic, lab or pharmacy); this client acts"
-                f" as member {member.id}, role {member.role}, and SMART clients act as system"
-                " members (ehr, lis). Submit the Claim as a billing member with the SDK"
-                " (ClaimsClient.submit) or `medledger claim submit`."
+                "submitting a claim (claim.submit) needs a billing or clinician member or the"
+                " EHR system client (role ehr) of a provider organization (hospital, clinic, lab"
+                f" or pharmacy); this client acts as member {member.id}, role {member.role}."
             )
         resource = strip_server_meta(copy.deepcopy(body))
         resource.pop("id", None)
@@ -827,9 +875,11 @@ async def _read(request: web.Request, resource_type: str, resource_id: str) -> w
     return fhir_response(await _run(request, token, readers[resource_type]))
 
 
-async def _create(request: web.Request) -> web.Response:
-    token = authorize(request, CLAIM, "c")
+async def _create(request: web.Request, resource_type: str) -> web.Response:
+    token = authorize(request, resource_type, "c")
     body = await read_body(request)
+    if resource_type == EOB:
+        return fhir_response(await _run(request, token, lambda view: view.import_explanation(body)))
     return fhir_response(await _run(request, token, lambda view: view.submit(body)))
 
 
@@ -847,8 +897,8 @@ def claim_handler(request: web.Request) -> Callable[[], Awaitable[web.Response]]
         return lambda: _search(request, resource_type)
     if len(rest) == 1 and not rest[0].startswith(("_", "$")) and method == "GET":
         return lambda: _read(request, resource_type, rest[0])
-    if not rest and method == "POST" and resource_type == CLAIM:
-        return lambda: _create(request)
+    if not rest and method == "POST" and resource_type in (CLAIM, EOB):
+        return lambda: _create(request, resource_type)
     return None
 
 

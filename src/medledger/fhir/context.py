@@ -12,7 +12,7 @@ reached over the network.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -74,6 +74,9 @@ class FhirContext:
     # granted; may this cached resource still be shown). Without it nothing is asked ahead:
     # every read goes to the ledger and nothing decrypted is served from memory.
     view: CommittedView | None = None
+    # `[claims] payers`: a payer's identifier (system|value) or name, as imported claims name
+    # it, -> the network insurer organization that is that payer.
+    payers: Mapping[str, str] = field(default_factory=dict)
     _clients: dict[str, RecordsClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -302,7 +302,13 @@ def rewrite_references(value: Any, mapping: Mapping[str, str]) -> Any:
     return value
 
 
+# The patient element of types served outside the records' search tables (the claims').
+PATIENT_ELEMENTS = {"Claim": "patient", "ExplanationOfBenefit": "patient"}
+
+
 def patient_element(resource_type: str) -> str:
+    if resource_type in PATIENT_ELEMENTS:
+        return PATIENT_ELEMENTS[resource_type]
     param = SEARCH_PARAMS.get(resource_type, {}).get("patient")
     return param.paths[0] if param is not None else "subject"
 

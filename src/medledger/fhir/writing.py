@@ -14,6 +14,7 @@ from medledger.crypto.keys import KeyPair
 from medledger.fhir.capability import (
     RECORD_TYPES,
 )
+from medledger.fhir.claim_history import HISTORY_TYPES
 from medledger.fhir.directory import (
     DIRECTORY_ONLY_TYPES,
     Directory,
@@ -73,7 +74,9 @@ from medledger.validation import validate_resource
 class Writing(Searching):
     # --- writing ---------------------------------------------------------------------------
 
-    def incoming(self, resource_type: str, body: Any) -> Json:
+    def incoming(self, resource_type: str, body: Any, *, in_transaction: bool = False) -> Json:
+        """The body of a create or update, checked to be a resource this node stores (Claims
+        and ExplanationOfBenefits only in a transaction: see `fhir.claim_history`)."""
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object (a FHIR resource)")
         if body.get("resourceType") != resource_type:
@@ -81,7 +84,8 @@ class Writing(Searching):
                 f"the body is a {body.get('resourceType')!r}, not a {resource_type}",
                 ["resourceType"],
             )
-        if resource_type not in RECORD_TYPES and resource_type not in DIRECTORY_TYPES:
+        stored = resource_type in RECORD_TYPES or resource_type in DIRECTORY_TYPES
+        if not stored and not (in_transaction and resource_type in HISTORY_TYPES):
             raise not_supported(f"{resource_type} cannot be stored here", 404)
         return strip_server_meta(copy.deepcopy(body))
 

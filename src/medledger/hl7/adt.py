@@ -9,7 +9,9 @@ registers, updates and merges patients.
   node does not know follows the `[hl7] unknown_patients` policy (refuse, or register).
 - A40 (merge patient, identifier list): the MRG-1 identifiers of the prior patient are
   re-linked in the patient index to the PID's surviving patient, so that later messages naming
-  either identifier reach the survivor. The prior patient's records stay where they are.
+  either identifier reach the survivor. The prior patient's records stay where they are. An
+  A40 whose prior identifiers name no patient this node knows, or name two, is refused (AE)
+  and changes nothing.
 - Other ADT events (A02 transfer, A03 discharge, ...) carry nothing this ledger records: they
   are acknowledged AA with a warning and write nothing.
 

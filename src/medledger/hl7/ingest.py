@@ -698,6 +698,24 @@ class Hl7Processor:
                     "101",
                     ErrorLocation("MRG", 1, 1),
                 )
+            # A prior patient nobody registered is a typo or a message out of order: merging
+            # it would link identifiers to the survivor that may later be issued to someone
+            # else, and a prior that names two patients would merge three charts.
+            priors = {self._patients.resolve(s, v) for s, v in links} - {None}
+            if not priors:
+                raise Hl7Error(
+                    AckCode.ERROR,
+                    "ADT^A40: the prior patient (MRG-1) is not known on this node",
+                    "204",
+                    ErrorLocation("MRG", 1, 1),
+                )
+            if len(priors) > 1:
+                raise Hl7Error(
+                    AckCode.ERROR,
+                    "ADT^A40: the MRG-1 identifiers name different patients",
+                    "205",
+                    ErrorLocation("MRG", 1, 1),
+                )
             for system, value in links:
                 self._patients.reassign(system, value, survivor)
         return _Committed(

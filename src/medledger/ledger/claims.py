@@ -16,10 +16,10 @@ the small tables below, and anything else is refused.
 
 The claim's life:
 
-- `claim.submit` by a billing or clinician member of a provider organization (hospital, clinic,
-  lab, pharmacy): status *submitted*. A claim billing a service (code and date of service) that
-  the same provider already billed for the same patient is accepted and flagged as a possible
-  duplicate of the earlier claim.
+- `claim.submit` by a billing or clinician member or the EHR system client of a provider
+  organization (hospital, clinic, lab, pharmacy): status *submitted*. A claim billing a
+  service (code and date of service) that the same provider already billed for the same
+  patient is accepted and flagged as a possible duplicate of the earlier claim.
 - `claim.adjudicate` by a billing or admin member of the claim's insurer, from *submitted* or
   *appealed*: an approved amount per item (never above the billed amount; any reduction
   carries reason codes) and the outcome that the amounts imply: *approved* (every item in
@@ -39,10 +39,10 @@ states it (approved amount per item, reasons, amount paid) with the sealed
 ExplanationOfBenefit. Those steps are marked *reported*: the provider reports what the payer
 decided outside the network; the insurer did not sign them. An imported claim keeps its
 source's service codes when they are in a known code system (SNOMED CT, CVX, RxNorm, LOINC,
-CPT, HCPCS, CDT; each code checked for form), may bill lines at zero (encounter lines), and
-its payer is a network insurer or, named in `payer`, an outside one. A claim whose payer is
-outside the network is closed history: nobody on the network adjudicates, pays or hears an
-appeal of it.
+CPT, HCPCS, CDT; each code checked as a token of at most 64 characters), may bill lines at
+zero (encounter lines), and its payer is a network insurer or, named in `payer`, an outside
+one. A claim whose payer is outside the network is closed history: nobody on the network
+adjudicates, pays or hears an appeal of it.
 
 Any other step is refused with the reason, and a refused step changes nothing.
 """
@@ -85,8 +85,9 @@ PROVIDER_KINDS = frozenset(
 # Who acts for the provider (submits, appeals) and for the insurer (adjudicates, pays).
 PROVIDER_ROLES = frozenset({Role.BILLING, Role.CLINICIAN})
 PAYER_ROLES = frozenset({Role.BILLING, Role.ADMIN})
-# Who imports a provider's claim history: its billing and clinical members and its EHR.
-IMPORT_ROLES = frozenset(PROVIDER_ROLES | {Role.EHR})
+# Who submits a provider's claims and imports its claim history: its billing and clinical
+# members and its EHR system clients.
+SUBMITTER_ROLES = frozenset(PROVIDER_ROLES | {Role.EHR})
 APPEAL_ROLES = frozenset(PROVIDER_ROLES | {Role.PATIENT, Role.DELEGATE})
 # Members who write the sealed Claim and ClaimResponse packages of these steps.
 CLAIM_AUTHOR_ROLES = frozenset(PROVIDER_ROLES | PAYER_ROLES)
@@ -115,16 +116,29 @@ CVX_SYSTEM = "http://hl7.org/fhir/sid/cvx"
 RXNORM_SYSTEM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC_SYSTEM = "http://loinc.org"
 
-# The code systems an imported claim's lines may keep, each with the form of its codes.
-IMPORT_CODE_SYSTEMS: Mapping[str, re.Pattern[str]] = {
-    SNOMED_SYSTEM: re.compile(r"[1-9][0-9]{5,17}", re.ASCII),
-    CVX_SYSTEM: re.compile(r"[0-9]{1,3}", re.ASCII),
-    RXNORM_SYSTEM: re.compile(r"[1-9][0-9]{0,9}", re.ASCII),
-    LOINC_SYSTEM: re.compile(r"[0-9]{1,7}-[0-9]", re.ASCII),
-    CPT_SYSTEM: re.compile(r"[0-9]{4}[0-9FTU]", re.ASCII),
-    HCPCS_SYSTEM: re.compile(r"[A-V][0-9]{4}", re.ASCII),
-    CDT_SYSTEM: re.compile(r"D[0-9]{4}", re.ASCII),
+# The code systems an imported claim's lines may keep. Their codes are checked only as tokens:
+# exports carry codes no terminology server would accept, and the payer has decided them.
+IMPORT_CODE_SYSTEMS = frozenset(
+    {
+        SNOMED_SYSTEM,
+        CVX_SYSTEM,
+        RXNORM_SYSTEM,
+        LOINC_SYSTEM,
+        CPT_SYSTEM,
+        HCPCS_SYSTEM,
+        CDT_SYSTEM,
+    }
+)
+CODE_SYSTEM_NAMES: Mapping[str, str] = {
+    CPT_SYSTEM: "CPT",
+    HCPCS_SYSTEM: "HCPCS",
+    CDT_SYSTEM: "CDT",
+    SNOMED_SYSTEM: "SNOMED CT",
+    CVX_SYSTEM: "CVX",
+    RXNORM_SYSTEM: "RxNorm",
+    LOINC_SYSTEM: "LOINC",
 }
+CODE_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,63}", re.ASCII)
 
 
 class ServiceCode(msgspec.Struct, frozen=True):
@@ -243,6 +257,14 @@ class ClaimItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     service_date: str
     amount: int
     system: str = ""
+
+
+def code_system(item: ClaimItem) -> tuple[str, str]:
+    """A line's code system URI and short name, and (for the network's table) its display."""
+    if item.system:
+        return item.system, ""
+    code = SERVICE_CODES.get(item.code)
+    return (code.system, code.display) if code else ("", "")
 
 
 class ItemDecision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -522,14 +544,13 @@ def _check_code(item: ClaimItem, imported: bool) -> None:
         if item.code not in SERVICE_CODES:
             raise _invalid(f"{what}: unknown service code {item.code!r}")
         return
-    form = IMPORT_CODE_SYSTEMS.get(item.system)
     if not imported:
         raise _invalid(f"{what}: a submitted claim bills codes of the network's table only")
-    if form is None:
+    if item.system not in IMPORT_CODE_SYSTEMS:
         raise _invalid(
             f"{what}: code system {item.system[:80]!r} is not one of {sorted(IMPORT_CODE_SYSTEMS)}"
         )
-    if not form.fullmatch(item.code):
+    if not CODE_TOKEN.fullmatch(item.code):
         raise _invalid(f"{what}: {item.code[:40]!r} is not a code of {item.system}")
 
 
@@ -649,7 +670,7 @@ def _provider_of(state: State, ctx: TxContext, roles: frozenset[Role], step: str
     if provider.kind not in PROVIDER_KINDS:
         raise LedgerError(
             Code.UNAUTHORIZED,
-            f"claims are {step} by providers (hospital, clinic, lab, pharmacy);"
+            f"only providers (hospital, clinic, lab, pharmacy) {step} claims;"
             f" {provider.id} is of kind {provider.kind}",
         )
     if ctx.sender.role not in roles:
@@ -734,7 +755,7 @@ def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
     with its sealed FHIR Claim; a service the provider already billed for the patient on the
     same day flags the claim as a possible duplicate (it is accepted, not refused)."""
     ctx.effects.subject = body.record.patient
-    provider = _provider_of(state, ctx, PROVIDER_ROLES, "submitted")
+    provider = _provider_of(state, ctx, SUBMITTER_ROLES, "submit")
     if not body.insurer:
         raise LedgerError(Code.NOT_FOUND, "unknown insurer ''")
     claim = _open_claim(state, ctx, provider, body)
@@ -759,7 +780,7 @@ def import_claims(state: State, ctx: TxContext, body: ImportClaims) -> str:
         r.remittance.record.patient for r in body.remittances
     }
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
-    provider = _provider_of(state, ctx, IMPORT_ROLES, "imported")
+    provider = _provider_of(state, ctx, SUBMITTER_ROLES, "import")
     reported = 0
     for position, imported in enumerate(body.claims):
         try:

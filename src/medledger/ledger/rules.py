@@ -15,9 +15,8 @@ from medledger.ledger import (
 from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.claims import (
     APPEAL_ROLES,
-    IMPORT_ROLES,
     PAYER_ROLES,
-    PROVIDER_ROLES,
+    SUBMITTER_ROLES,
     AdjudicateClaim,
     AppealClaim,
     ImportClaims,
@@ -79,11 +78,11 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "client.register": TransactionRule(RegisterClient, ADMINS, clients.register_client),
     "client.revoke": TransactionRule(RevokeClient, ADMINS, clients.revoke_client),
     # Claims: the rule functions check the organization (provider or the claim's insurer).
-    "claim.submit": TransactionRule(SubmitClaim, PROVIDER_ROLES, claims.submit_claim),
+    "claim.submit": TransactionRule(SubmitClaim, SUBMITTER_ROLES, claims.submit_claim),
     "claim.adjudicate": TransactionRule(AdjudicateClaim, PAYER_ROLES, claims.adjudicate_claim),
     "claim.pay": TransactionRule(PayClaim, PAYER_ROLES, claims.pay_claim),
     "claim.appeal": TransactionRule(AppealClaim, APPEAL_ROLES, claims.appeal_claim),
-    "claim.import": TransactionRule(ImportClaims, IMPORT_ROLES, claims.import_claims),
+    "claim.import": TransactionRule(ImportClaims, SUBMITTER_ROLES, claims.import_claims),
     # The shared directory (not PHI): the rule function checks the entry's organization.
     "directory.put": TransactionRule(
         directory.PutDirectoryEntries, directory.DIRECTORY_ROLES, directory.put_directory_entries

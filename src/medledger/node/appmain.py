@@ -20,7 +20,7 @@ from medledger.api.claims import add_claim_routes
 from medledger.api.http import build_http_app
 from medledger.api.records import add_record_routes
 from medledger.auth import ReplayCache
-from medledger.config import load_node_config
+from medledger.config import load_node_config, load_payers
 from medledger.fhir.context import FHIR_CONTEXT, FhirContext
 from medledger.fhir.routes import (
     add_fhir_routes,
@@ -228,6 +228,7 @@ async def serve_app(home: Path) -> None:
         ledger=node_ledger,
         home=home_node,
         view=view,
+        payers=load_payers(cfg.home),
     )
     held = fhir_context.custody.unlock_all()
     # A wrong [hl7] table stops the node here, before any socket opens (see node app).

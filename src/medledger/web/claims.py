@@ -12,12 +12,9 @@ from dataclasses import dataclass
 
 from medledger.client.claims import claim_filter
 from medledger.ledger.claims import (
-    CDT_SYSTEM,
-    CPT_SYSTEM,
-    HCPCS_SYSTEM,
+    CODE_SYSTEM_NAMES,
     MAX_APPEALS,
     REASON_CODES,
-    SERVICE_CODES,
     AppealReason,
     Claim,
     ClaimAction,
@@ -27,13 +24,13 @@ from medledger.ledger.claims import (
     CurrencyTotals,
     Outcome,
     PartyStats,
+    code_system,
     format_amount,
 )
 from medledger.ledger.model import Member, Role
 from medledger.web.common import when
 from medledger.web.context import PortalContext
 
-CODE_SYSTEMS = {CPT_SYSTEM: "CPT", HCPCS_SYSTEM: "HCPCS", CDT_SYSTEM: "CDT"}
 ACTIONS = {
     ClaimAction.SUBMIT: "Submitted",
     ClaimAction.ADJUDICATE: "Decided",
@@ -142,14 +139,14 @@ def _items(claim: Claim) -> list[ItemLine]:
     decisions = {d.sequence: d for d in claim.decisions}
     lines = []
     for item in claim.items:
-        code = SERVICE_CODES.get(item.code)
+        system, display = code_system(item)
         decision = decisions.get(item.sequence)
         lines.append(
             ItemLine(
                 sequence=item.sequence,
                 code=item.code,
-                system=CODE_SYSTEMS.get(code.system, "") if code else "",
-                description=code.display if code else "",
+                system=CODE_SYSTEM_NAMES.get(system, ""),
+                description=display,
                 service_date=item.service_date,
                 billed=format_amount(item.amount, claim.currency),
                 approved=format_amount(decision.approved, claim.currency) if decision else "",
@@ -186,7 +183,7 @@ def claim_card(context: PortalContext, claim: Claim) -> ClaimCard:
     return ClaimCard(
         claim=claim,
         provider=context.organization_name(claim.provider),
-        insurer=context.organization_name(claim.insurer),
+        insurer=context.organization_name(claim.insurer) if claim.insurer else claim.payer_name,
         submitted=when(claim.submitted_ns),
         service_dates=dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}",
         billed=format_amount(claim.total, claim.currency),
