@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthea_bundles import SYNTHEA, synthea_bundle
 
 SUPPORTED = frozenset(t for t, s in RESOURCES.items() if "create" in s.interactions)
-UNSUPPORTED = {"Claim", "ExplanationOfBenefit"}  # the claims ledger takes them
+# Every type a Synthea patient bundle holds is stored (claims on the claims ledger).
+CLAIM_TYPES = {"Claim", "ExplanationOfBenefit"}
 
 
 def keys_of(plan: BundlePlan) -> dict[str, int]:
@@ -51,12 +51,11 @@ def test_a_large_bundle_is_split_with_the_patient_first_and_references_backwards
     plan = plan_bundle(bundle, SUPPORTED, chunk_size=100)
     sent = [e.resource_type for e in plan.entries]
     assert sent[0] == "Patient"
-    assert len(plan.entries) == 152  # the patient, 150 clinical resources, its Provenance
-    assert [len(c) for c in plan.chunks] == [100, 52]
+    # The patient, 150 clinical resources, 7 claims with their 7 EOBs, its Provenance.
+    assert len(plan.entries) == 166
+    assert [len(c) for c in plan.chunks] == [100, 66]
     # Every entry is sent exactly once, after every entry it references.
-    assert sorted(e.position for e in plan.entries) == sorted(
-        n for n, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] not in UNSUPPORTED
-    )
+    assert sorted(e.position for e in plan.entries) == list(range(len(bundle["entry"])))
     order = {e.key: n for n, e in enumerate(plan.entries)}
     for entry in plan.entries:
         assert all(order[r] < order[entry.key] for r in entry.refs), entry.resource_type
@@ -67,9 +66,18 @@ def test_a_large_bundle_is_split_with_the_patient_first_and_references_backwards
         e for e in plan.chunks[1] for r in e.refs if chunk[r] == 0 and e.resource_type != "Patient"
     ]
     assert crossing
-    # Types the server does not store are reported, not dropped.
-    skipped = Counter(s.resource_type for s in plan.skipped)
-    assert set(skipped) == UNSUPPORTED and all(s.unsupported for s in plan.skipped)
+    # Nothing is skipped: claims and their EOBs are stored too, each EOB after its Claim.
+    assert plan.skipped == []
+    for entry in plan.entries:
+        if entry.resource_type == "ExplanationOfBenefit":
+            (claim,) = [
+                r
+                for r in entry.refs
+                if r.startswith("urn:")
+                and order[r] < order[entry.key]
+                and plan.entries[order[r]].resource_type == "Claim"
+            ]
+            assert claim
     assert plan.total == len(bundle["entry"])
     # The server assigns ids: none is sent.
     assert all("id" not in e.resource for e in plan.entries)
@@ -99,11 +107,12 @@ def test_later_transactions_reference_earlier_entries_by_their_new_ids() -> None
         if resource["resourceType"] == "Provenance":  # its targets: the patient's new id
             assert resource["target"] == [{"reference": assigned[patient.key]}]
         else:
-            element = "patient" if resource["resourceType"] in ("Immunization",) else "subject"
+            patient_typed = ("Immunization", "Claim", "ExplanationOfBenefit")
+            element = "patient" if resource["resourceType"] in patient_typed else "subject"
             assert resource[element]["reference"] == expected_patient
         for target in references(resource):
             assert target in own | earlier | {expected_patient} or target.startswith(
-                ("Practitioner?", "Organization?")
+                ("Practitioner?", "Organization?", "Location?", "#")
             ), target
         validate_resource({**resource, "id": "x"})
 

@@ -1,8 +1,11 @@
 """`make demo` on a real 4-validator network of its own (a temporary home, its own ports): the
-integration commands it prints — a token request, a FHIR search and an MLLP send — work
-exactly as printed, and the identities they use are refused what they must not do: the demo
-EHR client cannot write a Consent, and a token request signed with another key is refused.
-A second run on a node 0 that lost its listener restarts it and changes nothing else."""
+integration commands it prints — a token request, a FHIR search and two MLLP sends, a
+laboratory result and an ADT^A04 that registers a patient (node 0's `[hl7]` table names the
+demo's custodial EHR member as `registration_member`) — work exactly as printed, and the
+identities they use are refused what they must not do: the demo EHR client cannot write a
+Consent, a token request signed with another key is refused, and an ADT from a sender the
+listener does not allow registers nobody. A second run on a node 0 that lost its listener
+restarts it and changes nothing else."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -82,7 +86,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 
 def test_the_printed_token_request_search_and_mllp_send_work(demo: Demo, tmp_path: Path) -> None:
-    token, search, send = demo.commands
+    token, search, send, _register = demo.commands
     assert token.startswith("TOKEN=$(.venv/bin/medledger client token --jwk ")
     assert search.startswith("curl ")
     assert send.startswith(".venv/bin/medledger hl7 send ")
@@ -112,6 +116,52 @@ def test_the_printed_token_request_search_and_mllp_send_work(demo: Demo, tmp_pat
     jwk = demo.home.parent / "ehr-client.jwk"
     assert jwk.stat().st_mode & 0o777 == 0o600
     assert json.loads(jwk.read_text())["client_id"] == "demo-ehr"
+
+
+def fhir_search(token_line: str, url: str) -> dict[str, Any]:
+    """A FHIR search with the demo EHR client's token, as a user runs it from the shell."""
+    result = run_bash(
+        f'{token_line}\ncurl -sf -H "Authorization: Bearer $TOKEN"'
+        f' -H "Accept: application/fhir+json" "{url}"'
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    bundle: dict[str, Any] = json.loads(result.stdout)
+    assert bundle["resourceType"] == "Bundle"
+    return bundle
+
+
+def test_the_printed_adt_send_registers_a_patient_as_the_ehr_member(demo: Demo) -> None:
+    token, _, _, register = demo.commands
+    assert register.startswith(".venv/bin/medledger hl7 send ") and "sample-adt.hl7" in register
+    node0 = node_homes(demo.home)[0]
+    table = tomlkit.parse((node0 / "medledger.toml").read_text(encoding="utf-8"))["hl7"]
+    custody = run_bash(f".venv/bin/medledger custody list --home {node0}")
+    assert custody.returncode == 0, custody.stderr
+    custodial = dict(line.split("\t", 1) for line in custody.stdout.splitlines())
+    assert table["registration_member"] == custodial["ehr"]
+    search = f"{demo.api_url}/fhir/Patient?identifier=urn:oid:2.16.840.1.113883.19.5|DEMO-0002"
+    assert fhir_search(token, search)["total"] == 0
+
+    # From a registration system the listener does not allow: AR, nobody registered.
+    adt_file = demo.home.parent / "sample-adt.hl7"
+    stranger = adt_file.with_name("stranger-adt.hl7")
+    stranger.write_text(
+        adt_file.read_text().replace("|DEMO_ADT|STMARY|", "|OTHER_ADT|ELSEWHERE|", 1)
+    )
+    refused = run_bash(register.replace(str(adt_file), str(stranger)))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout.startswith("DEMO-ADT-0001: AR ")
+    assert "is not allowed on this node" in refused.stdout
+    assert fhir_search(token, search)["total"] == 0
+
+    result = run_bash(register)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "DEMO-ADT-0001: AA patient registered"
+    found = fhir_search(token, search)
+    assert found["total"] == 1
+    patient = found["entry"][0]["resource"]
+    assert patient["name"] == [{"family": "Okafor", "given": ["Grace"]}]
+    assert patient["birthDate"] == "1985-07-04"
 
 
 def test_the_demo_ehr_client_cannot_write_a_consent(demo: Demo) -> None:

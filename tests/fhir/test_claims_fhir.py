@@ -3,8 +3,9 @@ submits two claims with the SDK and the insurer (CarePlus, node 4) adjudicates o
 and pays it; SMART clients of the hospital and of the insurer then read the Claim, its
 ClaimResponse and the ExplanationOfBenefit and search them, each through the ledger's own
 access rules (the hospital's EHR reads the Claim it authored, the insurer's EHR its decision and,
-once the patient consents, the Claim); a client of an unrelated clinic sees nothing; an EHR
-client cannot submit a claim; every resource validates against the R4(B) models."""
+once the patient consents, the Claim); a client of an unrelated clinic sees nothing; the
+hospital's EHR client submits a claim, the insurer's cannot; every resource validates against
+the R4(B) models."""
 
 from __future__ import annotations
 
@@ -290,8 +291,10 @@ def test_the_capability_statement_lists_the_claim_types(scene: Scene) -> None:
     statement = httpx.get(f"{scene.sites[0].base}/metadata", timeout=10).json()
     validate_resource(statement)
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    created = {"Claim", "ExplanationOfBenefit"}  # submitted; imported with the payer's decision
     for name in ("Claim", "ClaimResponse", "ExplanationOfBenefit"):
-        assert {i["code"] for i in resources[name]["interaction"]} == {"read", "search-type"}
+        expected = {"read", "search-type"} | ({"create"} if name in created else set())
+        assert {i["code"] for i in resources[name]["interaction"]} == expected
         assert "patient" in {p["name"] for p in resources[name]["searchParam"]}
 
 
@@ -348,9 +351,14 @@ def test_the_provider_reads_its_claims_and_their_explanation_of_benefit(scene: S
     (note,) = [e["resource"] for e in left_out["entry"] if e["search"]["mode"] == "outcome"]
     assert "1 matching record(s) left out" in note["issue"][0]["diagnostics"]
 
-    # An EHR client acts as a system member, which may not submit claims.
-    resource = claim_resource(pid, scene.hospital, scene.insurer, ECG)
-    refused(fhir.post("Claim", resource), 403, "billing or clinician member")
+    # The hospital's EHR submits a claim (for another patient, to leave the counts here as
+    # they are); the insurer's EHR may not submit one, being no provider.
+    other = _enroll(scene.network, 0, Role.PATIENT).member_id
+    submitted = fhir.post("Claim", claim_resource(other, scene.hospital, scene.insurer, ECG))
+    assert submitted.status_code == 201, submitted.text
+    assert submitted.json()["meta"]["tag"][0]["code"] == "submitted"
+    resource = claim_resource(other, scene.insurer, scene.insurer, ECG)
+    refused(scene.sites[3].fhir().post("Claim", resource), 403)
 
 
 def test_the_insurer_reads_its_decisions_and_the_claim_once_the_patient_consents(

@@ -18,7 +18,8 @@ What is asserted, as src/medledger/hl7/ implements it:
   results are on the ledger.
 - Refused, writing nothing: an ADT with processing id T on this P-only node (AR; no patient
   keys, no index entry), an A40 whose prior patient is unknown (AE 204; the identifier names
-  nobody after it) and one whose surviving patient is unknown (AE 204)."""
+  nobody after it), one whose prior identifiers name two patients (AE 205) and one whose
+  surviving patient is unknown (AE 204)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def adt(
     prior: str = "",
     address: str = "",
 ) -> str:
-    """An ADT message of the hospital's registration system; `acks` is MSH-15^MSH-16 as
-    "AL|AL", `prior` the MRN of an A40's MRG-1."""
+    """An ADT message of the hospital's registration system; `acks` is MSH-15 and MSH-16 as
+    "AL|AL", `prior` the MRNs of an A40's MRG-1 (repeats separated by ~)."""
     structure = {"A28": "ADT_A05", "A31": "ADT_A05", "A40": "ADT_A39"}.get(trigger, "ADT_A01")
     segments = [
         f"MSH|^~\\&|EPIC_ADT|ST_MARY|MEDLEDGER|ST_MARY|20261101080000||ADT^{trigger}^{structure}"
@@ -72,7 +73,7 @@ def adt(
         f"PID|1||{mrn}^^^{AUTHORITY}^MR||{family}^{given}||19900101|F|||{address}",
     ]
     if prior:
-        segments.append(f"MRG|{prior}^^^{AUTHORITY}^MR")
+        segments.append("MRG|" + "~".join(f"{m}^^^{AUTHORITY}^MR" for m in prior.split("~")))
     return "\r".join(segments)
 
 
@@ -280,9 +281,18 @@ def test_what_must_not_pass_changes_nothing(lab: Lab, fhir: Fhir) -> None:
     assert "the prior patient (MRG-1) is not known on this node" in msa(ack)[2]
     assert str(ack.segment("ERR")(3)).startswith("204^")
     assert fhir.patients("E2E-TYPO") == []
+    # A merge whose prior identifiers name two patients would merge three charts.
+    for number, mrn in enumerate(("E2E-TWIN-1", "E2E-TWIN-2")):
+        assert msa(lab.send(adt(f"NOP-T{number}", "A04", mrn, "Keller")))[0] == "AA"
+    twins = [fhir.patient(mrn)["id"] for mrn in ("E2E-TWIN-1", "E2E-TWIN-2")]
+    keys = custodial_members(lab)
+    ack = lab.send(adt("NOP-4", "A40", "E2E-KEEP", "Keller", prior="E2E-TWIN-1~E2E-TWIN-2"))
+    assert msa(ack)[:2] == ("AE", "NOP-4"), msa(ack)
+    assert "the MRG-1 identifiers name different patients" in msa(ack)[2]
+    assert [fhir.patient(mrn)["id"] for mrn in ("E2E-TWIN-1", "E2E-TWIN-2")] == twins
     # A merge into a surviving patient nobody registered: the prior keeps its identifier.
-    ack = lab.send(adt("NOP-4", "A40", "E2E-NOBODY", "Keller", prior="E2E-KEEP"))
-    assert msa(ack)[:2] == ("AE", "NOP-4") and "surviving patient" in msa(ack)[2], msa(ack)
+    ack = lab.send(adt("NOP-5", "A40", "E2E-NOBODY", "Keller", prior="E2E-KEEP"))
+    assert msa(ack)[:2] == ("AE", "NOP-5") and "surviving patient" in msa(ack)[2], msa(ack)
     assert fhir.patients("E2E-NOBODY") == []
     assert fhir.patient("E2E-KEEP") == keep
     assert [v.version for v in lab.records.history(keep["id"]).versions] == [1]

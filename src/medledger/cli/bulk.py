@@ -67,7 +67,7 @@ from rich.progress import (
 from rich.table import Table
 
 from medledger.cli.hl7 import import_group
-from medledger.fhir.search import SEARCH_PARAMS
+from medledger.fhir.plumbing import patient_element as gateway_patient_element
 from medledger.ledger.clients import JWK_ALGORITHMS
 from medledger.ledger.records import MAX_RECORDS_PER_TX
 
@@ -279,8 +279,7 @@ def patient_element(resource_type: str) -> str | None:
     """The element that names a record's patient (as the gateway resolves it)."""
     if resource_type == "Patient":
         return None
-    param = SEARCH_PARAMS.get(resource_type, {}).get("patient")
-    return param.paths[0] if param is not None else "subject"
+    return gateway_patient_element(resource_type)
 
 
 def references(value: Any) -> Iterator[str]:

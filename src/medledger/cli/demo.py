@@ -6,8 +6,8 @@ grants and revokes consents, has a clinician of another organization read a reco
 consent, and has an emergency physician break the glass on a record written at another
 organization — so that `record`, `consent`, `audit` and `export` have something to show.
 For the integration team (medledger.cli.demo_integration) it registers a sample EHR SMART
-client, runs an HL7 listener on node 0 and prints a token request, a FHIR search and an MLLP
-send that work as printed.
+client, runs an HL7 listener on node 0 (laboratory results, and ADT registration as the
+EHR) and prints a token request, a FHIR search and two MLLP sends that work as printed.
 
 Idempotent: a second run reuses the network (starting it if it is down) and adds nothing twice.
 The keystores it writes are protected by a demo passphrase kept beside them in
@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from medledger.cli.demo_integration import (
+    SAMPLE_ADT_MRN,
     Integration,
     configure_hl7_listener,
     hl7_listen_address,
@@ -393,7 +394,9 @@ EHR and LIS integration (docs/integration.md), from the repository root:
   # 2. a FHIR search with it
   {integration.search_command}
   # 3. a laboratory result over MLLP to node 0's HL7 listener (prints the ACK), then 2. again
-  {integration.send_command}"""
+  {integration.send_command}
+  # 4. a patient registered over MLLP by an ADT^A04 (MRN {SAMPLE_ADT_MRN}; prints the ACK)
+  {integration.register_command}"""
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ On node 0 (St. Mary's Hospital) it sets up, idempotently:
   for it with an Ed25519 JWK whose private part is written to `demo/ehr-client.jwk` (mode 0600,
   with its client id and scope);
 - an HL7 v2 listener: a custodial `lis` member and the node's `[hl7]` table (listen on
-  loopback, on a port of node 0's own block), node 0 restarted when it ran without it;
+  loopback, on a port of node 0's own block), node 0 restarted when it ran without it; ADT
+  registers patients as the `ehr` member (`registration_member`), so that the hospital's
+  registration feed works as its laboratory feed does;
 - a sample patient registered by the EHR through FHIR, with an MRN under the hospital's
-  assigning authority, and `demo/sample-oru.hl7`, a laboratory result for that MRN.
+  assigning authority, and `demo/sample-oru.hl7`, a laboratory result for that MRN;
+- `demo/sample-adt.hl7`, an ADT^A04 that registers a second patient over MLLP.
 
-It returns the three commands the demo prints — a token request, a FHIR search and an MLLP
-send — which the end-to-end test runs exactly as printed.
+It returns the four commands the demo prints — a token request, a FHIR search and two MLLP
+sends — which the end-to-end test runs exactly as printed.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ SAMPLE_MRN = "DEMO-0001"
 LIS_APPLICATION = "DEMO_LIS"
 LIS_FACILITY = "STMARY_LAB"
 SAMPLE_CONTROL_ID = "DEMO-ORU-0001"
+# The hospital's registration (ADT) feed, from its EHR.
+ADT_APPLICATION = "DEMO_ADT"
+ADT_FACILITY = "STMARY"
+SAMPLE_ADT_MRN = "DEMO-0002"
+SAMPLE_ADT_CONTROL_ID = "DEMO-ADT-0001"
 # How long a restarted node may take to serve again (it unlocks its custodial keystores with a
 # deliberately slow KDF, then catches up with the chain), generous for a busy machine.
 RESTART_TIMEOUT = 300.0
@@ -83,10 +91,12 @@ class Integration:
     token_command: str
     search_command: str
     send_command: str
+    register_command: str
     patient_id: str
     hl7_listen: str
     jwk_file: Path
     oru_file: Path
+    adt_file: Path
 
 
 def hl7_listen_address(network_home: Path) -> str:
@@ -109,14 +119,20 @@ def custodial_keys(cfg: NodeConfig, name: str) -> KeyPair:
 
 def configure_hl7_listener(cfg: NodeConfig, listen: str) -> tuple[KeyPair, bool]:
     """Node 0's custodial laboratory system and its `[hl7]` table (the keys documented in
-    medledger.hl7.config); whether the table changed (the node must then restart)."""
+    medledger.hl7.config), with the custodial EHR member as the registration member that ADT
+    registers patients as; whether the table changed (the node must then restart)."""
     lis = custodial_keys(cfg, LIS_CUSTODY_NAME)
+    ehr = custodial_keys(cfg, EHR_CUSTODY_NAME)
     path = cfg.home / CONFIG_FILE
     document = tomlkit.parse(path.read_text(encoding="utf-8"))
     wanted = {
         "listen": listen,
         "member": lis.member_id,
-        "allowed_senders": [f"{LIS_APPLICATION}^{LIS_FACILITY}"],
+        "registration_member": ehr.member_id,
+        "allowed_senders": [
+            f"{LIS_APPLICATION}^{LIS_FACILITY}",
+            f"{ADT_APPLICATION}^{ADT_FACILITY}",
+        ],
     }
     current = document.get("hl7")
     if current is not None and {k: current.get(k) for k in wanted} == wanted:
@@ -278,6 +294,21 @@ def sample_oru(facility: str, when: datetime) -> str:
     return "\n".join(segments) + "\n"
 
 
+def sample_adt(facility: str, when: datetime) -> str:
+    """An ADT^A04 (register a patient) as the hospital's registration system sends it: a
+    second patient, Grace Okafor, with the MRN DEMO-0002 of the same assigning authority."""
+    stamp = when.strftime("%Y%m%d%H%M%S+0000")
+    pid3 = f"{SAMPLE_ADT_MRN}^^^{AUTHORITY_NAME}&{AUTHORITY_OID}&ISO^MR"
+    segments = [
+        f"MSH|^~\\&|{ADT_APPLICATION}|{ADT_FACILITY}|MEDLEDGER|{facility}|{stamp}||ADT^A04^ADT_A01"
+        f"|{SAMPLE_ADT_CONTROL_ID}|P|2.5.1",
+        f"EVN|A04|{stamp}",
+        f"PID|1||{pid3}||Okafor^Grace||19850704|F|||4 Oak Ave^^Springfield^IL^62702",
+        "PV1|1|O",
+    ]
+    return "\n".join(segments) + "\n"
+
+
 def set_up_integration(
     network_home: Path,
     cfg: NodeConfig,
@@ -286,11 +317,12 @@ def set_up_integration(
     node_was_running: bool,
 ) -> Integration:
     """Enroll the EHR and LIS members, register the EHR's SMART client, make sure node 0's
-    HL7 listener runs, register the sample patient and write the sample ORU."""
+    HL7 listener runs, register the sample patient and write the sample ORU and ADT."""
     root = network_home.parent
     listen = hl7_listen_address(network_home)
     jwk_file = root / "ehr-client.jwk"
     oru_file = root / "sample-oru.hl7"
+    adt_file = root / "sample-adt.hl7"
     ehr = custodial_keys(cfg, EHR_CUSTODY_NAME)
     lis = custodial_keys(cfg, LIS_CUSTODY_NAME)
     with LedgerClient(cfg.cometbft_rpc, cfg.chain_id) as client:
@@ -310,7 +342,10 @@ def set_up_integration(
     if hl7_changed and node_was_running:
         restart_node(network_home, cfg)
     wait_for_listener(cfg, listen)
-    click.echo(f"  HL7 listener of {cfg.moniker} on {listen}, writing as the lis member")
+    click.echo(
+        f"  HL7 listener of {cfg.moniker} on {listen}, writing results as the lis member and"
+        " registering patients from ADT as the ehr member"
+    )
     patient, created = register_patient(cfg.public_api_url, key)
     click.echo(
         f"  patient {patient} (MRN {SAMPLE_MRN} of {AUTHORITY_NAME}, urn:oid:{AUTHORITY_OID})"
@@ -318,6 +353,8 @@ def set_up_integration(
     )
     if not oru_file.exists():
         oru_file.write_text(sample_oru(cfg.organization, datetime.now(UTC)), encoding="utf-8")
+    if not adt_file.exists():
+        adt_file.write_text(sample_adt(cfg.organization, datetime.now(UTC)), encoding="utf-8")
     api = cfg.public_api_url
     return Integration(
         token_command=(f"TOKEN=$(.venv/bin/medledger client token --jwk {jwk_file} --api {api})"),
@@ -326,8 +363,10 @@ def set_up_integration(
             f' "{api}/fhir/Observation?patient={patient}&_count=10"'
         ),
         send_command=f".venv/bin/medledger hl7 send {oru_file} --to {listen}",
+        register_command=f".venv/bin/medledger hl7 send {adt_file} --to {listen}",
         patient_id=patient,
         hl7_listen=listen,
         jwk_file=jwk_file,
         oru_file=oru_file,
+        adt_file=adt_file,
     )
