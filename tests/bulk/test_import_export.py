@@ -50,8 +50,9 @@ pytestmark = pytest.mark.e2e
 
 BASE_PORT = 30300
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-# Claims go to the claims ledger; the closing Provenance is stored as a record of its patient.
-NOT_STORED = {"Claim", "ExplanationOfBenefit"}
+# Claims go to the claims ledger (read by id, not in the patient's $everything); the closing
+# Provenance is stored as a record of its patient.
+CLAIM_TYPES = {"Claim", "ExplanationOfBenefit"}
 FHIR_JSON = "application/fhir+json"
 ASYNC = {"Accept": FHIR_JSON, "Prefer": "respond-async"}
 IMPORT = [sys.executable, "-m", "medledger.cli.main", "import", "fhir"]
@@ -260,41 +261,40 @@ def read_back(sites: dict[int, Site], imported: Imported) -> dict[str, dict[str,
 def test_the_import_summary_accounts_for_every_entry(imported: Imported) -> None:
     totals = imported.report["totals"]
     entries = [e["resource"] for b in imported.files.values() for e in b["entry"]]
-    stored = [r for r in entries if r["resourceType"] not in NOT_STORED]
-    not_stored = Counter(r["resourceType"] for r in entries if r["resourceType"] in NOT_STORED)
+    records = [r for r in entries if r["resourceType"] not in CLAIM_TYPES]
+    claims = Counter(r["resourceType"] for r in entries if r["resourceType"] in CLAIM_TYPES)
     assert totals["files"] == 2 and totals["filesFailed"] == 0
     assert totals["patients"] == 2
-    assert totals["imported"] == len(stored) == 1 + 150 + 1 + 1 + 40 + 1
-    assert totals["failed"] == 0
-    assert totals["notSupported"] == sum(not_stored.values())
-    for resource_type, count in not_stored.items():
+    assert len(records) == 1 + 150 + 1 + 1 + 40 + 1
+    assert totals["imported"] == len(entries) == len(records) + sum(claims.values())
+    assert totals["failed"] == 0 and totals["notSupported"] == 0
+    for resource_type, count in claims.items():
         assert totals["byType"][resource_type] == {
-            "imported": 0,
-            "notSupported": count,
+            "imported": count,
+            "notSupported": 0,
             "failed": 0,
         }
     assert totals["byType"]["Observation"]["imported"] == sum(
-        1 for r in stored if r["resourceType"] == "Observation"
+        1 for r in records if r["resourceType"] == "Observation"
     )
     large = next(f for f in imported.report["files"] if f["path"].endswith("large.json"))
-    assert large["transactions"] == 4  # 152 entries, 50 to a transaction
+    assert large["transactions"] == 4  # 166 entries (with 7 claims and their EOBs), 50 each
     assert large["bundleType"] == "transaction"
     small = next(f for f in imported.report["files"] if f["path"].endswith("small.json"))
-    assert small["bundleType"] == "collection" and small["transactions"] == 1
+    assert small["bundleType"] == "collection" and small["transactions"] == 2  # 54 entries
     # The printed summary says the same.
     out = imported.stdout
-    assert f"2 file(s), 2 patient(s), {len(stored)} resources imported" in out
-    assert f"{sum(not_stored.values())} not supported, 0 failed" in out
+    assert f"2 file(s), 2 patient(s), {len(entries)} resources imported" in out
+    assert "0 not supported, 0 failed" in out
     assert "Resources by type" in out and "ExplanationOfBenefit" in out
-    assert "Not imported, the server does not store these types" in out
 
 
 def test_every_imported_resource_reads_back_identical(
     sites: dict[int, Site], imported: Imported, read_back: dict[str, dict[str, Any]]
 ) -> None:
     entries = [e for b in imported.files.values() for e in b["entry"]]
-    stored = [e for e in entries if e["resource"]["resourceType"] not in NOT_STORED]
-    # Exactly the imported resources, no more.
+    stored = [e for e in entries if e["resource"]["resourceType"] not in CLAIM_TYPES]
+    # Exactly the imported records, no more.
     assert set(read_back) == {imported.ids[e["fullUrl"]] for e in stored}
     for entry in stored:
         served = read_back[imported.ids[entry["fullUrl"]]]
@@ -351,7 +351,12 @@ def test_importing_a_file_again_is_refused_for_its_patient(
     (report,) = json.loads((tmp_path / "report.json").read_text())["files"]
     patient, *records = report["failed"]
     assert patient["resourceType"] == "Patient" and "already names Patient/" in patient["reason"]
-    assert len(records) == 40 + 1  # and its Provenance
+    others = [
+        e
+        for e in imported.files["small.json"]["entry"]
+        if e["resource"]["resourceType"] != "Patient"
+    ]
+    assert len(records) == len(others)  # 40 records, its Provenance, its claims and their EOBs
     assert all(r["reason"].startswith("its Patient was not imported") for r in records)
 
 
