@@ -113,6 +113,7 @@ def may_appeal(claim: Claim) -> bool:
     MAX_APPEALS times."""
     return (
         claim.status in (ClaimStatus.ADJUDICATED, ClaimStatus.PAID)
+        and bool(claim.insurer)  # a payer outside the network hears no appeal here
         and claim.outcome in APPEALABLE
         and claim.appeals < MAX_APPEALS
     )
@@ -120,13 +121,19 @@ def may_appeal(claim: Claim) -> bool:
 
 def _step_detail(claim: Claim, step: ClaimStep) -> str:
     amount = format_amount(step.amount, claim.currency)
+    reported = (
+        f" — as {claim.payer_name} decided it, reported from its explanation of benefit"
+        if step.reported
+        else ""
+    )
     match step.action:
         case ClaimAction.SUBMIT:
-            return f"{amount} billed for {len(claim.items)} service(s)"
+            source = " (imported from the provider's history)" if claim.imported else ""
+            return f"{amount} billed for {len(claim.items)} service(s){source}"
         case ClaimAction.ADJUDICATE:
-            return f"{step.outcome}: {amount} approved"
+            return f"{step.outcome}: {amount} approved{reported}"
         case ClaimAction.PAY:
-            return f"{amount} paid (payment {step.reference})"
+            return f"{amount} paid (payment {step.reference}){reported}"
         case ClaimAction.APPEAL:
             reason = APPEAL_REASONS.get(step.appeal_reason, "") if step.appeal_reason else ""
             added = len(step.supporting_added)
