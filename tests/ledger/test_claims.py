@@ -727,8 +727,8 @@ def test_claim_import_refusals_change_nothing(consortium: Consortium, cast: Cast
     refuse(cast.lab_system, one, Code.UNAUTHORIZED, "role lis may not send claim.import")
     refuse(cast.patient, one, Code.UNAUTHORIZED, "")
     # What: codes outside the known systems or of the wrong form; a zero total on submit.
-    odd = (ClaimItem(1, "123", SERVED, 100, "http://example.org/codes"),)
-    refuse(cast.ehr, (imported("r-1", pid, items=odd),), Code.INVALID_BODY, "is not one of")
+    odd = (ClaimItem(1, "123", SERVED, 100, "local codes"),)
+    refuse(cast.ehr, (imported("r-1", pid, items=odd),), Code.INVALID_BODY, "not an absolute URI")
     bad = (ClaimItem(1, "12 ab", SERVED, 100, SNOMED_SYSTEM),)
     refuse(cast.ehr, (imported("r-1", pid, items=bad),), Code.INVALID_BODY, "is not a code of")
     log = refused(

@@ -32,10 +32,10 @@ from medledger.ledger.claims import (
     CDT_SYSTEM,
     CLAIM_CATEGORY,
     CLAIM_RESOURCE,
+    CODE_SYSTEM_URI,
     CODE_TOKEN,
     CPT_SYSTEM,
     HCPCS_SYSTEM,
-    IMPORT_CODE_SYSTEMS,
     MAX_IMPORTED_PER_TX,
     MAX_ITEMS,
     MAX_PAYER_NAME,
@@ -373,7 +373,6 @@ class ReportedDecision:
     decisions: tuple[ItemDecision, ...]
     paid: int
     reference: str
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -422,10 +421,16 @@ def _history_code(item: Mapping[str, Any], what: str) -> tuple[str, str]:
         if coding.get("system") in SERVICE_SYSTEMS and coding["code"] in SERVICE_CODES:
             return str(coding["code"]), ""
     for coding in codings:
-        if coding.get("system") in IMPORT_CODE_SYSTEMS and CODE_TOKEN.fullmatch(coding["code"]):
+        system = coding.get("system")
+        if (
+            isinstance(system, str)
+            and CODE_SYSTEM_URI.fullmatch(system)
+            and CODE_TOKEN.fullmatch(coding["code"])
+        ):
             return str(coding["code"]), str(coding["system"])
     raise ClaimError(
-        f"{what}: productOrService has no code of {', '.join(sorted(IMPORT_CODE_SYSTEMS))}"
+        f"{what}: productOrService has no coding with a code system (an absolute URI) and a"
+        " code (letters, digits, '.', '-'; at most 64)"
     )
 
 

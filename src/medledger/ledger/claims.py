@@ -38,8 +38,8 @@ Claim and, when the payer decided it, the payer's decision as its explanation of
 states it (approved amount per item, reasons, amount paid) with the sealed
 ExplanationOfBenefit. Those steps are marked *reported*: the provider reports what the payer
 decided outside the network; the insurer did not sign them. An imported claim keeps its
-source's service codes when they are in a known code system (SNOMED CT, CVX, RxNorm, LOINC,
-CPT, HCPCS, CDT; each code checked as a token of at most 64 characters), may bill lines at
+source's service codes (of any code system named by an absolute URI: CPT, HCPCS, NDC, NUBC,
+SNOMED CT, CVX...; each code checked as a token of at most 64 characters), may bill lines at
 zero (encounter lines), and its payer is a network insurer or, named in `payer`, an outside
 one. A claim whose payer is outside the network is closed history: nobody on the network
 adjudicates, pays or hears an appeal of it.
@@ -116,19 +116,10 @@ CVX_SYSTEM = "http://hl7.org/fhir/sid/cvx"
 RXNORM_SYSTEM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC_SYSTEM = "http://loinc.org"
 
-# The code systems an imported claim's lines may keep. Their codes are checked only as tokens:
-# exports carry codes no terminology server would accept, and the payer has decided them.
-IMPORT_CODE_SYSTEMS = frozenset(
-    {
-        SNOMED_SYSTEM,
-        CVX_SYSTEM,
-        RXNORM_SYSTEM,
-        LOINC_SYSTEM,
-        CPT_SYSTEM,
-        HCPCS_SYSTEM,
-        CDT_SYSTEM,
-    }
-)
+# An imported claim's line keeps its source's code: any code system named by an absolute URI
+# (CPT, HCPCS, NDC, NUBC revenue codes, SNOMED CT, CVX, RxNorm, ...), the code checked only as a
+# token — exports carry codes no terminology server would accept, and the payer decided them.
+CODE_SYSTEM_URI = re.compile(r"(https?://|urn:(oid|uuid|iso):)[\x21-\x7e]{1,200}", re.ASCII)
 CODE_SYSTEM_NAMES: Mapping[str, str] = {
     CPT_SYSTEM: "CPT",
     HCPCS_SYSTEM: "HCPCS",
@@ -250,7 +241,7 @@ class ClaimItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One billed line: its sequence number in the Claim, the service code, the date of
     service (YYYY-MM-DD) and the billed amount in minor units. `system` is empty for a code of
     the network's billing table (`SERVICE_CODES`); an imported claim's line may instead keep
-    its source's code in one of `IMPORT_CODE_SYSTEMS`."""
+    its source's code, of a code system named by an absolute URI (`CODE_SYSTEM_URI`)."""
 
     sequence: int
     code: str
@@ -546,9 +537,10 @@ def _check_code(item: ClaimItem, imported: bool) -> None:
         return
     if not imported:
         raise _invalid(f"{what}: a submitted claim bills codes of the network's table only")
-    if item.system not in IMPORT_CODE_SYSTEMS:
+    if not CODE_SYSTEM_URI.fullmatch(item.system):
         raise _invalid(
-            f"{what}: code system {item.system[:80]!r} is not one of {sorted(IMPORT_CODE_SYSTEMS)}"
+            f"{what}: code system {item.system[:80]!r} is not an absolute URI (http, https,"
+            " urn:oid, urn:uuid) of at most 200 characters"
         )
     if not CODE_TOKEN.fullmatch(item.code):
         raise _invalid(f"{what}: {item.code[:40]!r} is not a code of {item.system}")
