@@ -313,6 +313,7 @@ DEFAULT_CATEGORIES: Mapping[str, str] = {
     "DocumentReference": "document",
     "Patient": "demographics",
     "Claim": "claim",
+    "Coverage": "coverage",
 }
 
 

@@ -141,6 +141,8 @@ class History:
     ids: dict[str, str]  # the file's fullUrl -> "<Type>/<id>"
     late_eob: Json
     insured_claim: str
+    insured_source: Json  # the insured claim as sent (payer and coverage set here)
+    coverage: str
     patient: str
 
 
@@ -161,12 +163,40 @@ def history(network: Network) -> History:
     directory = ehr.post("", transaction(referenced_directory(bundle)))
     assert directory.status_code == 200, directory.text
 
-    # One claim's payer is the network's insurer (the file names its payer only by display);
-    # one ExplanationOfBenefit is held back, to follow its claim later.
+    # One claim's payer is the network's insurer (the file names its payer only by display),
+    # with the patient's Coverage (US Core) beside it; one ExplanationOfBenefit is held back,
+    # to follow its claim later.
     entries = copy.deepcopy(bundle["entry"])
+    patient_url = next(e["fullUrl"] for e in entries if e["resource"]["resourceType"] == "Patient")
+    coverage = {
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": {
+            "resourceType": "Coverage",
+            "status": "active",
+            "type": {
+                "coding": [
+                    {"system": "urn:oid:2.16.840.1.113883.3.221.5", "code": "5", "display": "PPO"}
+                ]
+            },
+            "identifier": [{"system": "https://careplus.example/member", "value": "CP-7781"}],
+            "beneficiary": {"reference": patient_url},
+            "relationship": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+                        "code": "self",
+                    }
+                ]
+            },
+            "payor": [{"reference": f"Organization/{insurer}"}],
+        },
+        "request": {"method": "POST", "url": "Coverage"},
+    }
+    entries.insert(1, coverage)
     claims = [e for e in entries if e["resource"]["resourceType"] == "Claim"]
     insured = claims[0]
     insured["resource"]["insurer"] = {"reference": f"Organization/{insurer}"}
+    insured["resource"]["insurance"][0]["coverage"] = {"reference": coverage["fullUrl"]}
     eobs = [e for e in entries if e["resource"]["resourceType"] == "ExplanationOfBenefit"]
     held_back = next(e for e in eobs if e["resource"]["claim"]["reference"] == claims[1]["fullUrl"])
     entries.remove(held_back)
@@ -192,6 +222,8 @@ def history(network: Network) -> History:
         ids,
         late,
         ids[insured["fullUrl"]].split("/")[1],
+        insured["resource"],
+        ids[coverage["fullUrl"]].split("/")[1],
         patient.split("/")[1],
     )
 
@@ -227,7 +259,8 @@ def as_served(resource: Json, drop: tuple[str, ...] = ()) -> Json:
 
 def test_every_entry_of_the_file_is_accepted_claims_included(history: History) -> None:
     statuses = [e["response"]["status"] for e in history.response["entry"]]
-    assert statuses == ["201 Created"] * (len(history.bundle["entry"]) - 1)
+    # The file's entries but the held-back EOB, and the Coverage added.
+    assert statuses == ["201 Created"] * len(history.bundle["entry"])
     kinds = [v.split("/")[0] for v in history.ids.values()]
     claims = kinds.count("Claim")
     assert claims == 31 and kinds.count("ExplanationOfBenefit") == 30
@@ -250,6 +283,7 @@ def test_claims_are_on_the_ledger_with_the_payers_reported_decisions(history: Hi
     assert len(listed) == 31 and all(c.imported for c in listed)
     by_id = {c.id: c for c in listed}
     assert by_id[history.insured_claim].insurer == history.network.configs[3].organization
+    assert by_id[history.insured_claim].coverage == history.coverage
     decided = [c for c in listed if c.outcome is not None]
     assert len(decided) == 30
     for claim in decided:
@@ -274,10 +308,7 @@ def test_claim_and_eob_read_back_as_the_file_has_them(history: History) -> None:
         assert served["id"] == location.split("/")[1]
         source = entry["resource"]
         if kind == "Claim" and location.endswith(history.insured_claim):
-            source = {
-                **source,
-                "insurer": {"reference": f"Organization/{history.network.configs[3].organization}"},
-            }
+            source = history.insured_source
         extra = ("extension", "processNote") if kind == "ExplanationOfBenefit" else ()
         assert as_served(served, extra) == rewritten(source, history.ids, served), location
         if kind == "ExplanationOfBenefit":
@@ -288,6 +319,12 @@ def test_claim_and_eob_read_back_as_the_file_has_them(history: History) -> None:
     assert checked == 61
     found = ehr.get("ExplanationOfBenefit", patient=f"Patient/{history.patient}", _count="100")
     assert found.status_code == 200 and found.json()["total"] == 31
+    # The Coverage is a record of its beneficiary, found by patient (US Core SHALL).
+    coverages = ehr.get("Coverage", patient=f"Patient/{history.patient}")
+    assert coverages.status_code == 200, coverages.text
+    matches = [e["resource"] for e in coverages.json()["entry"] if e["search"]["mode"] == "match"]
+    assert [c["id"] for c in matches] == [history.coverage]
+    assert matches[0]["beneficiary"] == {"reference": f"Patient/{history.patient}"}
 
 
 def test_a_later_explanation_of_benefit_decides_its_claim_once(history: History) -> None:

@@ -48,7 +48,7 @@ SYNTHEA = TESTDATA / "synthea"
 ABSENT = f"third-party test data not found at {TESTDATA} (see the project's testing notes)"
 
 # Claims go to the claims ledger (fhir/claims.py), not through the records write path.
-CLAIM_TYPES = frozenset({"Claim", "ExplanationOfBenefit", "Coverage"})
+CLAIM_TYPES = frozenset({"Claim", "ExplanationOfBenefit"})
 # The clinical types issue 11 adds as records.
 NEW_RECORD_TYPES = (
     "Medication",
@@ -57,6 +57,7 @@ NEW_RECORD_TYPES = (
     "ImagingStudy",
     "SupplyDelivery",
     "Specimen",
+    "Coverage",
 )
 
 
@@ -164,6 +165,7 @@ def test_the_new_clinical_types_are_records_searchable_by_patient() -> None:
     assert {"patient", "category"} <= set(SEARCH_PARAMS["CarePlan"])  # US Core SHALL
     assert {"patient", "type"} <= set(SEARCH_PARAMS["Device"])
     assert {"patient"} <= set(SEARCH_PARAMS["Specimen"])
+    assert {"patient", "beneficiary"} <= set(SEARCH_PARAMS["Coverage"])  # US Core Coverage
 
 
 @pytest.mark.skipif(not SYNTHEA.is_dir() or not R4_EXAMPLES.is_dir(), reason=ABSENT)
@@ -393,6 +395,15 @@ def chart(patient_url: str) -> list[tuple[str, Json]]:
         (
             f"urn:uuid:{uuid.uuid4()}",
             {
+                "resourceType": "Coverage",
+                "status": "active",
+                "beneficiary": {"reference": patient_url},
+                "payor": [{"display": "Aetna"}],
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
                 "resourceType": "CarePlan",
                 "status": "active",
                 "intent": "plan",
@@ -435,6 +446,7 @@ def test_new_clinical_types_are_stored_read_back_and_searched(site: Site) -> Non
         "ImagingStudy",
         "SupplyDelivery",
         "Specimen",
+        "Coverage",
     ):
         found = search(site, f"{resource_type}?patient={patient_ref}")
         assert [f"{resource_type}/{r['id']}" for r in found] == [by_type[resource_type]]

@@ -115,6 +115,7 @@ RESOURCES: Mapping[str, ResourceSupport] = {
             "ImagingStudy",
             "SupplyDelivery",
             "Specimen",
+            "Coverage",
         )
     },
     "Device": ResourceSupport(

@@ -278,6 +278,21 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
         _token("status", "status", "Specimen-status"),
         _date("collected", "collection.collected", "Specimen-collected"),
     ),
+    # US Core 6.1 Coverage: patient (SHALL); the beneficiary is the patient whose record it is.
+    "Coverage": _table(
+        _patient("beneficiary", "Coverage-patient"),
+        _p(
+            "beneficiary",
+            "reference",
+            "beneficiary",
+            "Coverage-beneficiary",
+            "Same as patient (Patient only).",
+            PATIENT,
+        ),
+        _token("status", "status", "Coverage-status"),
+        _token("type", "type", "Coverage-type"),
+        _token("identifier", "identifier", "Coverage-identifier"),
+    ),
     # A Medication has no patient element: it is stored as a record of the patient whose
     # record refers to it in the same transaction (see the gateway's `medication_patient`).
     "Medication": _table(
