@@ -27,6 +27,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from medledger.client.records import RecordHistory
 from medledger.fhir.capability import RECORD_TYPES, RESOURCES
 from medledger.fhir.include import split_inclusions
 from medledger.fhir.search import SEARCH_PARAMS, SearchError
@@ -38,7 +39,7 @@ from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_network import Network, running_network
+from e2e_network import Network, running_network, wait_until
 
 Json = dict[str, Any]
 
@@ -673,7 +674,7 @@ def test_a_duplicate_identifier_and_a_bad_entry_are_refused(site: Site) -> None:
 
 @pytest.mark.e2e
 def test_delete_marks_entered_in_error_for_the_owning_organization_only(
-    site: Site, other_site: Site
+    network: Network, site: Site, other_site: Site
 ) -> None:
     patient_url, observation_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     observation = {
@@ -686,7 +687,13 @@ def test_delete_marks_entered_in_error_for_the_owning_organization_only(
     answer = transaction(site, [(patient_url, patient("Del")), (observation_url, observation)])
     assert answer.status_code == 200, answer.text
     location = "/".join(answer.json()["entry"][1]["response"]["location"].split("/")[:2])
-    # Another organization may not delete St. Mary's record...
+    # Another organization may not delete St. Mary's record (once its node has the block)...
+    other_node = network.client(1)
+    wait_until(
+        lambda: other_node.query_found("/record", location.split("/")[1], RecordHistory),
+        30,
+        f"{location} committed on the other node",
+    )
     refused = httpx.delete(
         f"{other_site.base}/{location}", headers=other_site.headers(), timeout=60
     )

@@ -4,6 +4,7 @@ type; shape, size and nesting bounds hold; the queries answer what was committed
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -22,6 +23,7 @@ from medledger.ledger.directory import (
 )
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.model import Role
+from medledger.ledger.records import PutRecord, PutRecords
 from medledger.ledger.transactions import EnrollMember
 
 NPI = "http://hl7.org/fhir/sid/us-npi"
@@ -232,3 +234,48 @@ def test_queries_refuse_unknown_types_and_missing_entries(consortium: Consortium
     with pytest.raises(LedgerError) as missing:
         answer(store, "/directory/entry", b"Organization/none", False)
     assert missing.value.code is Code.NOT_FOUND
+
+
+def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
+    consortium: Consortium,
+) -> None:
+    """A transaction Bundle's directory entries ride in its record.put-many: a refused record
+    leaves no entry behind; committed records bring their entries."""
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    patient = member(c, "st-mary", Role.PATIENT)
+    (entry,) = put(practitioner("dr-ade", "9999000077")).entries
+
+    def record(record_id: str, patient_id: str) -> PutRecord:
+        return PutRecord(
+            record_id=record_id,
+            patient=patient_id,
+            resource_type="Observation",
+            category="laboratory",
+            package_digest=hashlib.sha256(record_id.encode()).hexdigest(),
+            package_size=2048,
+            commitment=hashlib.sha256(b"c" + record_id.encode()).digest(),
+            threshold=2,
+            custodians=("careplus", "northside-lab", "riverside", "st-mary"),
+        )
+
+    root = c.chain.store.state_root()
+    refused = PutRecords((record("obs-1", "no-such-patient"),), (entry,))
+    result = c.submit(ehr, "record.put-many", refused)
+    assert not result.ok and "entry 0" in result.log
+    assert c.chain.store.state_root() == root
+    with pytest.raises(LedgerError, match="no directory entry"):
+        answer(c.chain.store, "/directory/entry", b"Practitioner/dr-ade", False)
+
+    bad_entry = PutRecords(
+        (record("obs-2", patient.member_id),), (DirectoryWrite("Patient", "p", b"{}"),)
+    )
+    result = c.submit(ehr, "record.put-many", bad_entry)
+    assert not result.ok and result.log.startswith("directory entry 0")
+    assert c.chain.store.state_root() == root
+
+    stored = PutRecords((record("obs-3", patient.member_id),), (entry,))
+    result = c.submit(ehr, "record.put-many", stored)
+    assert result.ok, result.log
+    assert "1 records and 1 directory entries stored" in result.log
+    assert query(c, "/directory/entry", "Practitioner/dr-ade")["latest"]["version"] == 1

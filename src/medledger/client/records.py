@@ -45,6 +45,7 @@ from medledger.ledger.consent import (
     ScopeKind,
     SetDelegate,
 )
+from medledger.ledger.directory import DirectoryWrite
 from medledger.ledger.errors import Code
 from medledger.ledger.execution import AuditEntry
 from medledger.ledger.model import Member, Organization
@@ -365,13 +366,17 @@ class RecordsClient:
         return WrittenRecord(record_id, latest + 1, body.package_digest, outcome)
 
     def put_many(
-        self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None
+        self,
+        writes: Sequence[RecordWrite],
+        patient_keys: Mapping[str, bytes] | None = None,
+        entries: Sequence[DirectoryWrite] = (),
     ) -> list[WrittenRecord]:
         """Validate, seal and upload every record or amendment — against one snapshot of the
         custodians, the threshold, the author and each patient — then commit them all in one
-        `record.put-many` transaction: all are stored, or none is. `patient_keys` gives the
-        encryption keys of patients whose enrollment this member sent but that may not be
-        committed yet (it executes first: same sender, earlier nonce)."""
+        `record.put-many` transaction: all are stored, or none is, and with them the directory
+        `entries` (written first). `patient_keys` gives the encryption keys of patients whose
+        enrollment this member sent but that may not be committed yet (it executes first: same
+        sender, earlier nonce)."""
         sealing = self.sealing()
         known = dict(patient_keys or {})
         patients = {
@@ -391,7 +396,10 @@ class RecordsClient:
             for w in writes
         ]
         outcome = self.ledger.submit(
-            self.keys, "record.put-many", PutRecords(tuple(bodies)), sender=self.member_id
+            self.keys,
+            "record.put-many",
+            PutRecords(tuple(bodies), tuple(entries)),
+            sender=self.member_id,
         )
         return [
             WrittenRecord(b.record_id, b.previous + 1, b.package_digest, outcome) for b in bodies

@@ -299,8 +299,6 @@ class Bundles(Views):
             for p in plans
             if p.get("directory") and not p.get("existing")
         ]
-        if entry_writes:
-            directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         writes = [
             RecordWrite(
                 p["validated"] if "validated" in p else validate_resource(p["resource"]),
@@ -311,8 +309,17 @@ class Bundles(Views):
             for p in plans
             if not p.get("existing") and not p.get("directory") and not p.get("claim")
         ]
+        # With records, the directory entries go in their put-many (kept only if the records
+        # are); on their own, or more than one transaction holds, in directory.put batches.
+        together = bool(writes) and directory.fits_with_records(entry_writes)
+        if entry_writes and not together:
+            directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         try:
-            done = caller.client.put_many(writes, patient_keys) if writes else []
+            done = (
+                caller.client.put_many(writes, patient_keys, entry_writes if together else ())
+                if writes
+                else []
+            )
         finally:
             # A refused enrollment explains a refused put-many better than its "unknown
             # patient"; and an enrollment must not go unchecked when nothing else was written.

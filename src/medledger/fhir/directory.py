@@ -125,6 +125,12 @@ class Directory:
         )
         return found
 
+    def fits_with_records(self, writes: Sequence[DirectoryWrite]) -> bool:
+        """Whether `writes` fit in a quarter of a transaction (the records take the rest), so
+        that a FHIR transaction can write them in its `record.put-many`."""
+        max_tx_bytes = int(self.ledger.query("/params")["max_tx_bytes"])
+        return len(batches(writes, max_tx_bytes // 4)) <= 1
+
     def write(self, keys: KeyPair, sender: str, writes: Sequence[DirectoryWrite]) -> None:
         """Commit `writes` in order, in as few `directory.put` transactions as the chain's
         size bound allows (each transaction all or none)."""
