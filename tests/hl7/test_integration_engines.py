@@ -303,6 +303,49 @@ def test_enhanced_mode_answers_with_commit_acks(make_lab: Any) -> None:
     assert msa(original.ack)[:2] == ("AA", "C4")
 
 
+def test_the_acknowledgement_conditions_of_msh_15_and_16(make_lab: Any) -> None:
+    """Enhanced mode: the commit ack when MSH-15's condition holds, else the application ack
+    when MSH-16's does, else none — the message is processed all the same."""
+    lab = make_lab()
+    # Never a commit ack, always an application ack: AA, and AE for an error.
+    assert msa(lab.processor.process(adt("N1", msh_tail="|||NE|AL")).ack)[:2] == ("AA", "N1")
+    failed = lab.processor.process(adt("N2", "A08", mrn="NOBODY", msh_tail="|||NE|AL"))
+    assert msa(failed.ack)[0] == "AE"
+    # Commit acks on errors only: a success gets the application ack, an error CE.
+    assert msa(lab.processor.process(adt("E1", mrn="E-1", msh_tail="|||ER|AL")).ack)[0] == "AA"
+    failed = lab.processor.process(adt("E2", "A08", mrn="NOBODY", msh_tail="|||ER|AL"))
+    assert msa(failed.ack)[0] == "CE"
+    # Commit acks on success only; nothing for an error that asks for no application ack.
+    assert msa(lab.processor.process(adt("S1", mrn="S-1", msh_tail="|||SU|NE")).ack)[0] == "CA"
+    silent = lab.processor.process(adt("S2", "A08", mrn="NOBODY", msh_tail="|||SU|NE"))
+    assert silent.ack == "" and not silent.accepted
+    # Neither: the patient is registered, and no answer is sent.
+    quiet = lab.processor.process(adt("Q1", mrn="Q-1", msh_tail="|||NE|NE"))
+    assert quiet.ack == "" and quiet.accepted and quiet.patients
+
+
+def test_over_mllp_a_message_that_asks_for_no_ack_gets_none(make_lab: Any) -> None:
+    lab = make_lab()
+
+    async def send() -> bytes:
+        server = MllpServer(message_handler(lab.processor), "127.0.0.1", 0)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame(adt("Q2", mrn="Q-2", msh_tail="|||NE|NE").encode()))
+            writer.write(frame(adt("Q3", mrn="Q-3").encode()))
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30)
+            writer.close()
+            return answer
+        finally:
+            await server.stop()
+
+    # The first answer on the connection is the second message's.
+    assert msa(asyncio.run(send())[1:-2].decode())[:2] == ("AA", "Q3")
+    assert len(lab.registry.patients) == 2
+
+
 def test_a_correction_amends_the_preliminary_result(make_lab: Any) -> None:
     lab = make_lab()
     lab.processor.process(adt("R1"))

@@ -367,7 +367,7 @@ class Hl7Processor:
             log.info(
                 "hl7 message not accepted", extra={**_log_header(header), **_log_fields(error)}
             )
-            code = _answer_code(header, error.ack)
+            code, send = _answer_code(header, error.ack)
             ack = build_ack(
                 message,
                 code,
@@ -377,14 +377,14 @@ class Hl7Processor:
                 facility=self.facility,
                 error=error,
             )
-            return Outcome(code, header.control_id, error.reason, ack)
+            return Outcome(code, header.control_id, error.reason, ack if send else "")
         written = committed.written
         reason = committed.summary or (
             f"{len(written)} records written"
             if written
             else "already recorded: the results are unchanged"
         )
-        code = _answer_code(header, AckCode.ACCEPT)
+        code, send = _answer_code(header, AckCode.ACCEPT)
         ack = build_ack(
             message,
             code,
@@ -403,7 +403,7 @@ class Hl7Processor:
             code,
             header.control_id,
             reason,
-            ack,
+            ack if send else "",
             written,
             committed.unchanged,
             committed.tx_hash,
@@ -793,10 +793,27 @@ def _log_fields(error: Hl7Error) -> dict[str, str]:
     return {"ack": str(error.ack), "error_code": error.error_code, "location": where}
 
 
-def _answer_code(header: Header, code: AckCode) -> AckCode:
-    """Enhanced mode (MSH-15 names an accept-ack condition): the commit ack, sent once the
-    message is committed (CA) or refused (CE, CR); original mode: AA, AE, AR."""
-    return code.commit if header.accept_ack else code
+def _answer_code(header: Header, code: AckCode) -> tuple[AckCode, bool]:
+    """The acknowledgement a message asks for, and whether to send it at all. Original mode
+    (neither MSH-15 nor MSH-16 valued): AA, AE or AR, always. Enhanced mode: the commit ack
+    (CA, CE, CR — sent once the message is committed or refused) when MSH-15's condition holds
+    (AL; ER on an error or rejection; SU on success); else the application ack (AA, AE, AR)
+    when MSH-16's does; else none (NE, or a condition not met). An unvalued field of the two
+    is NE."""
+    if not header.accept_ack and not header.application_ack:
+        return code, True
+    success = code is AckCode.ACCEPT
+
+    def wanted(condition: str) -> bool:
+        return (
+            condition == "AL"
+            or (condition == "ER" and not success)
+            or (condition == "SU" and success)
+        )
+
+    if wanted(header.accept_ack):
+        return code.commit, True
+    return code, wanted(header.application_ack)
 
 
 def _validated_patient(resource: dict[str, Any]) -> dict[str, Any]:

@@ -300,7 +300,10 @@ class MllpServer:
             raise _Closed from None
 
     async def _send(self, writer: asyncio.StreamWriter, answer: bytes, peer: str) -> None:
-        """Write one answer; a peer that does not read it within the idle timeout is cut off."""
+        """Write one answer (none when the message asked for none: MSH-15/16 NE); a peer that
+        does not read it within the idle timeout is cut off."""
+        if not answer:
+            return
         writer.write(frame(answer))
         try:
             await asyncio.wait_for(writer.drain(), self.limits.idle_timeout_seconds)
