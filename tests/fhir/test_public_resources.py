@@ -847,3 +847,74 @@ def test_an_ehrs_provenance_is_a_record_of_its_targets_patient(site: Site) -> No
     )
     assert answer.status_code == 422, answer.text
     assert "one patient" in answer.text
+
+
+@pytest.mark.e2e
+def test_an_observation_about_a_device_or_location_is_directory_data(
+    site: Site, other_site: Site
+) -> None:
+    """R4 lets an Observation be about a Device or a Location (a calibration, a room's
+    temperature): not patient data, so a shared directory entry, found by its subject. One
+    about a Group of patients is refused saying why."""
+    device_url, calibration_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    device = {
+        "resourceType": "Device",
+        "status": "active",
+        "type": {"coding": [{"system": SNOMED, "code": "19892000", "display": "Thermometer"}]},
+    }
+    calibration = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "subject": {"reference": device_url},
+        "effectiveDateTime": "2026-11-30T08:00:00+00:00",
+        "valueQuantity": {"value": 37.0, "unit": "Cel"},
+    }
+    answer = transaction(site, [(device_url, device), (calibration_url, calibration)])
+    assert answer.status_code == 200, answer.text
+    device_id, observation_id = (
+        e["response"]["location"].split("/")[1] for e in answer.json()["entry"]
+    )
+    served = read_back(site, f"Observation/{observation_id}")
+    assert served["subject"] == {"reference": f"Device/{device_id}"}
+    found = search(site, f"Observation?subject=Device/{device_id}")
+    assert [r["id"] for r in found] == [observation_id]
+    assert search(site, f"Observation?subject=Device/{uuid.uuid4()}") == []
+    # Every node serves it: another organization reads it, and may not change it.
+    elsewhere = httpx.get(
+        f"{other_site.base}/Observation/{observation_id}", headers=other_site.headers(), timeout=60
+    )
+    assert elsewhere.status_code == 200 and elsewhere.json()["id"] == observation_id
+    refused = httpx.delete(
+        f"{other_site.base}/Observation/{observation_id}", headers=other_site.headers(), timeout=60
+    )
+    assert refused.status_code == 403, refused.text
+
+    # On its own: about a Location.
+    room = httpx.post(
+        f"{site.base}/Location",
+        json={"resourceType": "Location", "name": "Ward 3, room 12", "status": "active"},
+        headers={**site.headers(), **FHIR_JSON},
+        timeout=60,
+    )
+    assert room.status_code == 201, room.text
+    room_id = room.json()["id"]
+    temperature = {**calibration, "subject": {"reference": f"Location/{room_id}"}}
+    created = httpx.post(
+        f"{site.base}/Observation",
+        json=temperature,
+        headers={**site.headers(), **FHIR_JSON},
+        timeout=60,
+    )
+    assert created.status_code == 201, created.text
+    assert [r["id"] for r in search(site, f"Observation?subject=Location/{room_id}")] == [
+        created.json()["id"]
+    ]
+
+    # About a Group: refused, nothing written.
+    group = {**calibration, "subject": {"reference": "Group/ward-3-patients"}}
+    refused = httpx.post(
+        f"{site.base}/Observation", json=group, headers={**site.headers(), **FHIR_JSON}, timeout=60
+    )
+    assert refused.status_code == 422, refused.text
+    assert "a Group is not stored here" in refused.text

@@ -27,6 +27,7 @@ from medledger.fhir.claim_history import (
 )
 from medledger.fhir.directory import (
     DIRECTORY_ONLY_TYPES,
+    NON_PATIENT_SUBJECTS,
     existing_entry,
     identifiers_of,
     is_directory_data,
@@ -63,6 +64,7 @@ from medledger.fhir.search import (
     PATIENT,
     SearchError,
     parse_search,
+    reference_type,
     rfc3339,
 )
 from medledger.fhir.views import Views
@@ -96,6 +98,13 @@ class Bundles(Views):
         mapping: dict[str, str] = {}
         plans: list[Json] = []
         directory = self.directory(caller)
+        entry_types = {
+            str(e["fullUrl"]): str(e["resource"].get("resourceType"))
+            for e in entries
+            if isinstance(e, dict)
+            and isinstance(e.get("fullUrl"), str)
+            and isinstance(e.get("resource"), dict)
+        }
         for position, entry in enumerate(entries):
             where = f"Bundle.entry[{position}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
@@ -119,7 +128,8 @@ class Bundles(Views):
                 if resource_type in HISTORY_TYPES:
                     plan.update(plan_entry(resource_type))
                 elif resource_type in DIRECTORY_TYPES and (
-                    resource_type != "Device" or is_directory_data(resource_type, resource)
+                    resource_type not in ("Device", "Observation")
+                    or is_directory_data(resource_type, resource, entry_types)
                 ):
                     if resource_type != "Medication":  # bound to a patient by context, maybe
                         plan["directory"] = True
@@ -502,7 +512,16 @@ class Bundles(Views):
         except SearchError as exc:
             raise invalid(str(exc)) from None
         found = None
-        if resource_type in DIRECTORY_TYPES and not query.by(PATIENT):
+        subjects = [reference_type(v) for c in query.by(PATIENT) for v in c.values]
+        if resource_type == "Observation" and subjects:
+            # About a Device or a Location: the directory's Observations.
+            if all(kind in NON_PATIENT_SUBJECTS for kind in subjects):
+                found = self.directory_search(caller, query)
+        elif (
+            resource_type in DIRECTORY_TYPES
+            and resource_type != "Observation"  # a patient's, unless its subject says not
+            and not query.by(PATIENT)
+        ):
             found = self.directory_search(caller, query)
             # A Medication or Device found by _id may be a patient's record instead.
             if not (resource_type in DIRECTORY_ONLY_TYPES or found["total"]) and query.named("_id"):

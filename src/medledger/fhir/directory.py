@@ -24,7 +24,14 @@ import msgspec
 from medledger.client.sdk import LedgerClient
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.outcome import invalid, not_found
-from medledger.fhir.search import METADATA, SearchQuery, metadata_matches, rfc3339, sort_items
+from medledger.fhir.search import (
+    METADATA,
+    PATIENT,
+    SearchQuery,
+    metadata_matches,
+    rfc3339,
+    sort_items,
+)
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
     ENTRY_ID,
@@ -159,12 +166,36 @@ def batches(writes: Iterable[DirectoryWrite], max_bytes: int) -> list[list[Direc
 # --- the interactions ---------------------------------------------------------------------------
 
 
-def is_directory_data(resource_type: str, resource: Mapping[str, Any]) -> bool:
+# What an Observation may be about, besides a patient, as directory data (R4 also allows a
+# Group: a group of patients is patient data of no single patient, and is refused).
+NON_PATIENT_SUBJECTS = frozenset({"Device", "Location"})
+
+
+def subject_type(resource: Mapping[str, Any], types: Mapping[str, str] | None = None) -> str:
+    """The resource type an Observation's subject names: from a literal or conditional
+    reference (`Device/x`, `Location?identifier=...`) or, in a transaction, from the type of the
+    entry whose fullUrl it names (`types`)."""
+    subject = resource.get("subject")
+    reference = subject.get("reference") if isinstance(subject, Mapping) else None
+    if not isinstance(reference, str):
+        return ""
+    if types and reference in types:
+        return types[reference]
+    head = reference.split("?", 1)[0]
+    return head.rsplit("/", 2)[-2] if head.count("/") >= 1 else head
+
+
+def is_directory_data(
+    resource_type: str, resource: Mapping[str, Any], types: Mapping[str, str] | None = None
+) -> bool:
     """Whether a resource goes to the directory rather than a patient's records: the
-    directory types always; a Device only when it names no patient; a Medication sent on its
-    own (in a transaction, one that a patient's record refers to is that patient's record)."""
+    directory types always; a Device only when it names no patient; an Observation when its
+    subject is a Device or a Location; a Medication sent on its own (in a transaction, one that
+    a patient's record refers to is that patient's record)."""
     if resource_type in DIRECTORY_ONLY_TYPES or resource_type == "Medication":
         return True
+    if resource_type == "Observation":
+        return subject_type(resource, types) in NON_PATIENT_SUBJECTS
     return resource_type == "Device" and not isinstance(resource.get("patient"), dict)
 
 
@@ -242,7 +273,10 @@ def search_entries(directory: Directory, query: SearchQuery) -> list[DirectoryEn
         ):
             continue
         resource = json.loads(entry.resource)
-        if query.matches(resource, now):
+        # An Observation's subject (Device/x, Location/y) is matched on the entry as well.
+        if query.matches(resource, now) and all(
+            c.matches(resource, now) for c in query.by(PATIENT)
+        ):
             found.append((entry, resource))
     ordered = sort_items(
         found,

@@ -116,6 +116,13 @@ class Writing(Searching):
             else:
                 if reference.startswith(self.base + "/"):
                     reference = reference[len(self.base) + 1 :]
+                if reference_type(reference) == "Group":
+                    raise business_rule(
+                        f"{where}: a Group is not stored here — data about a group of patients"
+                        " belongs to no one patient's records and consent; send one resource per"
+                        " patient (an Observation about a Device or Location goes to the"
+                        " shared directory)"
+                    )
                 if reference_type(reference) != "Patient" or reference.count("/") != 1:
                     raise business_rule(f"{where} must be a Patient/<id> reference")
                 patient = reference_id(reference)

@@ -1,6 +1,7 @@
 """The shared directory: the FHIR resources that are not patient data — Organization,
-Practitioner, PractitionerRole, Location, and a Medication or Device that no patient's record
-is about — which every node serves, so that records refer to them as EHRs do
+Practitioner, PractitionerRole, Location, a Medication or Device that no patient's record is
+about, and an Observation about a Device or a Location (a calibration, a room's temperature)
+— which every node serves, so that records refer to them as EHRs do
 (`Organization?identifier=...`, `Practitioner/<id>`).
 
 Why signed on-chain entries (and not off-chain packages with on-chain hashes): a directory
@@ -48,7 +49,15 @@ from medledger.ledger.model import PRACTITIONER_ROLES, SYSTEM_ROLES, Role
 from medledger.ledger.state import State
 
 DIRECTORY_TYPES = frozenset(
-    {"Organization", "Practitioner", "PractitionerRole", "Location", "Medication", "Device"}
+    {
+        "Organization",
+        "Practitioner",
+        "PractitionerRole",
+        "Location",
+        "Medication",
+        "Device",
+        "Observation",
+    }
 )
 # Billing staff and auditors read; they do not curate the directory.
 DIRECTORY_ROLES = frozenset(
