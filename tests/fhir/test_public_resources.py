@@ -59,6 +59,9 @@ NEW_RECORD_TYPES = (
     "SupplyDelivery",
     "Specimen",
     "Coverage",
+    "MedicationDispense",
+    "QuestionnaireResponse",
+    "RelatedPerson",
 )
 
 
@@ -396,6 +399,54 @@ def chart(patient_url: str) -> list[tuple[str, Json]]:
         (
             f"urn:uuid:{uuid.uuid4()}",
             {
+                "resourceType": "MedicationDispense",
+                "status": "completed",
+                "medicationCodeableConcept": rx,
+                "subject": {"reference": patient_url},
+                "whenHandedOver": "2024-03-02T09:00:00+00:00",
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "QuestionnaireResponse",
+                "status": "completed",
+                "questionnaire": "http://loinc.org/q/93025-5|2.72",
+                "subject": {"reference": patient_url},
+                "authored": "2024-03-05T10:00:00+00:00",
+                "item": [
+                    {
+                        "linkId": "/93030-5",
+                        "text": "Has lack of transportation kept you from appointments?",
+                        "answer": [
+                            {"valueCoding": {"system": "http://loinc.org", "code": "LA33-6"}}
+                        ],
+                    }
+                ],
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "RelatedPerson",
+                "active": True,
+                "patient": {"reference": patient_url},
+                "relationship": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                                "code": "MTH",
+                            }
+                        ]
+                    }
+                ],
+                "name": [{"family": "Okafor", "given": ["Ngozi"]}],
+            },
+        ),
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
                 "resourceType": "Coverage",
                 "status": "active",
                 "beneficiary": {"reference": patient_url},
@@ -448,6 +499,9 @@ def test_new_clinical_types_are_stored_read_back_and_searched(site: Site) -> Non
         "SupplyDelivery",
         "Specimen",
         "Coverage",
+        "MedicationDispense",
+        "QuestionnaireResponse",
+        "RelatedPerson",
     ):
         found = search(site, f"{resource_type}?patient={patient_ref}")
         assert [f"{resource_type}/{r['id']}" for r in found] == [by_type[resource_type]]
@@ -460,6 +514,12 @@ def test_new_clinical_types_are_stored_read_back_and_searched(site: Site) -> Non
     assert len(search(site, f"ImagingStudy?patient={patient_ref}&modality=DX")) == 1
     assert len(search(site, f"Specimen?patient={patient_ref}&collected=2024-03-04")) == 1
     assert search(site, f"Specimen?patient={patient_ref}&collected=2024-03-05") == []
+    assert len(search(site, f"MedicationDispense?patient={patient_ref}&status=completed")) == 1
+    questionnaire = "questionnaire=http://loinc.org/q/93025-5"
+    assert len(search(site, f"QuestionnaireResponse?patient={patient_ref}&{questionnaire}")) == 1
+    assert len(search(site, f"QuestionnaireResponse?patient={patient_ref}&authored=2024-03")) == 1
+    assert len(search(site, f"RelatedPerson?patient={patient_ref}&name=Ngozi")) == 1
+    assert search(site, f"RelatedPerson?patient={patient_ref}&name=Chidi") == []
     medication = by_type["Medication"]
     assert [r["id"] for r in search(site, f"Medication?_id={medication.split('/')[1]}")] == [
         medication.split("/")[1]

@@ -116,6 +116,9 @@ RESOURCES: Mapping[str, ResourceSupport] = {
             "SupplyDelivery",
             "Specimen",
             "Coverage",
+            "MedicationDispense",
+            "QuestionnaireResponse",
+            "RelatedPerson",
         )
     },
     "Device": ResourceSupport(

@@ -278,6 +278,35 @@ SEARCH_PARAMS: Mapping[str, Mapping[str, SearchParam]] = {
         _token("status", "status", "Specimen-status"),
         _date("collected", "collection.collected", "Specimen-collected"),
     ),
+    # US Core 6.1 MedicationDispense: patient, patient+status, patient+type (SHALL/SHOULD).
+    "MedicationDispense": _table(
+        _patient(),
+        _subject("MedicationDispense-subject"),
+        _token("status", "status", "MedicationDispense-status"),
+        _token("type", "type", "MedicationDispense-type"),
+        _date("whenhandedover", "whenHandedOver", "MedicationDispense-whenhandedover"),
+    ),
+    # US Core 6.1 QuestionnaireResponse (SDOH assessments): patient, authored, status,
+    # questionnaire.
+    "QuestionnaireResponse": _table(
+        _patient(),
+        _subject("QuestionnaireResponse-subject"),
+        _token("status", "status", "QuestionnaireResponse-status"),
+        _date("authored", "authored", "QuestionnaireResponse-authored"),
+        _p(
+            "questionnaire",
+            "string",
+            "questionnaire",
+            "QuestionnaireResponse-questionnaire",
+            "The Questionnaire's canonical URL (with or without its |version).",
+        ),
+    ),
+    # US Core 6.1 RelatedPerson: a record of the patient it relates to; patient, name.
+    "RelatedPerson": _table(
+        _patient("patient", "RelatedPerson-patient"),
+        _p("name", "string", "name", "RelatedPerson-name", "Any part of a name (starts with)."),
+        _token("relationship", "relationship", "RelatedPerson-relationship"),
+    ),
     # US Core 6.1 Coverage: patient (SHALL); the beneficiary is the patient whose record it is.
     "Coverage": _table(
         _patient("beneficiary", "Coverage-patient"),
@@ -433,6 +462,8 @@ SORT_DATE: Mapping[str, str] = {
     "MedicationAdministration": "effective-time",
     "ImagingStudy": "started",
     "Specimen": "collected",
+    "MedicationDispense": "whenhandedover",
+    "QuestionnaireResponse": "authored",
     "Patient": "birthdate",
     "Consent": "date",
     "AuditEvent": "date",
