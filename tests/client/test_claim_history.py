@@ -149,6 +149,9 @@ def test_amounts_are_rounded_half_to_even_to_cents() -> None:
         to_cents("abc", "x")
     with pytest.raises(ClaimError, match="not a number"):
         to_cents(True, "x")
+    for hostile in ("NaN", float("nan"), "Infinity", "1e999999"):
+        with pytest.raises(ClaimError, match="not a number"):
+            to_cents(hostile, "x")
 
 
 def test_the_payers_table(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import msgspec
@@ -119,7 +119,7 @@ def to_minor_units(value: Any, what: str) -> int:
         raise ClaimError(f"{what}: not a number")
     try:
         cents = Decimal(str(value)) * 100
-    except InvalidOperation:
+    except ArithmeticError:  # InvalidOperation, Overflow (decimal)
         raise ClaimError(f"{what}: {value!r} is not a number") from None
     if not cents.is_finite() or cents != cents.to_integral_value():
         raise ClaimError(f"{what}: {value} has more than two decimal places")
@@ -179,9 +179,12 @@ def _item_amount(item: Mapping[str, Any], what: str) -> tuple[int, str | None]:
     price = item.get("unitPrice")
     if not isinstance(price, Mapping) or "value" not in price:
         raise ClaimError(f"{what}: net or unitPrice is required")
-    quantity = Decimal(str((item.get("quantity") or {}).get("value", 1)))
-    factor = Decimal(str(item.get("factor", 1)))
-    value = Decimal(str(price["value"])) * quantity * factor
+    try:
+        quantity = Decimal(str((item.get("quantity") or {}).get("value", 1)))
+        factor = Decimal(str(item.get("factor", 1)))
+        value = Decimal(str(price["value"])) * quantity * factor
+    except ArithmeticError:  # InvalidOperation, Overflow (decimal)
+        raise ClaimError(f"{what}: unitPrice x quantity x factor is not a number") from None
     return to_minor_units(value, f"{what}.unitPrice x quantity"), price.get("currency")
 
 
@@ -400,8 +403,10 @@ def to_cents(value: Any, what: str) -> int:
         raise ClaimError(f"{what}: not a number")
     try:
         cents = (Decimal(str(value)) * 100).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
-    except InvalidOperation:
+    except ArithmeticError:  # InvalidOperation, Overflow (decimal)
         raise ClaimError(f"{what}: {value!r} is not a number") from None
+    if not cents.is_finite():
+        raise ClaimError(f"{what}: {value!r} is not a number")
     return int(cents)
 
 
@@ -502,7 +507,7 @@ def extract_history_claim(
                 value = (
                     Decimal(str(price.get("value"))) * Decimal(str(quantity)) * Decimal(str(factor))
                 )
-            except InvalidOperation:
+            except ArithmeticError:  # InvalidOperation, Overflow (decimal)
                 raise ClaimError(f"{what}: the amount is not a number") from None
             amount = to_cents(value, what)
             if price.get("currency"):
