@@ -14,6 +14,7 @@ from medledger.abci.queries import answer
 from medledger.crypto.keys import KeyPair
 from medledger.ledger import codec
 from medledger.ledger.access import RequestAccess
+from medledger.ledger.bundle import PutBundle
 from medledger.ledger.claims import (
     CVX_SYSTEM,
     SNOMED_SYSTEM,
@@ -804,3 +805,40 @@ def test_a_payer_decision_may_follow_its_imported_claim(consortium: Consortium, 
     # Once decided, a second report is refused.
     again = ImportClaims((), (ClaimRemittance("l-1", remitted("l-1b", pid)),))
     assert "already paid" in refused(c, cast.ehr, "claim.import", again, Code.CONFLICT).log
+
+
+def test_a_fhir_bundle_imports_its_claims_with_its_records_or_nothing(
+    consortium: Consortium, cast: Cast
+) -> None:
+    """record.put-bundle: the Bundle's records and the claims they support in one ledger
+    transaction — a bad claim refuses the records too; a lab system imports no claims."""
+    c, pid = consortium, cast.patient.member_id
+    encounter = sealed("b-encounter", pid, "Encounter", "encounter")
+    claim = imported("b-1", pid, remittance=remitted("b-1", pid), supporting=("b-encounter",))
+    bad = imported("b-2", pid, payer="")
+    log = refused(
+        c,
+        cast.ehr,
+        "record.put-bundle",
+        PutBundle((encounter,), claims=ImportClaims((claim, bad))),
+        Code.INVALID_BODY,
+    ).log
+    assert "claim 1:" in log
+    lab_bundle = PutBundle(
+        (sealed("b-obs", pid, "Observation", "laboratory"),), claims=ImportClaims((claim,))
+    )
+    assert (
+        "role lis may not import"
+        in refused(c, cast.lab_system, "record.put-bundle", lab_bundle, Code.UNAUTHORIZED).log
+    )
+    result = c.submit(
+        cast.ehr, "record.put-bundle", PutBundle((encounter,), claims=ImportClaims((claim,)))
+    )
+    assert result.ok, result.log
+    assert (
+        load(c, "b-1").supporting == ("b-encounter",) and load(c, "b-1").status is ClaimStatus.PAID
+    )
+    assert (
+        refused(c, cast.ehr, "record.put-bundle", PutBundle(), Code.INVALID_BODY).log
+        == "a bundle holds records or claims"
+    )

@@ -14,6 +14,7 @@ from conftest import Consortium, keys_for
 
 from medledger.abci.queries import answer
 from medledger.crypto.keys import KeyPair
+from medledger.ledger.bundle import PutBundle
 from medledger.ledger.directory import (
     MAX_ENTRY_BYTES,
     DirectoryEntry,
@@ -23,7 +24,7 @@ from medledger.ledger.directory import (
 )
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.model import Role
-from medledger.ledger.records import PutRecord, PutRecords
+from medledger.ledger.records import PutRecord
 from medledger.ledger.transactions import EnrollMember
 
 NPI = "http://hl7.org/fhir/sid/us-npi"
@@ -239,7 +240,7 @@ def test_queries_refuse_unknown_types_and_missing_entries(consortium: Consortium
 def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
     consortium: Consortium,
 ) -> None:
-    """A transaction Bundle's directory entries ride in its record.put-many: a refused record
+    """A transaction Bundle's directory entries ride in its record.put-bundle: a refused record
     leaves no entry behind; committed records bring their entries."""
     c = consortium
     ehr = member(c, "st-mary", Role.EHR)
@@ -260,22 +261,22 @@ def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
         )
 
     root = c.chain.store.state_root()
-    refused = PutRecords((record("obs-1", "no-such-patient"),), (entry,))
-    result = c.submit(ehr, "record.put-many", refused)
+    refused = PutBundle((record("obs-1", "no-such-patient"),), (entry,))
+    result = c.submit(ehr, "record.put-bundle", refused)
     assert not result.ok and "entry 0" in result.log
     assert c.chain.store.state_root() == root
     with pytest.raises(LedgerError, match="no directory entry"):
         answer(c.chain.store, "/directory/entry", b"Practitioner/dr-ade", False)
 
-    bad_entry = PutRecords(
+    bad_entry = PutBundle(
         (record("obs-2", patient.member_id),), (DirectoryWrite("Patient", "p", b"{}"),)
     )
-    result = c.submit(ehr, "record.put-many", bad_entry)
+    result = c.submit(ehr, "record.put-bundle", bad_entry)
     assert not result.ok and result.log.startswith("directory entry 0")
     assert c.chain.store.state_root() == root
 
-    stored = PutRecords((record("obs-3", patient.member_id),), (entry,))
-    result = c.submit(ehr, "record.put-many", stored)
+    stored = PutBundle((record("obs-3", patient.member_id),), (entry,))
+    result = c.submit(ehr, "record.put-bundle", stored)
     assert result.ok, result.log
-    assert "1 records and 1 directory entries stored" in result.log
+    assert result.log == "1 directory entries; 1 records stored"
     assert query(c, "/directory/entry", "Practitioner/dr-ade")["latest"]["version"] == 1

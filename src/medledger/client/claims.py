@@ -656,13 +656,13 @@ class ClaimsClient:
         outcome = self._submit("claim.submit", body)
         return ClaimResult(self.show(body.claim_id), outcome, put.record_id)
 
-    def import_history(
+    def history_bodies(
         self, claims: Sequence[HistoryClaim], patient_keys: Mapping[str, bytes] | None = None
-    ) -> list[TxOutcome]:
-        """Seal every Claim and ExplanationOfBenefit of `claims` against one snapshot and
-        import them, in order, in `claim.import` transactions of at most MAX_IMPORTED_PER_TX
-        claims and about three quarters of the chain's max_tx_bytes (sent together, then
-        waited for). `patient_keys` as for `RecordsClient.put_many`."""
+    ) -> list[ImportClaims]:
+        """Seal every Claim and ExplanationOfBenefit of `claims` against one snapshot and make
+        the `claim.import` bodies that import them, in order: each of at most
+        MAX_IMPORTED_PER_TX claims and about three quarters of the chain's max_tx_bytes.
+        `patient_keys` as for `RecordsClient.seal_many`."""
         if not claims:
             return []
         sealing = self.records.sealing()
@@ -719,18 +719,23 @@ class ClaimsClient:
                 size = 0
             batches[-1].append(body)
             size += cost
-        member = self.records.member_id
-        sent = [
-            self.ledger.send(
-                self.records.keys,
-                "claim.import",
-                ImportClaims(
-                    tuple(b for b in batch if isinstance(b, ImportedClaim)),
-                    tuple(b for b in batch if isinstance(b, ClaimRemittance)),
-                ),
-                sender=member,
+        return [
+            ImportClaims(
+                tuple(b for b in batch if isinstance(b, ImportedClaim)),
+                tuple(b for b in batch if isinstance(b, ClaimRemittance)),
             )
             for batch in batches
+        ]
+
+    def import_history(
+        self, claims: Sequence[HistoryClaim], patient_keys: Mapping[str, bytes] | None = None
+    ) -> list[TxOutcome]:
+        """Import `claims` (see `history_bodies`) in `claim.import` transactions, sent together
+        and then waited for."""
+        member = self.records.member_id
+        sent = [
+            self.ledger.send(self.records.keys, "claim.import", body, sender=member)
+            for body in self.history_bodies(claims, patient_keys)
         ]
         return [self.ledger.outcome_of(tx_hash, member) for tx_hash in sent]
 

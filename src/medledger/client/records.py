@@ -36,6 +36,8 @@ from medledger.crypto.keys import KeyPair
 from medledger.ledger import merkle
 from medledger.ledger.access import Grant, RequestAccess, RequestSession, SessionGrant
 from medledger.ledger.app import app_hash_of
+from medledger.ledger.bundle import PutBundle
+from medledger.ledger.claims import ImportClaims
 from medledger.ledger.consent import (
     Consent,
     GrantConsent,
@@ -365,25 +367,20 @@ class RecordsClient:
         outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
         return WrittenRecord(record_id, latest + 1, body.package_digest, outcome)
 
-    def put_many(
-        self,
-        writes: Sequence[RecordWrite],
-        patient_keys: Mapping[str, bytes] | None = None,
-        entries: Sequence[DirectoryWrite] = (),
-    ) -> list[WrittenRecord]:
-        """Validate, seal and upload every record or amendment — against one snapshot of the
-        custodians, the threshold, the author and each patient — then commit them all in one
-        `record.put-many` transaction: all are stored, or none is, and with them the directory
-        `entries` (written first). `patient_keys` gives the encryption keys of patients whose
-        enrollment this member sent but that may not be committed yet (it executes first: same
-        sender, earlier nonce)."""
+    def seal_many(
+        self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None
+    ) -> list[PutRecord]:
+        """Validate, seal and upload every record or amendment against one snapshot of the
+        custodians, the threshold, the author and each patient, without committing them.
+        `patient_keys` gives the encryption keys of patients whose enrollment this member sent
+        but that may not be committed yet (it executes first: same sender, earlier nonce)."""
         sealing = self.sealing()
         known = dict(patient_keys or {})
         patients = {
             pid: known.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
             for pid in dict.fromkeys(w.patient_id for w in writes)
         }
-        bodies = [
+        return [
             self.seal_and_upload(
                 w.resource,
                 w.patient_id,
@@ -395,14 +392,32 @@ class RecordsClient:
             )
             for w in writes
         ]
+
+    def put_many(
+        self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None
+    ) -> list[WrittenRecord]:
+        """Seal and upload every record or amendment (`seal_many`), then commit them all in
+        one `record.put-many` transaction: all are stored, or none is."""
+        bodies = self.seal_many(writes, patient_keys)
         outcome = self.ledger.submit(
-            self.keys,
-            "record.put-many",
-            PutRecords(tuple(bodies), tuple(entries)),
-            sender=self.member_id,
+            self.keys, "record.put-many", PutRecords(tuple(bodies)), sender=self.member_id
         )
         return [
             WrittenRecord(b.record_id, b.previous + 1, b.package_digest, outcome) for b in bodies
+        ]
+
+    def put_bundle(
+        self,
+        records: Sequence[PutRecord],
+        entries: Sequence[DirectoryWrite] = (),
+        claims: ImportClaims | None = None,
+    ) -> list[WrittenRecord]:
+        """Commit sealed records (`seal_many`), directory entries and imported claims in one
+        `record.put-bundle` transaction (a FHIR transaction Bundle): all, or nothing."""
+        body = PutBundle(tuple(records), tuple(entries), claims)
+        outcome = self.ledger.submit(self.keys, "record.put-bundle", body, sender=self.member_id)
+        return [
+            WrittenRecord(b.record_id, b.previous + 1, b.package_digest, outcome) for b in records
         ]
 
     def mark_entered_in_error(self, record_id: str, version: int, reason: str) -> TxOutcome:

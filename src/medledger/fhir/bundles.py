@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from medledger.client.claims import ClaimsClient
 from medledger.client.records import (
     RecordWrite,
 )
@@ -19,7 +20,7 @@ from medledger.fhir.claim_history import (
     HISTORY_TYPES,
     claims_of,
     extract,
-    import_history,
+    history_claims,
     insurers_of,
     link_explanations,
     plan_entry,
@@ -302,8 +303,10 @@ class Bundles(Views):
                         renamed["id"] = plan["id"]
                     plan["validated"] = with_references_renamed(plan["validated"], renamed)
 
-        # Directory entries first (shared reference data, in their own directory.put), then
-        # the records in one record.put-many.
+        # One record.put-bundle: the directory entries, the records, the claims — all or none.
+        # Directory entries too many for a quarter of a transaction go first in their own
+        # directory.put batches, and claims more than one import holds follow in claim.import
+        # transactions (each all or none).
         entry_writes = [
             new_write(p["resource"], p["id"], p.get("previous", 0))
             for p in plans
@@ -319,15 +322,19 @@ class Bundles(Views):
             for p in plans
             if not p.get("existing") and not p.get("directory") and not p.get("claim")
         ]
-        # With records, the directory entries go in their put-many (kept only if the records
-        # are); on their own, or more than one transaction holds, in directory.put batches.
-        together = bool(writes) and directory.fits_with_records(entry_writes)
-        if entry_writes and not together:
+        imports = ClaimsClient(caller.client).history_bodies(history_claims(plans), patient_keys)
+        first, later = (imports[0], imports[1:]) if imports else (None, [])
+        bundled = bool(writes or first) and directory.fits_with_records(entry_writes)
+        if entry_writes and not bundled:
             directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         try:
             done = (
-                caller.client.put_many(writes, patient_keys, entry_writes if together else ())
-                if writes
+                caller.client.put_bundle(
+                    caller.client.seal_many(writes, patient_keys),
+                    entry_writes if bundled else (),
+                    first,
+                )
+                if writes or first
                 else []
             )
         finally:
@@ -335,10 +342,11 @@ class Bundles(Views):
             # patient"; and an enrollment must not go unchecked when nothing else was written.
             for tx_hash in enrollments:
                 caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
-        claims = {}
-        if any(p.get("claim") for p in plans):
-            import_history(caller.client, plans, patient_keys)
-            claims = claims_of(caller.client, plans)
+        for body in later:
+            caller.client.ledger.submit(
+                caller.client.keys, "claim.import", body, sender=caller.client.member_id
+            )
+        claims = claims_of(caller.client, plans) if imports else {}
         for plan in plans:
             if plan["type"] == "Patient" and not plan.get("existing"):
                 self.link_identifiers(plan["resource"], plan["id"])

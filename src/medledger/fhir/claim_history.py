@@ -8,7 +8,9 @@ stored beside it. Claim.id and ExplanationOfBenefit.id are the ledger's claim id
 reference to either is rewritten to it. The claim's patient is resolved as a record's is; its
 supporting records are the records of this transaction it refers to (its encounter, the
 immunizations it bills). Everything is extracted and checked before anything is written; the
-claims are imported after the transaction's records, by the same member, in order.
+claims are imported in the same ledger transaction as the Bundle's records and directory
+entries (`record.put-bundle`: all or none) — those more than one import holds (over 200, or
+three quarters of a transaction's bytes) in `claim.import` transactions right after.
 
 Who pays: a network insurer when Claim.insurer names one (Organization/<id>) or when the
 payer's identifier or name is mapped in the node's `[claims] payers` table; otherwise the
@@ -166,17 +168,15 @@ def supporting(plan: Json, plans: Sequence[Json]) -> tuple[str, ...]:
     return tuple(found)[:MAX_SUPPORTING]
 
 
-def import_history(
-    client: RecordsClient, plans: Sequence[Json], patient_keys: Mapping[str, bytes]
-) -> None:
-    """Import the transaction's Claims and ExplanationOfBenefits (after its records; the new
-    patients' ids already in the plans)."""
-    history = []
+def history_claims(plans: Sequence[Json]) -> list[HistoryClaim]:
+    """The transaction's Claims and ExplanationOfBenefits to import (the new patients' ids
+    already in the plans)."""
+    found = []
     for plan in plans:
         patient = str(plan.get("patient", ""))
         if plan.get("claim") == CLAIM:
             explained = plan.get("explained")
-            history.append(
+            found.append(
                 HistoryClaim(
                     claim_id=plan["id"],
                     patient=patient,
@@ -190,7 +190,7 @@ def import_history(
                 )
             )
         elif plan.get("claim") == EOB_RESOURCE and plan.get("earlier_claim"):
-            history.append(
+            found.append(
                 HistoryClaim(
                     claim_id=plan["id"],
                     patient=patient,
@@ -201,7 +201,7 @@ def import_history(
                     decision=plan.get("decision"),
                 )
             )
-    ClaimsClient(client).import_history(history, patient_keys)
+    return found
 
 
 def result(base: str, plan: Json, claim: Claim) -> Json:

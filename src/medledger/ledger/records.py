@@ -15,7 +15,6 @@ from enum import StrEnum
 import msgspec
 
 from medledger.ledger.context import TxContext
-from medledger.ledger.directory import DirectoryWrite, PutDirectoryEntries, put_directory_entries
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.governance import active_organizations, load_params
 from medledger.ledger.identity import is_active, load_member
@@ -100,12 +99,9 @@ class PutRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PutRecords(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`record.put-many`: several new records or amendments, all committed or none (a FHIR
-    transaction Bundle). `entries` are the directory entries (Organization, Practitioner, ...)
-    the same Bundle creates or updates: written first, and kept only if the records are."""
+    """`record.put-many`: several new records or amendments, all committed or none."""
 
     records: tuple[PutRecord, ...]
-    entries: tuple[DirectoryWrite, ...] = ()
 
 
 # A FHIR transaction Bundle is one put-many, atomically: Synthea's patient Bundles hold 250-400
@@ -298,11 +294,6 @@ def put_records(state: State, ctx: TxContext, body: PutRecords) -> str:
     if not 0 < len(body.records) <= MAX_RECORDS_PER_TX:
         raise LedgerError(Code.INVALID_BODY, f"1-{MAX_RECORDS_PER_TX} records per transaction")
     subjects = {r.patient for r in body.records}
-    if body.entries:
-        try:
-            put_directory_entries(state, ctx, PutDirectoryEntries(body.entries))
-        except LedgerError as err:
-            raise LedgerError(err.code, f"directory {err.message}") from None
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
     for position, record in enumerate(body.records):
         try:
@@ -313,8 +304,7 @@ def put_records(state: State, ctx: TxContext, body: PutRecords) -> str:
         except LedgerError as err:
             raise LedgerError(err.code, f"entry {position}: {err.message}") from None
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
-    written = f" and {len(body.entries)} directory entries" if body.entries else ""
-    return f"{len(body.records)} records{written} stored"
+    return f"{len(body.records)} records stored"
 
 
 def mark_entered_in_error(state: State, ctx: TxContext, body: MarkEnteredInError) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medledger.ledger import (
     access,
+    bundle,
     claims,
     clients,
     consent,
@@ -13,6 +14,7 @@ from medledger.ledger import (
     records,
 )
 from medledger.ledger.access import RequestAccess, RequestSession
+from medledger.ledger.bundle import PutBundle
 from medledger.ledger.claims import (
     APPEAL_ROLES,
     PAYER_ROLES,
@@ -60,6 +62,8 @@ TRANSACTION_RULES: dict[str, TransactionRule] = {
     "record.put": TransactionRule(PutRecord, AUTHOR_ROLES, records.put_record),
     "record.amend": TransactionRule(PutRecord, AUTHOR_ROLES, records.amend_record),
     "record.put-many": TransactionRule(PutRecords, AUTHOR_ROLES, records.put_records),
+    # A FHIR transaction Bundle: directory entries, records and claims at once (each checked).
+    "record.put-bundle": TransactionRule(PutBundle, AUTHOR_ROLES, bundle.put_bundle),
     "record.mark-error": TransactionRule(
         MarkEnteredInError, AUTHOR_ROLES, records.mark_entered_in_error
     ),
