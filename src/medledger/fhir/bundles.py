@@ -1,5 +1,6 @@
 """Transaction and batch Bundles: a transaction's entries are planned, then written in one
-`record.put-many`; a batch's entries are independent."""
+`record.put-bundle` (with the Bundle's directory entries and claims); a batch's entries are
+independent."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class Bundles(Views):
 
     def transaction(self, caller: Caller, bundle: Json) -> Json:
         """All entries validated, references to the bundle's fullUrls resolved, new patients
-        enrolled, then every record committed in one `record.put-many` (all or none)."""
+        enrolled, then every record, directory entry and claim committed in one
+        `record.put-bundle` (all or none)."""
         entries = bundle.get("entry") or []
         if not isinstance(entries, list) or not entries:
             raise invalid("a transaction needs at least one entry")

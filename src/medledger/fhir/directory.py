@@ -134,7 +134,7 @@ class Directory:
 
     def fits_with_records(self, writes: Sequence[DirectoryWrite]) -> bool:
         """Whether `writes` fit in a quarter of a transaction (the records take the rest), so
-        that a FHIR transaction can write them in its `record.put-many`."""
+        that a FHIR transaction can write them in its `record.put-bundle`."""
         max_tx_bytes = int(self.ledger.query("/params")["max_tx_bytes"])
         return len(batches(writes, max_tx_bytes // 4)) <= 1
 

@@ -81,6 +81,7 @@ CACHE_LIMIT = 4096
 TX_ACTIONS: Mapping[str, str] = {
     "record.put": "C",
     "record.put-many": "C",
+    "record.put-bundle": "C",
     "record.amend": "U",
     "record.mark-error": "U",
     "record.erase": "D",
