@@ -8,11 +8,13 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import msgspec
+
 from medledger.client.claims import ClaimsClient
 from medledger.client.records import (
     RecordWrite,
 )
-from medledger.client.sdk import ClientError
+from medledger.client.sdk import ClientError, LedgerClient
 from medledger.fhir.capability import (
     RECORD_TYPES,
     RESOURCES,
@@ -70,6 +72,7 @@ from medledger.fhir.search import (
     rfc3339,
 )
 from medledger.fhir.views import Views
+from medledger.ledger.bundle import PutBundle
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
 )
@@ -82,6 +85,13 @@ from medledger.validation import (
     validate_resource,
     with_references_renamed,
 )
+
+
+def fits_in_a_transaction(ledger: LedgerClient, body: PutBundle) -> bool:
+    """Whether `body`, with a quarter of the chain's max_tx_bytes left for directory entries
+    and the envelope, fits in one transaction."""
+    max_tx_bytes = int(ledger.query("/params")["max_tx_bytes"])
+    return len(msgspec.msgpack.encode(body)) <= max_tx_bytes * 3 // 4
 
 
 class Bundles(Views):
@@ -326,17 +336,18 @@ class Bundles(Views):
         ]
         imports = ClaimsClient(caller.client).history_bodies(history_claims(plans), patient_keys)
         first, later = (imports[0], imports[1:]) if imports else (None, [])
-        bundled = bool(writes or first) and directory.fits_with_records(entry_writes)
+        sealed = caller.client.seal_many(writes, patient_keys) if writes else []
+        if first is not None and not fits_in_a_transaction(
+            caller.client.ledger, PutBundle(tuple(sealed), (), first)
+        ):
+            first, later = None, imports
+        bundled = bool(sealed or first) and directory.fits_with_records(entry_writes)
         if entry_writes and not bundled:
             directory.write(caller.client.keys, caller.client.member_id, entry_writes)
         try:
             done = (
-                caller.client.put_bundle(
-                    caller.client.seal_many(writes, patient_keys),
-                    entry_writes if bundled else (),
-                    first,
-                )
-                if writes or first
+                caller.client.put_bundle(sealed, entry_writes if bundled else (), first)
+                if sealed or first
                 else []
             )
         finally:
