@@ -978,3 +978,87 @@ def test_an_observation_about_a_device_or_location_is_directory_data(
     )
     assert refused.status_code == 422, refused.text
     assert "a Group is not stored here" in refused.text
+
+
+@pytest.mark.e2e
+def test_conditional_update_updates_what_the_identifier_names_or_creates(
+    site: Site, other_site: Site
+) -> None:
+    """PUT <Type>?identifier=system|value, as HAPI FHIR does it, where an identifier names one
+    resource on the ledger (Patient, the directory types); alone and in a transaction."""
+    mrn = str(uuid.uuid4())
+    condition = f"identifier=urn:medledger:test:public|{mrn}"
+
+    def put(target: Site, kind: str, query: str, body: Json) -> httpx.Response:
+        return httpx.put(
+            f"{target.base}/{kind}?{query}",
+            json=body,
+            headers={**target.headers(), **FHIR_JSON},
+            timeout=60,
+        )
+
+    body = {
+        **patient("Cond"),
+        "identifier": [{"system": "urn:medledger:test:public", "value": mrn}],
+    }
+    created = put(site, "Patient", condition, body)
+    assert created.status_code == 201, created.text
+    patient_id = created.json()["id"]
+    renamed = {**body, "name": [{"family": "Conde", "given": ["Ana"]}]}
+    updated = put(site, "Patient", condition, renamed)
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["id"] == patient_id and updated.json()["meta"]["versionId"] == "2"
+    assert read_back(site, f"Patient/{patient_id}")["name"][0]["family"] == "Conde"
+    # The body's id, if any, must be the one the identifier names.
+    wrong = put(site, "Patient", condition, {**renamed, "id": "someone-else"})
+    assert wrong.status_code == 400 and "names Patient/" in wrong.text
+
+    org_id = str(uuid.uuid4())
+    org_condition = f"identifier=urn:medledger:test:org|{org_id}"
+    first = put(site, "Organization", org_condition, organization(org_id, "Cond Clinic"))
+    assert first.status_code == 201, first.text
+    again = put(site, "Organization", org_condition, organization(org_id, "Cond Clinic East"))
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert again.json()["name"] == "Cond Clinic East"
+    # Another organization may not update St. Mary's entry through its identifier either.
+    theirs = put(other_site, "Organization", org_condition, organization(org_id, "Taken"))
+    assert theirs.status_code == 403, theirs.text
+    # Records are updated by id: no conditional update on them.
+    observation = put(site, "Observation", "identifier=x|y", {"resourceType": "Observation"})
+    assert (
+        observation.status_code == 400 and "conditional update is supported on" in observation.text
+    )
+
+    # In a transaction: the patient is updated, a new practitioner created.
+    npi = str(uuid.uuid4().int)[:10]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {**renamed, "birthDate": "1980-04-03"},
+                "request": {"method": "PUT", "url": f"Patient?{condition}"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Practitioner",
+                    "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": npi}],
+                    "name": [{"family": "Adeyemi"}],
+                },
+                "request": {
+                    "method": "PUT",
+                    "url": f"Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|{npi}",
+                },
+            },
+        ],
+    }
+    answer = httpx.post(site.base, json=bundle, headers={**site.headers(), **FHIR_JSON}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    statuses = [e["response"]["status"] for e in answer.json()["entry"]]
+    assert statuses == ["200 OK", "201 Created"]
+    assert read_back(site, f"Patient/{patient_id}")["birthDate"] == "1980-04-03"
+
+    statement = httpx.get(f"{site.base}/metadata", timeout=10).json()
+    conditional = {r["type"]: r.get("conditionalUpdate") for r in statement["rest"][0]["resource"]}
+    assert conditional["Patient"] and conditional["Organization"]
+    assert not conditional["Observation"]

@@ -29,7 +29,12 @@ from aiohttp import web
 
 from medledger.auth import MAX_LIFETIME, SCHEME
 from medledger.fhir import bulk
-from medledger.fhir.capability import FHIR_VERSION, RESOURCES, SOFTWARE_VERSION
+from medledger.fhir.capability import (
+    CONDITIONAL_UPDATE_TYPES,
+    FHIR_VERSION,
+    RESOURCES,
+    SOFTWARE_VERSION,
+)
 from medledger.fhir.search import MAX_COUNT, SEARCH_PARAMS, SearchParam
 
 Json = dict[str, Any]
@@ -859,8 +864,9 @@ def search_parameters(resource_type: str) -> tuple[Json, ...]:
     return (*params, COUNT, PAGE, SORT, FORMAT, PURPOSE, PREFER)
 
 
-def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Operation]]]:
-    """The FHIR API's `{type}` routes: (CapabilityStatement interaction, operation per type)."""
+def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Operation | None]]]:
+    """The FHIR API's `{type}` routes: (CapabilityStatement interaction, operation per type,
+    None for a type that offers the interaction but not on that route)."""
 
     def tag(t: str) -> str:
         return f"FHIR {t}"
@@ -971,6 +977,31 @@ def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Opera
             },
         )
 
+    def conditional_update(t: str) -> Operation | None:
+        if t not in CONDITIONAL_UPDATE_TYPES:
+            return None
+        return Operation(
+            f"Update {t} by identifier",
+            tag(t),
+            "Conditional update, as HAPI FHIR does it: the query is identifier=system|value;"
+            " the resource it names is updated (200), else the body is created (201).",
+            SMART,
+            (smart_scope(t, "u"),),
+            parameters=(
+                query("identifier", "system|value: the identifier that names it."),
+                header("If-Match", 'W/"<version>": refused with 412 unless current.'),
+                PREFER,
+            ),
+            body=resource_body(t),
+            responses={
+                "200": fhir_reply("Updated."),
+                "201": fhir_reply("Created."),
+                **FHIR_ERRORS,
+                "412": outcome("The If-Match version is not current."),
+                "422": outcome("A business rule is broken."),
+            },
+        )
+
     def delete(t: str) -> Operation:
         return Operation(
             f"Delete {t}",
@@ -1042,6 +1073,7 @@ def typed_operations() -> dict[tuple[str, str], tuple[str, Callable[[str], Opera
         ("POST", "/fhir/{type}"): ("create", create),
         ("GET", "/fhir/{type}/{id}"): ("read", read),
         ("PUT", "/fhir/{type}/{id}"): ("update", update),
+        ("PUT", "/fhir/{type}"): ("update", conditional_update),
         ("DELETE", "/fhir/{type}/{id}"): ("delete", delete),
         ("GET", "/fhir/{type}/{id}/_history/{vid}"): ("vread", vread),
         ("GET", "/fhir/{type}/{id}/_history"): ("history-instance", instance_history),
@@ -1141,8 +1173,9 @@ def openapi_document(app: web.Application, server_url: str) -> Json:
         elif key in typed:
             interaction, make = typed[key]
             for name, support in RESOURCES.items():
-                if interaction in support.interactions:
-                    put(method, path.replace("{type}", name), make(name))
+                made = make(name) if interaction in support.interactions else None
+                if made is not None:
+                    put(method, path.replace("{type}", name), made)
         else:
             undocumented.append(f"{method} {path}")
             put(

@@ -127,6 +127,23 @@ class Bundles(Views):
             url = str(request.get("url", "")).strip("/")
             resource = entry.get("resource")
             full_url = entry.get("fullUrl")
+            if method == "PUT" and "?" in url:
+                # A conditional update: of what the identifier names, else a create.
+                kind, _, condition = url.partition("?")
+                self.require_scope(caller, kind, "u")
+                try:
+                    target = self.conditional_target(caller, kind, condition)
+                except FhirError as exc:
+                    raise in_entry(exc, position) from None
+                if not isinstance(resource, dict):
+                    raise invalid(f"{where} needs a resource", [where])
+                if target is None:
+                    method, url = "POST", kind
+                    request = {**request, "ifNoneExist": condition}
+                    resource = {k: v for k, v in resource.items() if k != "id"}
+                else:
+                    url = f"{kind}/{target}"
+                    resource = {**resource, "id": target}
             if url.split("/")[0].split("?")[0] == "Consent" and method in WRITE_INTERACTIONS:
                 refusal = self.refuse_consent_write(
                     caller.token.client_id, WRITE_INTERACTIONS[method]

@@ -11,6 +11,8 @@ from medledger.fhir.include import REVINCLUDES, include_paths
 from medledger.fhir.search import CONTENT, METADATA, PATIENT, SEARCH_PARAMS, SP, SearchParam
 
 DIRECTORY_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
+# Where an identifier names one resource on the ledger: PUT <Type>?identifier=system|value.
+CONDITIONAL_UPDATE_TYPES = frozenset({"Patient"} | DIRECTORY_TYPES)
 FHIR_VERSION = "4.0.1"
 SOFTWARE_VERSION = "0.1.0"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
@@ -253,8 +255,11 @@ SYSTEM_DOC = (
     " entered-in-error (record.mark-error, by a member of the author's organization only;"
     " others get 403) and a directory entry entered-in-error (its organization only),"
     " which stay readable in their history with meta.tag urn:medledger:record-status"
-    " entered-in-error; erasure (GDPR Art. 17) is the patient's record.erase. Not supported:"
-    " update as create, patch, conditional update/delete, chained parameters, _elements, XML."
+    " entered-in-error; erasure (GDPR Art. 17) is the patient's record.erase. Conditional"
+    " update (PUT <Type>?identifier=system|value, alone or in a transaction) on Patient and the"
+    " directory types, where an identifier names one resource: the one it names is updated,"
+    " else the body is created. Not supported: update as create, patch, conditional update on"
+    " other types, conditional delete, chained parameters, _elements, XML."
     " _include takes the reference parameters of each type (searchInclude); _revinclude takes"
     " Provenance:target (the ledger's Provenance of each matched record version)."
 )
@@ -276,12 +281,14 @@ def capability_statement(base_url: str, token_url: str, date: str) -> dict[str, 
                     "updateCreate": False,
                     "conditionalCreate": support.conditional_create,
                     "conditionalRead": "not-supported",
-                    "conditionalUpdate": False,
+                    "conditionalUpdate": name in CONDITIONAL_UPDATE_TYPES,
                     "conditionalDelete": "not-supported",
                 }
             )
         elif support.conditional_create:
             entry["conditionalCreate"] = True
+        if name in CONDITIONAL_UPDATE_TYPES:
+            entry["conditionalUpdate"] = True
         params = SEARCH_PARAMS.get(name) or {p.name: p for p in support.search}
         if "search-type" in support.interactions and (support.record or name in DIRECTORY_TYPES):
             paths = include_paths(name)

@@ -209,6 +209,27 @@ async def update_handler(request: web.Request) -> web.Response:
     return fhir_response(reply)
 
 
+async def conditional_update_handler(request: web.Request) -> web.Response:
+    """PUT <Type>?identifier=system|value (see `Writing.conditional_update`)."""
+    resource_type = request.match_info["type"]
+    known_type(resource_type)
+    if resource_type == "Consent":
+        raise refuse_consent_write(request, "u")
+    if not request.query_string:
+        raise not_supported(f"PUT {resource_type} needs an id or a condition", 405)
+    token = authorize(request, resource_type, "u")
+    body = await read_body(request)
+    gateway = request.app[GATEWAY]
+    condition = request.query_string
+    if_match = request.headers.get("If-Match")
+    reply = await run(
+        request,
+        token,
+        lambda c: gateway.conditional_update(c, resource_type, condition, body, if_match),
+    )
+    return fhir_response(reply)
+
+
 async def delete_handler(request: web.Request) -> web.Response:
     resource_type, resource_id = request.match_info["type"], request.match_info["id"]
     known_type(resource_type)
@@ -294,6 +315,7 @@ def add_fhir_routes(app: web.Application) -> None:
     router.add_post("/fhir/{type}", create_handler)
     router.add_get("/fhir/{type}/{id}", read_handler)
     router.add_put("/fhir/{type}/{id}", update_handler)
+    router.add_put("/fhir/{type}", conditional_update_handler)
     router.add_delete("/fhir/{type}/{id}", delete_handler)
     router.add_route("*", "/fhir/{tail:.*}", unsupported_handler)
 

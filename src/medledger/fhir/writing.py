@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 from medledger.client.sdk import TxRejected
 from medledger.crypto.keys import KeyPair
 from medledger.fhir.capability import (
+    CONDITIONAL_UPDATE_TYPES,
     RECORD_TYPES,
 )
 from medledger.fhir.claim_history import HISTORY_TYPES
@@ -320,6 +321,46 @@ class Writing(Searching):
             self.link_identifiers(resource, record_id)
         version = self.written(caller, record_id, written.version)
         return self.write_reply(caller, 200, stored, version)
+
+    def conditional_target(self, caller: Caller, resource_type: str, condition: str) -> str | None:
+        """The id a conditional update (`PUT <Type>?identifier=system|value`) names: the
+        patient the identifier names in this node's patient index, or the directory entry
+        holding it; None when nothing does (the update then creates). Conditional update is
+        offered where identifiers are unique on the ledger: Patient and the directory types
+        (so more than one match, HAPI's 412, cannot happen)."""
+        if resource_type == "Patient":
+            return self.conditional_patient(condition)
+        if resource_type in DIRECTORY_ONLY_TYPES:
+            found = existing_entry(self.directory(caller), resource_type, condition)
+            return None if found is None else found.entry_id
+        raise not_supported(
+            f"conditional update is supported on {', '.join(sorted(CONDITIONAL_UPDATE_TYPES))}"
+            " (identifier=system|value): update a record by its id",
+            400,
+        )
+
+    def conditional_update(
+        self, caller: Caller, resource_type: str, condition: str, body: Any, if_match: str | None
+    ) -> Reply:
+        """`PUT <Type>?identifier=system|value`, as HAPI FHIR does it: the resource the
+        identifier names is updated (200); when none, the body is created (201)."""
+        found = self.conditional_target(caller, resource_type, condition)
+        if not isinstance(body, dict):
+            raise invalid("the body must be a JSON object (a FHIR resource)")
+        if found is None:
+            if body.get("id"):
+                raise invalid(
+                    f"nothing matches {resource_type}?{condition}; a new resource's id is"
+                    " assigned by the server (leave id out)",
+                    ["id"],
+                )
+            return self.create(caller, resource_type, body, condition)
+        if body.get("id") not in (None, found):
+            raise invalid(
+                f"{resource_type}?{condition} names {resource_type}/{found}, not the body's id",
+                ["id"],
+            )
+        return self.update(caller, resource_type, found, {**body, "id": found}, if_match)
 
     # --- the shared directory ---------------------------------------------------------------
 
