@@ -14,13 +14,12 @@ Per server, in order:
    condition, and medledger refuses a second patient with the same identifier);
 4. the searches, cold (the first search about a patient) and warm (the same again).
 
-How a Bundle is sent: to HAPI, the file as it is, one POST to the base. medledger's gateway
-stores neither Claim nor ExplanationOfBenefit (the claims ledger takes those), so one POST of
-the file is refused whole: this module tries that once (with a file no phase uses) and reports
-the answer, then sends each file as `medledger import fhir` does by default (medledger.cli.bulk:
-the entries of stored types, Patients first, in transactions of up to its DEFAULT_ENTRIES
-entries, references into earlier transactions rewritten), and counts the entries it does not
-send as refused.
+How a Bundle is sent: to HAPI, the file as it is, one POST to the base. To medledger, as
+`medledger import fhir` does by default (medledger.cli.bulk: Patients first, in transactions of
+up to its DEFAULT_ENTRIES entries, references into earlier transactions rewritten) — one
+transaction per Synthea file, whose Claims and ExplanationOfBenefits go to the claims ledger in
+the same ledger transaction; entries it does not send count as refused. One POST of a whole
+file is also tried once (with a file no phase uses) and its answer reported.
 
 Resources per second count the entries of the transactions answered 200 (every entry
 accepted), over the time from the first POST to the last answer; for medledger, also until
@@ -132,7 +131,7 @@ class SyntheaSet:
     support: list[Path]
     phase_a: list[PatientFile]  # 1 client
     phase_b: list[PatientFile]  # concurrent clients
-    spare: list[PatientFile]  # not ingested: one is POSTed whole to medledger, to show the refusal
+    spare: list[PatientFile]  # not ingested: one is POSTed whole to medledger, as HAPI gets it
     practitioner_npi: str  # a support-Bundle Practitioner, for the generated warm-up Bundles
 
 
