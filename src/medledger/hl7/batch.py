@@ -71,10 +71,12 @@ def process_batch(processor: Hl7Processor, text: str, now: datetime | None = Non
 
 
 def answer_frame(processor: Hl7Processor, text: str) -> str:
-    """The acknowledgement of one MLLP frame: a batch ack for a batch, else the message's."""
+    """The acknowledgement of one MLLP frame: a batch ack for a batch (every message's ack in
+    it, whatever MSH-15/16 ask: the batch ack is the answer the sender waits for), else the
+    message's — none when it asked for none."""
     if is_batch(text):
         return process_batch(processor, text).ack
-    return processor.process(text).ack
+    return processor.process(text).answer
 
 
 def _refused(processor: Hl7Processor, text: str, error: Hl7Error) -> BatchOutcome:

@@ -187,6 +187,14 @@ class Outcome:
     tx_hash: str = ""
     patients: tuple[str, ...] = field(default=())
     warnings: tuple[Hl7Warning, ...] = ()
+    # The message asked for no acknowledgement (MSH-15/16): on its own it gets no answer; in a
+    # batch its ack is still part of the batch acknowledgement.
+    silent: bool = False
+
+    @property
+    def answer(self) -> str:
+        """What is sent back for this message on its own: its ack, or nothing when silent."""
+        return "" if self.silent else self.ack
 
     @property
     def accepted(self) -> bool:
@@ -377,7 +385,7 @@ class Hl7Processor:
                 facility=self.facility,
                 error=error,
             )
-            return Outcome(code, header.control_id, error.reason, ack if send else "")
+            return Outcome(code, header.control_id, error.reason, ack, silent=not send)
         written = committed.written
         reason = committed.summary or (
             f"{len(written)} records written"
@@ -403,12 +411,13 @@ class Hl7Processor:
             code,
             header.control_id,
             reason,
-            ack if send else "",
+            ack,
             written,
             committed.unchanged,
             committed.tx_hash,
             committed.patients,
             committed.warnings,
+            silent=not send,
         )
         if header.control_id:
             with self._answered_lock:
