@@ -15,6 +15,7 @@ from medledger.client.records import (
     RecordWrite,
 )
 from medledger.client.sdk import ClientError, LedgerClient
+from medledger.crypto.keys import KeyPair
 from medledger.fhir.capability import (
     RECORD_TYPES,
     RESOURCES,
@@ -305,18 +306,17 @@ class Bundles(Views):
             organizations = caller.client.ledger.query("/organizations", b"", list[Organization])
             extract(caller.client, plans, self.ctx.payers, insurers_of(organizations))
 
-        # Enroll the new patients, then put their real ids everywhere. Their enrollments are
-        # not waited for: the records follow them from the same member, so they execute first,
-        # most often in the same block.
+        # Keys for the new patients, held in custody, then their real ids everywhere. Their
+        # enrollments are sent below, right before the Bundle, and not waited for.
         enrolled: dict[str, str] = {}
-        enrollments: list[str] = []
+        new_patients: list[KeyPair] = []
         patient_keys: dict[str, bytes] = {}
         for plan in plans:
             if plan.get("pending"):
-                keys, tx_hash = self.enroll_patient(caller)
+                keys = self.patient_keys_in_custody()
                 enrolled[plan["id"]] = keys.member_id
                 patient_keys[keys.member_id] = keys.encryption_key
-                enrollments.append(tx_hash)
+                new_patients.append(keys)
         if enrolled:
             renames = {f"Patient/{old}": f"Patient/{new}" for old, new in enrolled.items()}
             for plan in plans:
@@ -361,6 +361,9 @@ class Bundles(Views):
         bundled = bool(sealed or first) and directory.fits_with_records(entry_writes)
         if entry_writes and not bundled:
             directory.write(caller.client.keys, caller.client.member_id, entry_writes)
+        # The enrollments go out now, after the sealing, just ahead of the Bundle: same sender,
+        # consecutive nonces, so they execute first, most often in the same block.
+        enrollments = [self.send_enrollment(caller, keys) for keys in new_patients]
         try:
             done = (
                 caller.client.put_bundle(sealed, entry_writes if bundled else (), first)

@@ -194,20 +194,22 @@ class Writing(Searching):
 
     def new_patient_keys(self, caller: Caller) -> KeyPair:
         """Keys for a new patient, held in this node's custody, enrolled by the EHR member."""
-        keys, tx_hash = self.enroll_patient(caller)
+        keys = self.patient_keys_in_custody()
+        tx_hash = self.send_enrollment(caller, keys)
         caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
         return keys
 
-    def enroll_patient(self, caller: Caller) -> tuple[KeyPair, str]:
-        """Keys for a new patient, held in this node's custody, and the hash of their
-        enrollment by the EHR member, sent but not waited for: the member's next transaction
-        (its records) may follow it into the same block."""
-        keys = self.ctx.custody.create(f"patient-{uuid.uuid4()}")
+    def patient_keys_in_custody(self) -> KeyPair:
+        """Keys for a new patient, held in this node's custody (not enrolled yet)."""
+        return self.ctx.custody.create(f"patient-{uuid.uuid4()}")
+
+    def send_enrollment(self, caller: Caller, keys: KeyPair) -> str:
+        """The hash of the patient's enrollment by the EHR member, sent but not waited for:
+        the member's next transaction (its records) may follow it into the same block."""
         body = EnrollMember(keys.verify_key, keys.encryption_key, Role.PATIENT)
-        tx_hash = caller.client.ledger.send(
+        return caller.client.ledger.send(
             caller.client.keys, "member.enroll", body, sender=caller.client.member_id
         )
-        return keys, tx_hash
 
     def written(self, caller: Caller, record_id: str, version: int) -> RecordVersion:
         history = caller.client.history(record_id)
