@@ -18,7 +18,7 @@ from medledger.client.claims import (
     claim_payer,
     extract_history_claim,
     extract_reported_decision,
-    to_cents,
+    to_minor_units,
 )
 from medledger.config import ConfigError, load_payers
 from medledger.ledger.claims import CVX_SYSTEM, SNOMED_SYSTEM, Outcome, outcome_of
@@ -143,15 +143,16 @@ def test_a_line_without_a_code_system_uri_or_two_currencies_is_refused() -> None
 
 
 def test_amounts_are_rounded_half_to_even_to_cents() -> None:
-    assert to_cents(28.104000000000003, "x") == 2810
-    assert to_cents("0.125", "x") == 12 and to_cents("0.135", "x") == 14
-    with pytest.raises(ClaimError, match="not a number"):
-        to_cents("abc", "x")
-    with pytest.raises(ClaimError, match="not a number"):
-        to_cents(True, "x")
-    for hostile in ("NaN", float("nan"), "Infinity", "1e999999"):
-        with pytest.raises(ClaimError, match="not a number"):
-            to_cents(hostile, "x")
+    assert to_minor_units(28.104000000000003, "x", rounded=True) == 2810
+    assert to_minor_units("0.125", "x", rounded=True) == 12
+    assert to_minor_units("0.135", "x", rounded=True) == 14
+    # Exact amounts (claim.submit) refuse more precision; neither mode takes what is no number.
+    with pytest.raises(ClaimError, match="more than two decimal places"):
+        to_minor_units(28.104, "x")
+    for rounded in (True, False):
+        for hostile in ("abc", True, "NaN", float("nan"), "Infinity", "1e999999"):
+            with pytest.raises(ClaimError, match="not a number"):
+                to_minor_units(hostile, "x", rounded=rounded)
 
 
 def test_the_payers_table(tmp_path: Path) -> None:

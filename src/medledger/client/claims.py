@@ -113,15 +113,21 @@ class ClaimResult:
 # --- FHIR <-> ledger -------------------------------------------------------------------------
 
 
-def to_minor_units(value: Any, what: str) -> int:
-    """A FHIR decimal money value as an integer number of cents; more precision is refused."""
+def to_minor_units(value: Any, what: str, *, rounded: bool = False) -> int:
+    """A FHIR decimal money value as an integer number of cents: more precision is refused,
+    or with `rounded` rounded half to even (exports often carry binary floating-point noise
+    such as 28.104000000000003)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise ClaimError(f"{what}: not a number")
     try:
         cents = Decimal(str(value)) * 100
+        if rounded:
+            cents = cents.quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
     except ArithmeticError:  # InvalidOperation, Overflow (decimal)
         raise ClaimError(f"{what}: {value!r} is not a number") from None
-    if not cents.is_finite() or cents != cents.to_integral_value():
+    if not cents.is_finite():
+        raise ClaimError(f"{what}: {value!r} is not a number")
+    if cents != cents.to_integral_value():
         raise ClaimError(f"{what}: {value} has more than two decimal places")
     return int(cents)
 
@@ -172,10 +178,12 @@ def _service_date(item: Mapping[str, Any], claim: Mapping[str, Any], what: str) 
     raise ClaimError(f"{what}: a date of service (servicedDate or servicedPeriod) is required")
 
 
-def _item_amount(item: Mapping[str, Any], what: str) -> tuple[int, str | None]:
+def _item_amount(
+    item: Mapping[str, Any], what: str, *, rounded: bool = False
+) -> tuple[int, str | None]:
     net = item.get("net")
     if isinstance(net, Mapping) and "value" in net:
-        return to_minor_units(net["value"], f"{what}.net"), net.get("currency")
+        return to_minor_units(net["value"], f"{what}.net", rounded=rounded), net.get("currency")
     price = item.get("unitPrice")
     if not isinstance(price, Mapping) or "value" not in price:
         raise ClaimError(f"{what}: net or unitPrice is required")
@@ -185,7 +193,14 @@ def _item_amount(item: Mapping[str, Any], what: str) -> tuple[int, str | None]:
         value = Decimal(str(price["value"])) * quantity * factor
     except ArithmeticError:  # InvalidOperation, Overflow (decimal)
         raise ClaimError(f"{what}: unitPrice x quantity x factor is not a number") from None
-    return to_minor_units(value, f"{what}.unitPrice x quantity"), price.get("currency")
+    amount = to_minor_units(value, f"{what}.unitPrice x quantity", rounded=rounded)
+    return amount, price.get("currency")
+
+
+def _focal_insurance(resource: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Claim's focal insurance (else its first), or None."""
+    insurance = [i for i in resource.get("insurance") or [] if isinstance(i, Mapping)]
+    return next((i for i in insurance if i.get("focal")), insurance[0] if insurance else None)
 
 
 def extract_claim(resource: Mapping[str, Any]) -> ClaimContent:
@@ -200,8 +215,7 @@ def extract_claim(resource: Mapping[str, Any]) -> ClaimContent:
     patient = reference_id(resource.get("patient"), "Patient", "Claim.patient")
     provider = reference_id(resource.get("provider"), "Organization", "Claim.provider")
     insurer = reference_id(resource.get("insurer"), "Organization", "Claim.insurer")
-    insurance = [i for i in resource.get("insurance", []) if isinstance(i, Mapping)]
-    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else None)
+    focal = _focal_insurance(resource)
     if focal is None:
         raise ClaimError("Claim.insurance: the coverage is required")
     coverage = reference_id(focal.get("coverage"), "Coverage", "Claim.insurance.coverage")
@@ -396,20 +410,6 @@ class HistoryClaim:
     decision: ReportedDecision | None = None
 
 
-def to_cents(value: Any, what: str) -> int:
-    """A FHIR decimal money value as cents, rounded half to even (exports often carry binary
-    floating-point noise such as 28.104000000000003)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise ClaimError(f"{what}: not a number")
-    try:
-        cents = (Decimal(str(value)) * 100).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
-    except ArithmeticError:  # InvalidOperation, Overflow (decimal)
-        raise ClaimError(f"{what}: {value!r} is not a number") from None
-    if not cents.is_finite():
-        raise ClaimError(f"{what}: {value!r} is not a number")
-    return int(cents)
-
-
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -449,9 +449,7 @@ def claim_payer(
     reference = str(insurer.get("reference") or "")
     if reference.startswith("Organization/") and reference[13:] in insurers:
         return reference[13:], ""
-    insurance = [i for i in resource.get("insurance") or [] if isinstance(i, Mapping)]
-    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else {})
-    coverage = _mapping(focal.get("coverage"))
+    coverage = _mapping((_focal_insurance(resource) or {}).get("coverage"))
     identifier = _mapping(insurer.get("identifier"))
     names = [
         f"{identifier.get('system', '')}|{identifier.get('value', '')}" if identifier else "",
@@ -486,8 +484,7 @@ def extract_history_claim(
         raise ClaimError(f"Claim.use is {resource.get('use')!r}; only 'claim' is imported")
     patient = reference_id(resource.get("patient"), "Patient", "Claim.patient")
     insurer, payer = claim_payer(resource, payers, insurers)
-    insurance = [i for i in resource.get("insurance") or [] if isinstance(i, Mapping)]
-    focal = next((i for i in insurance if i.get("focal")), insurance[0] if insurance else {})
+    focal = _focal_insurance(resource) or {}
     coverage_ref = str(_mapping(focal.get("coverage")).get("reference") or "")
     coverage = coverage_ref.rpartition("/")[2] if coverage_ref.startswith("Coverage/") else ""
     raw_items = [i for i in resource.get("item") or [] if isinstance(i, Mapping)]
@@ -497,21 +494,10 @@ def extract_history_claim(
     items = []
     for position, item in enumerate(raw_items, start=1):
         what = f"Claim.item[{position}]"
-        price = _mapping(item.get("net")) or _mapping(item.get("unitPrice"))
-        if "value" not in price:
-            amount = 0
-        else:
-            quantity = 1 if "net" in item else (item.get("quantity") or {}).get("value", 1)
-            factor = 1 if "net" in item else item.get("factor", 1)
-            try:
-                value = (
-                    Decimal(str(price.get("value"))) * Decimal(str(quantity)) * Decimal(str(factor))
-                )
-            except ArithmeticError:  # InvalidOperation, Overflow (decimal)
-                raise ClaimError(f"{what}: the amount is not a number") from None
-            amount = to_cents(value, what)
-            if price.get("currency"):
-                currencies.add(str(price["currency"]))
+        priced = any("value" in _mapping(item.get(k)) for k in ("net", "unitPrice"))
+        amount, currency = _item_amount(item, what, rounded=True) if priced else (0, None)
+        if currency:
+            currencies.add(str(currency))
         code, system = _history_code(item, what)
         items.append(
             ClaimItem(
@@ -528,7 +514,7 @@ def extract_history_claim(
     if isinstance(stated, Mapping) and "value" in stated:
         if stated.get("currency"):
             currencies.add(str(stated["currency"]))
-        if to_cents(stated["value"], "Claim.total") != total:
+        if to_minor_units(stated["value"], "Claim.total", rounded=True) != total:
             notes.append(
                 f"Claim.total {stated['value']} is not the sum of its lines; the ledger keeps"
                 f" the lines' sum {Decimal(total) / 100}"
@@ -581,7 +567,9 @@ def extract_reported_decision(
         for entry in (lines.get(item.sequence) or {}).get("adjudication") or []:
             if isinstance(entry, Mapping) and isinstance(entry.get("amount"), Mapping):
                 category = _category(entry)
-                cents = to_cents(entry["amount"].get("value"), f"{what} {category}")
+                cents = to_minor_units(
+                    entry["amount"].get("value"), f"{what} {category}", rounded=True
+                )
                 amounts[category] = amounts.get(category, 0) + cents
         benefit = [v for k, v in amounts.items() if k in BENEFIT_CATEGORIES]
         approved = max(0, min(item.amount, benefit[0] if benefit else 0))
@@ -596,7 +584,9 @@ def extract_reported_decision(
     paid = 0
     amount = payment.get("amount")
     if isinstance(amount, Mapping) and "value" in amount:
-        paid = max(0, to_cents(amount["value"], "ExplanationOfBenefit.payment.amount"))
+        paid = max(
+            0, to_minor_units(amount["value"], "ExplanationOfBenefit.payment.amount", rounded=True)
+        )
         if abs(paid - approved_total) <= len(items):
             paid = approved_total
         paid = min(paid, approved_total)
@@ -666,11 +656,7 @@ class ClaimsClient:
         if not claims:
             return []
         sealing = self.records.sealing()
-        known = dict(patient_keys or {})
-        keys = {
-            pid: known.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
-            for pid in dict.fromkeys(c.patient for c in claims)
-        }
+        keys = self.records.patient_encryption_keys((c.patient for c in claims), patient_keys)
 
         def seal(resource: ValidatedResource, patient: str, record_id: str) -> PutRecord:
             put = self.records.seal_and_upload(
@@ -730,12 +716,16 @@ class ClaimsClient:
     def import_history(
         self, claims: Sequence[HistoryClaim], patient_keys: Mapping[str, bytes] | None = None
     ) -> list[TxOutcome]:
-        """Import `claims` (see `history_bodies`) in `claim.import` transactions, sent together
-        and then waited for."""
+        """Import `claims` (see `history_bodies`)."""
+        return self.send_imports(self.history_bodies(claims, patient_keys))
+
+    def send_imports(self, bodies: Sequence[ImportClaims]) -> list[TxOutcome]:
+        """`claim.import` transactions, sent together (consecutive nonces: they execute in
+        order) and then waited for."""
         member = self.records.member_id
         sent = [
             self.ledger.send(self.records.keys, "claim.import", body, sender=member)
-            for body in self.history_bodies(claims, patient_keys)
+            for body in bodies
         ]
         return [self.ledger.outcome_of(tx_hash, member) for tx_hash in sent]
 

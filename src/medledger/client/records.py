@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -367,6 +367,17 @@ class RecordsClient:
         outcome = self.ledger.submit(self.keys, "record.amend", body, sender=self.member_id)
         return WrittenRecord(record_id, latest + 1, body.package_digest, outcome)
 
+    def patient_encryption_keys(
+        self, patient_ids: Iterable[str], known: Mapping[str, bytes] | None = None
+    ) -> dict[str, bytes]:
+        """Each patient's encryption key: from `known` (patients whose enrollment this member
+        sent but that may not be committed yet), else from the ledger."""
+        given = dict(known or {})
+        return {
+            pid: given.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
+            for pid in dict.fromkeys(patient_ids)
+        }
+
     def seal_many(
         self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None
     ) -> list[PutRecord]:
@@ -375,11 +386,7 @@ class RecordsClient:
         `patient_keys` gives the encryption keys of patients whose enrollment this member sent
         but that may not be committed yet (it executes first: same sender, earlier nonce)."""
         sealing = self.sealing()
-        known = dict(patient_keys or {})
-        patients = {
-            pid: known.get(pid) or self.ledger.query("/member", pid, Member).encryption_key
-            for pid in dict.fromkeys(w.patient_id for w in writes)
-        }
+        patients = self.patient_encryption_keys((w.patient_id for w in writes), patient_keys)
         return [
             self.seal_and_upload(
                 w.resource,

@@ -25,7 +25,6 @@ from medledger.fhir.claim_history import (
     claims_of,
     extract,
     history_claims,
-    insurers_of,
     link_explanations,
     plan_entry,
     result,
@@ -77,7 +76,6 @@ from medledger.ledger.bundle import PutBundle
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
 )
-from medledger.ledger.model import Organization
 from medledger.ledger.records import (
     MAX_RECORDS_PER_TX,
 )
@@ -158,10 +156,7 @@ class Bundles(Views):
                 condition = request.get("ifNoneExist")
                 if resource_type in HISTORY_TYPES:
                     plan.update(plan_entry(resource_type))
-                elif resource_type in DIRECTORY_TYPES and (
-                    resource_type not in ("Device", "Observation")
-                    or is_directory_data(resource_type, resource, entry_types)
-                ):
+                elif is_directory_data(resource_type, resource, entry_types):
                     if resource_type != "Medication":  # bound to a patient by context, maybe
                         plan["directory"] = True
                     found = (
@@ -303,8 +298,7 @@ class Bundles(Views):
                     raise in_entry(exc, position) from None
 
         if any(p.get("claim") for p in plans):
-            organizations = caller.client.ledger.query("/organizations", b"", list[Organization])
-            extract(caller.client, plans, self.ctx.payers, insurers_of(organizations))
+            extract(caller.client, plans, self.ctx.payers)
 
         # Keys for the new patients, held in custody, then their real ids everywhere. Their
         # enrollments are sent below, right before the Bundle, and not waited for.
@@ -375,10 +369,7 @@ class Bundles(Views):
             # patient"; and an enrollment must not go unchecked when nothing else was written.
             for tx_hash in enrollments:
                 caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
-        for body in later:
-            caller.client.ledger.submit(
-                caller.client.keys, "claim.import", body, sender=caller.client.member_id
-            )
+        ClaimsClient(caller.client).send_imports(later)
         claims = claims_of(caller.client, plans) if imports else {}
         for plan in plans:
             if plan["type"] == "Patient" and not plan.get("existing"):

@@ -20,8 +20,7 @@ payer is outside the network and kept by name.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from medledger.client.claims import (
     ClaimError,
@@ -35,7 +34,7 @@ from medledger.client.sdk import QueryError
 from medledger.fhir.outcome import FhirError, business_rule, issue, operation_outcome
 from medledger.fhir.plumbing import Json, in_entry, references_in
 from medledger.ledger.claims import EOB_RESOURCE, MAX_SUPPORTING, Claim
-from medledger.ledger.model import Member
+from medledger.ledger.model import Member, Organization, OrganizationKind, Status
 
 CLAIM = "Claim"
 HISTORY_TYPES = frozenset({CLAIM, EOB_RESOURCE})
@@ -87,15 +86,16 @@ def link_explanations(plans: Sequence[Json], mapping: dict[str, str]) -> None:
         plan["id"] = claim_id
 
 
-def extract(
-    client: RecordsClient,
-    plans: Sequence[Json],
-    payers: Mapping[str, str],
-    insurers: Collection[str],
-) -> None:
+def extract(client: RecordsClient, plans: Sequence[Json], payers: Mapping[str, str]) -> None:
     """Extract each Claim's billing summary and each ExplanationOfBenefit's decision from the
     validated resources (a 422 for the entry that cannot be imported), before anything is
     written."""
+    organizations = client.ledger.query("/organizations", b"", list[Organization])
+    insurers = frozenset(
+        o.id
+        for o in organizations
+        if o.kind is OrganizationKind.INSURER and o.status is Status.ACTIVE
+    )
     member: Member | None = None
     for position, plan in enumerate(plans):
         if plan.get("claim") != CLAIM:
@@ -230,10 +230,3 @@ def claims_of(client: RecordsClient, plans: Sequence[Json]) -> dict[str, Claim]:
     ids = dict.fromkeys(str(p["id"]) for p in plans if p.get("claim"))
     claims = ClaimsClient(client)
     return {claim_id: claims.show(claim_id) for claim_id in ids}
-
-
-def insurers_of(organizations: Sequence[Any]) -> frozenset[str]:
-    """The ids of the network's active insurer organizations."""
-    return frozenset(
-        str(o.id) for o in organizations if o.kind == "insurer" and o.status == "active"
-    )

@@ -29,6 +29,7 @@ from medledger.fhir.search import (
     PATIENT,
     SearchQuery,
     metadata_matches,
+    reference_type,
     rfc3339,
     sort_items,
 )
@@ -181,8 +182,9 @@ def subject_type(resource: Mapping[str, Any], types: Mapping[str, str] | None = 
         return ""
     if types and reference in types:
         return types[reference]
-    head = reference.split("?", 1)[0]
-    return head.rsplit("/", 2)[-2] if head.count("/") >= 1 else head
+    if "?" in reference:  # conditional: Type?identifier=...
+        return reference.split("?", 1)[0].rsplit("/", 1)[-1]
+    return reference_type(reference) or ""
 
 
 def is_directory_data(

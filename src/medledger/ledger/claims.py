@@ -743,7 +743,7 @@ def _open_claim(
 
 
 def submit_claim(state: State, ctx: TxContext, body: SubmitClaim) -> str:
-    """A provider organization's billing or clinician member submits a claim to an insurer,
+    """A provider organization's billing or clinician member or EHR submits a claim to an insurer,
     with its sealed FHIR Claim; a service the provider already billed for the patient on the
     same day flags the claim as a possible duplicate (it is accepted, not refused)."""
     ctx.effects.subject = body.record.patient
@@ -828,9 +828,8 @@ def _report_remittance(state: State, ctx: TxContext, claim: Claim, body: Remitta
             reported=True,
         )
     ]
-    status = ClaimStatus.ADJUDICATED
+    status = ClaimStatus.PAID if 0 < body.paid == approved else ClaimStatus.ADJUDICATED
     if body.paid:
-        status = ClaimStatus.PAID if body.paid == approved else ClaimStatus.ADJUDICATED
         history.append(
             _step(
                 ctx,
