@@ -267,7 +267,11 @@ async def test_packages_come_in_one_batch_from_the_authors_node(
     )
     h.replicator.want(digests)
 
-    await eventually(lambda: all(h.store.has(d) for d in digests), "every package")
+    # Stored, and settled: a package is in the store a moment before the replicator forgets it.
+    await eventually(
+        lambda: all(h.store.has(d) for d in digests) and not h.replicator.missing,
+        "every package, none missing",
+    )
     assert author.batches == [digests]
     # What the author's node returned was not asked again one by one; the one it lacked was
     # asked of it once and then of the other peer.
