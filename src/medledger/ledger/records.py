@@ -186,7 +186,7 @@ def load_patient(state: State, patient_id: str) -> Member:
     return patient
 
 
-def _check_put(state: State, body: PutRecord) -> None:
+def _check_put(state: State, body: PutRecord, custodians: tuple[str, ...] | None) -> None:
     if not RECORD_ID.fullmatch(body.record_id):
         raise LedgerError(Code.INVALID_BODY, "record_id: 1-64 of A-Z a-z 0-9 . _ -")
     if not RESOURCE_TYPE.fullmatch(body.resource_type):
@@ -199,7 +199,7 @@ def _check_put(state: State, body: PutRecord) -> None:
         raise LedgerError(Code.INVALID_BODY, f"package_size must be 1..{MAX_PACKAGE_BYTES}")
     if len(body.commitment) != COMMITMENT_BYTES:
         raise LedgerError(Code.INVALID_BODY, f"commitment must be {COMMITMENT_BYTES} bytes")
-    expected = custodians_now(state)
+    expected = custodians_now(state) if custodians is None else custodians
     if body.custodians != expected:
         raise LedgerError(
             Code.CONFLICT,
@@ -242,11 +242,14 @@ def _write_version(state: State, ctx: TxContext, body: PutRecord, version: int) 
     return record
 
 
-def put_record(state: State, ctx: TxContext, body: PutRecord) -> str:
-    """A practitioner or system client stores a new record about a patient."""
+def put_record(
+    state: State, ctx: TxContext, body: PutRecord, custodians: tuple[str, ...] | None = None
+) -> str:
+    """A practitioner or system client stores a new record about a patient. `custodians` are
+    `custodians_now(state)` when the caller already has them (one lookup per batch)."""
     ctx.effects.subject = body.patient
     load_patient(state, body.patient)
-    _check_put(state, body)
+    _check_put(state, body, custodians)
     if body.previous != 0:
         raise LedgerError(Code.INVALID_BODY, "a new record has no previous version; amend it")
     if state.get(head_key(body.record_id)) is not None:
@@ -255,7 +258,9 @@ def put_record(state: State, ctx: TxContext, body: PutRecord) -> str:
     return f"record {body.record_id} v1 stored ({body.resource_type}/{body.category})"
 
 
-def amend_record(state: State, ctx: TxContext, body: PutRecord) -> str:
+def amend_record(
+    state: State, ctx: TxContext, body: PutRecord, custodians: tuple[str, ...] | None = None
+) -> str:
     """An amendment is a new version linked to the latest one, which becomes superseded."""
     head = load_head(state, body.record_id)
     ctx.effects.subject = head.patient
@@ -276,7 +281,7 @@ def amend_record(state: State, ctx: TxContext, body: PutRecord) -> str:
     if body.resource_type != latest.resource_type:
         raise LedgerError(Code.INVALID_BODY, "an amendment keeps the record's resource type")
     load_patient(state, body.patient)
-    _check_put(state, body)
+    _check_put(state, body, custodians)
     if latest.status is RecordStatus.CURRENT:
         state.write(
             record_key(body.record_id, latest.version),
@@ -295,12 +300,13 @@ def put_records(state: State, ctx: TxContext, body: PutRecords) -> str:
         raise LedgerError(Code.INVALID_BODY, f"1-{MAX_RECORDS_PER_TX} records per transaction")
     subjects = {r.patient for r in body.records}
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
+    custodians = custodians_now(state)  # records change no organization: one lookup for all
     for position, record in enumerate(body.records):
         try:
             if record.previous == 0:
-                put_record(state, ctx, record)
+                put_record(state, ctx, record, custodians)
             else:
-                amend_record(state, ctx, record)
+                amend_record(state, ctx, record, custodians)
         except LedgerError as err:
             raise LedgerError(err.code, f"entry {position}: {err.message}") from None
     ctx.effects.subject = next(iter(subjects)) if len(subjects) == 1 else ""
