@@ -44,7 +44,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,37 +145,29 @@ class TimedRecordsClient(RecordsClient):
             inner = self.timings["ledger queries"] - queries
             self.timings[name] += time.perf_counter() - start - inner
 
-    def seal_and_upload(
+    def seal_version(
         self,
         resource: Any,
         patient_id: str,
-        record_id: str | None = None,
-        version: int = 1,
-        previous: int = 0,
-        *,
-        sealing: Sealing | None = None,
-        patient_key: bytes | None = None,
-    ) -> PutRecord:
-        # "validate + seal" is this step less its queries (timed by the ledger client) and
-        # its upload (timed by _upload).
-        uploaded = self.timings["upload"]
-        result: PutRecord = self._timed(
+        record_id: str | None,
+        version: int,
+        previous: int,
+        sealing: Sealing | None,
+        patient_key: bytes | None,
+    ) -> tuple[PutRecord, packaging.SealedRecord]:
+        # "validate + seal" is this step less its queries (timed by the ledger client).
+        return self._timed(
             "validate + seal",
-            lambda: super(TimedRecordsClient, self).seal_and_upload(
-                resource,
-                patient_id,
-                record_id,
-                version,
-                previous,
-                sealing=sealing,
-                patient_key=patient_key,
+            lambda: super(TimedRecordsClient, self).seal_version(
+                resource, patient_id, record_id, version, previous, sealing, patient_key
             ),
         )
-        self.timings["validate + seal"] -= self.timings["upload"] - uploaded
-        return result
 
     def _upload(self, sealed: packaging.SealedRecord) -> None:
         self._timed("upload", lambda: super(TimedRecordsClient, self)._upload(sealed))
+
+    def upload_many(self, sealed: Sequence[packaging.SealedRecord]) -> None:
+        self._timed("upload", lambda: super(TimedRecordsClient, self).upload_many(sealed))
 
     def request_access(
         self,

@@ -52,6 +52,7 @@ from medledger.services.mpi import PatientIndex
 from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import PackageStore
+from medledger.store.sqlite import CommittedView
 from medledger.store.uploads import PendingUploads
 from medledger.web.app import add_portal_routes
 from medledger.web.common import PORTAL
@@ -88,6 +89,7 @@ async def start_node(
     home = tmp_path / organization
     services = RecordServices(
         store=consortium.chain.store,
+        view=CommittedView(consortium.chain.store.path),
         packages=PackageStore(home / "packages"),
         replicator=Replicator(
             PackageStore(home / "packages"), keys_for(f"{organization}/node"), organization, {}

@@ -41,6 +41,7 @@ from medledger.services.commits import CommitNotices
 from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import ErasedPackage, PackageStore
+from medledger.store.sqlite import CommittedView
 from medledger.store.uploads import PendingUploads, UploadLimits
 
 CUSTODIANS = tuple(sorted(org for org, _, _ in ORGANIZATIONS))
@@ -87,6 +88,7 @@ async def start_node(
     packages = PackageStore(root / "packages")
     services = RecordServices(
         store=consortium.chain.store,
+        view=CommittedView(consortium.chain.store.path),
         packages=packages,
         replicator=Replicator(packages, node_keys, organization, {}),
         node_keys=node_keys,
@@ -379,6 +381,71 @@ async def test_uploads_no_record_names_are_capped_per_member_and_expire(
     assert not any(node.services.packages.has(d) for d in gone)
     assert node.services.packages.has(packaging.package_digest(named))
     assert uploads.usage(people.attacker.member_id) == (0, 0)
+
+
+async def test_an_upload_batch_decides_each_package_on_its_own_and_is_bounded(
+    consortium: Consortium, quota_node: Node, people: People
+) -> None:
+    node = quota_node
+    mine = [seal(f"batch-{i}", people, people.attacker) for i in range(4)]
+    other = seal("batch-other", people, people.attacker)
+    pairs = [(s.digest, s.package) for s in mine[:2]]
+    pairs.append((other.digest, mine[2].package))  # bytes that do not hash to the digest
+    pairs += [(s.digest, s.package) for s in mine[2:]]
+
+    async def batch(who: KeyPair, body: bytes) -> ClientResponse:
+        return await node.call(who, "POST", "/v1/packages", body)
+
+    answer = await batch(people.attacker, msgspec.msgpack.encode(pairs))
+    assert answer.status == 200
+    items = (await answer.json())["packages"]
+    assert [i["digest"] for i in items] == [d for d, _ in pairs]
+    assert [i["status"] for i in items] == [201, 201, 400, 201, 429]
+    assert items[0]["expires_in"] == 3600 and items[0]["referenced"] is False
+    assert "do not hash" in items[2]["error"] and 1 <= items[4]["retry_after"] <= 3600
+    stored = node.services.packages
+    assert [stored.has(s.digest) for s in mine] == [True, True, True, False]
+    assert not stored.has(other.digest)
+    # The same batch again: what is there is there (200), the quota still holds.
+    again = await (await batch(people.attacker, msgspec.msgpack.encode(pairs[:2]))).json()
+    assert [i["status"] for i in again["packages"]] == [200, 200]
+
+    # A patient writes no records: every package refused, nothing stored.
+    patients = seal("batch-patient", people, people.patient)
+    refused = await batch(
+        people.patient, msgspec.msgpack.encode([(patients.digest, patients.package)])
+    )
+    assert refused.status == 200
+    assert (await refused.json())["packages"][0]["status"] == 403
+    assert not stored.has(patients.digest)
+    # A node is no uploader; an unsigned request is no one's.
+    body = msgspec.msgpack.encode([(patients.digest, patients.package)])
+    as_node = sign_request(
+        keys_for("northside-lab/node"),
+        "node:northside-lab",
+        "POST",
+        "/v1/packages",
+        body,
+        audience=node_audience("careplus"),
+    )
+    answer = await node.client.post("/v1/packages", data=body, headers={"Authorization": as_node})
+    assert answer.status == 403
+    assert (await node.client.post("/v1/packages", data=body)).status == 401
+    # Bounded: at least one and at most 1,000 packages, MessagePack pairs only, 16 MiB in all.
+    for garbage in (
+        msgspec.msgpack.encode([]),
+        msgspec.msgpack.encode([(patients.digest, b"x")] * 1001),
+        msgspec.msgpack.encode({"digests": []}),
+        msgspec.msgpack.encode([[1, 2]]),
+        b'[["' + patients.digest.encode() + b'", "x"]]',
+        b"\xff",
+    ):
+        answer = await batch(people.doctor, garbage)
+        assert answer.status == 400, garbage[:40]
+        assert "error" in await answer.json()
+    big = msgspec.msgpack.encode([(patients.digest, b"x" * (9 * 1024 * 1024))] * 2)
+    assert (await batch(people.doctor, big)).status == 413
+    assert not stored.has(patients.digest)
 
 
 async def test_pending_uploads_and_their_quota_survive_a_restart(

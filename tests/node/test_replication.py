@@ -316,3 +316,27 @@ async def test_a_peer_without_the_batch_endpoint_serves_one_by_one(
     await eventually(lambda: all(h.store.has(d) for d in written), "every package")
     assert len(old.batches) == 1
     assert sorted(old.asked) == sorted(written)
+
+
+def test_a_package_erased_while_a_worker_thread_writes_it_does_not_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads and replication write packages in worker threads; an erasure committing on the
+    event loop meanwhile (between the store's erased check and its rename) still wins."""
+    store = PackageStore(tmp_path / "packages")
+    data = b"sealed bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    real_fsync = os.fsync
+    erasing = []
+
+    def fsync_then_erase(fd: int) -> None:
+        real_fsync(fd)
+        if not erasing:  # the package's own fsync: the erasure comes now
+            erasing.append(True)
+            store.erase(digest)
+
+    monkeypatch.setattr("medledger.store.packages.os.fsync", fsync_then_erase)
+    with pytest.raises(ErasedPackage):
+        store.put(digest, data)
+    assert not store.has(digest)
+    assert not any(p.is_file() for p in (tmp_path / "packages" / digest[:2]).iterdir())

@@ -56,6 +56,7 @@ def node(consortium: Consortium, view: CommittedView, tmp_path: Path) -> InProce
     packages = PackageStore(tmp_path / "packages")
     services = RecordServices(
         store=consortium.chain.store,
+        view=CommittedView(consortium.chain.store.path),
         packages=packages,
         replicator=Replicator(packages, node_keys, NODE, {}),
         node_keys=node_keys,
@@ -251,6 +252,14 @@ def test_packages_and_shares_in_process_refuse_whom_the_api_refuses(
     wrong = node.put_package(doctor.member_id, sealed.digest, sealed.package + b"x")
     assert wrong.status == 400
     assert node.put_package(doctor.member_id, sealed.digest, sealed.package).status == 201
+    # In batches: each package decided on its own, a non-author's refused whole.
+    more = [seal(f"rec-batch-{i}", patient, doctor) for i in range(2)]
+    pairs = [(more[0].digest, more[0].package), (more[1].digest, b"not it")]
+    pairs.append((sealed.digest, sealed.package))
+    assert [a.status for a in node.put_packages(doctor.member_id, pairs)] == [201, 400, 200]
+    assert [a.status for a in node.put_packages(patient.member_id, pairs)] == [403] * 3
+    assert [a.status for a in node.put_packages("nobody", pairs[:1])] == [401]
+    assert not node.services.packages.has(more[1].digest)
     put(consortium, doctor, patient, sealed)
     # The package goes to its patient and author, not to another organization's clinician.
     assert node.get_package(patient.member_id, sealed.digest, "").status == 200

@@ -90,7 +90,44 @@ SCHEMAS: Mapping[str, Json] = {
     "PackageStored": {
         "type": "object",
         "required": ["digest"],
-        "properties": {"digest": {"type": "string"}},
+        "properties": {
+            "digest": {"type": "string"},
+            "referenced": {
+                "type": "boolean",
+                "description": "A committed record already names it.",
+            },
+            "expires_in": {
+                "type": "integer",
+                "description": "Seconds until it is deleted if no committed record names it.",
+            },
+        },
+    },
+    "PackagesStored": {
+        "type": "object",
+        "required": ["packages"],
+        "properties": {
+            "packages": {
+                "type": "array",
+                "description": "One answer per package, in the order sent.",
+                "items": {
+                    "type": "object",
+                    "required": ["digest", "status"],
+                    "properties": {
+                        "digest": {"type": "string"},
+                        "status": {
+                            "type": "integer",
+                            "description": "201 stored, 200 already stored, else the refusal's"
+                            " HTTP status as the one-by-one upload answers it (400, 403, 410,"
+                            " 413, 429).",
+                        },
+                        "referenced": {"type": "boolean"},
+                        "expires_in": {"type": "integer"},
+                        "error": {"type": "string"},
+                        "retry_after": {"type": "integer"},
+                    },
+                },
+            }
+        },
     },
     "KeyReleaseRequest": {
         "type": "object",
@@ -547,6 +584,28 @@ def native_operations() -> dict[tuple[str, str], Operation]:
                 ),
                 "400": reply("Not a list of at most 64 digests.", ref("Error")),
                 **NATIVE_ERRORS,
+            },
+        ),
+        ("POST", "/v1/packages"): Operation(
+            "Upload many sealed record packages",
+            "records",
+            "An author uploads the packages of one put-many or Bundle in one request: a"
+            " MessagePack array of [digest, bytes] pairs, 1-1,000 of them and at most 16 MiB"
+            " of packages. Each is decided as its own PUT would be; the answer gives each"
+            " one's status in the order sent.",
+            req,
+            body={
+                "required": True,
+                **json_body(
+                    {"type": "string", "contentMediaType": "application/msgpack"},
+                    "application/msgpack",
+                ),
+            },
+            responses={
+                "200": reply("Each package's answer.", ref("PackagesStored")),
+                "400": reply("Not 1-1,000 MessagePack [digest, bytes] pairs.", ref("Error")),
+                **NATIVE_ERRORS,
+                "413": reply("More than 16 MiB of packages.", ref("Error")),
             },
         ),
         ("PUT", "/v1/packages/{digest}"): Operation(

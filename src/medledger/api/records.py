@@ -6,8 +6,11 @@ decided by `medledger.services.packages`, which the node's own services call in-
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
@@ -28,21 +31,49 @@ from medledger.services.packages import (
     BATCH_BYTES,
     BATCH_PATH,
     BATCH_SIZE,
+    UPLOAD_BATCH_BYTES,
+    UPLOAD_BATCH_SIZE,
+    UPLOAD_PATH,
     PackageRefused,
     RecordServices,
     ReleasedShare,
+    StoredPackage,
     package_copies,
     package_copy,
     refuse,
     release_share,
     release_shares,
     store_package,
+    store_packages,
 )
+from medledger.store.sqlite import CommittedReads
 
 log = logging.getLogger("medledger.records")
 
 
 SERVICES = web.AppKey("record_services", RecordServices)
+T = TypeVar("T")
+# MessagePack framing around each package of an upload batch (as around each of a batch
+# answer: a 2-array, the digest as a str 8, the bytes' bin header), and the array's header.
+UPLOAD_FRAMING = 72
+
+
+async def _off_the_loop(services: RecordServices, work: Callable[[CommittedReads], T]) -> T:
+    """Run `work` in a worker thread against a snapshot of committed state: package writes
+    wait for the disk (fsync), and the event loop also answers CometBFT."""
+
+    def job() -> T:
+        with services.view.snapshot() as reads:
+            return work(reads)
+
+    return await asyncio.to_thread(job)
+
+
+def _stored_json(digest: str, stored: StoredPackage) -> dict[str, object]:
+    body: dict[str, object] = {"digest": digest, "referenced": stored.referenced}
+    if stored.expires_in is not None:
+        body["expires_in"] = stored.expires_in
+    return body
 
 
 def _problem(status: int, reason: str) -> web.Response:
@@ -103,17 +134,61 @@ async def put_package(request: web.Request) -> web.Response:
         return too_large
     if member is None:
         return _problem(403, "only members who write records or claims upload packages")
+    digest = request.match_info["digest"]
     try:
-        stored = store_package(services, services.store, member, request.match_info["digest"], data)
+        stored = await _off_the_loop(
+            services, lambda reads: store_package(services, reads, member, digest, data)
+        )
     except PackageRefused as refusal:
         return _refused(refusal)
-    body: dict[str, object] = {
-        "digest": request.match_info["digest"],
-        "referenced": stored.referenced,
-    }
-    if stored.expires_in is not None:
-        body["expires_in"] = stored.expires_in
-    return web.json_response(body, status=201 if stored.created else 200)
+    return web.json_response(_stored_json(digest, stored), status=201 if stored.created else 200)
+
+
+async def put_packages(request: web.Request) -> web.Response:
+    """An author uploads many sealed packages in one request (those of one put-many or
+    Bundle): a MessagePack array of [digest, bytes] pairs, at most UPLOAD_BATCH_SIZE of them
+    and UPLOAD_BATCH_BYTES of packages. Each is decided on its own; the answer lists each
+    one's status (201 stored, 200 already there, else the refusal's) in the order sent."""
+    services = request.app[SERVICES]
+    ceiling = UPLOAD_BATCH_BYTES + UPLOAD_FRAMING * UPLOAD_BATCH_SIZE + 8
+    too_large = _problem(413, f"an upload batch holds at most {UPLOAD_BATCH_BYTES} bytes")
+    if (request.content_length or 0) > ceiling:
+        return too_large
+    try:
+        _, member = await _authenticate(request, services)
+        raw = await request.read()
+    except AuthError as exc:
+        return _problem(exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+    if member is None:
+        return _problem(403, "only members who write records or claims upload packages")
+    try:
+        uploads = msgspec.msgpack.decode(raw, type=list[tuple[str, bytes]])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _problem(400, f"bad request body: a MessagePack array of [digest, bytes]: {exc}")
+    if not 0 < len(uploads) <= UPLOAD_BATCH_SIZE:
+        return _problem(400, f"1-{UPLOAD_BATCH_SIZE} packages per upload batch")
+    if sum(len(data) for _, data in uploads) > UPLOAD_BATCH_BYTES:
+        return too_large
+    answers = await _off_the_loop(
+        services, lambda reads: store_packages(services, reads, member, uploads)
+    )
+    items: list[dict[str, object]] = []
+    for (digest, _), answer in zip(uploads, answers, strict=True):
+        if isinstance(answer, PackageRefused):
+            item: dict[str, object] = {
+                "digest": digest,
+                "status": answer.status,
+                "error": answer.reason,
+            }
+            if answer.retry_after is not None:
+                item["retry_after"] = answer.retry_after
+            items.append(item)
+        else:
+            status = 201 if answer.created else 200
+            items.append({**_stored_json(digest, answer), "status": status})
+    return web.json_response({"packages": items})
 
 
 async def get_package(request: web.Request) -> web.Response:
@@ -246,6 +321,7 @@ async def release_log(request: web.Request) -> web.Response:
 def add_record_routes(app: web.Application, services: RecordServices) -> None:
     app[SERVICES] = services
     app.router.add_put("/v1/packages/{digest}", put_package)
+    app.router.add_post(UPLOAD_PATH, put_packages)
     app.router.add_post(BATCH_PATH, get_package_batch)
     app.router.add_get("/v1/packages/{digest}", get_package)
     app.router.add_post("/v1/keys/release", release_key)

@@ -27,6 +27,7 @@ import msgspec
 
 from medledger.client.records import RecordsClient
 from medledger.client.sdk import ClientError, TxOutcome
+from medledger.crypto.package import SealedRecord
 from medledger.ledger.claims import (
     CARC_SYSTEM,
     CDT_SYSTEM,
@@ -658,10 +659,13 @@ class ClaimsClient:
         sealing = self.records.sealing()
         keys = self.records.patient_encryption_keys((c.patient for c in claims), patient_keys)
 
+        packages: list[SealedRecord] = []
+
         def seal(resource: ValidatedResource, patient: str, record_id: str) -> PutRecord:
-            put = self.records.seal_and_upload(
-                resource, patient, record_id, sealing=sealing, patient_key=keys[patient]
+            put, sealed = self.records.seal_version(
+                resource, patient, record_id, 1, 0, sealing, keys[patient]
             )
+            packages.append(sealed)
             return msgspec.structs.replace(put, category=CLAIM_CATEGORY)
 
         bodies: list[ImportedClaim | ClaimRemittance] = []
@@ -695,6 +699,7 @@ class ClaimsClient:
                     remittance=remittance,
                 )
             )
+        self.records.upload_many(packages)
         max_bytes = int(self.ledger.query("/params")["max_tx_bytes"]) * 3 // 4
         batches: list[list[ImportedClaim | ClaimRemittance]] = []
         size = 0

@@ -191,6 +191,10 @@ class HomeNode(Protocol):
 
     def put_package(self, member_id: str, digest: str, data: bytes) -> NodeAnswer: ...
 
+    def put_packages(self, member_id: str, uploads: list[tuple[str, bytes]]) -> list[NodeAnswer]:
+        """Each upload's answer, in order."""
+        ...
+
     def get_package(self, member_id: str, digest: str, grant_id: str) -> NodeAnswer: ...
 
     def release_share(self, member_id: str, grant_id: str) -> NodeAnswer: ...
@@ -198,6 +202,29 @@ class HomeNode(Protocol):
     def release_shares(
         self, member_id: str, grant_id: str, records: list[tuple[str, int]]
     ) -> list[NodeAnswer]: ...
+
+
+# Upload batches (`POST /v1/packages`): under the node's limits of 1,000 packages and 16 MiB.
+UPLOAD_PATH = "/v1/packages"
+UPLOAD_CHUNK_PACKAGES = 500
+UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def _upload_chunks(
+    sealed: Sequence[packaging.SealedRecord],
+) -> Iterable[list[packaging.SealedRecord]]:
+    chunk: list[packaging.SealedRecord] = []
+    size = 0
+    for package in sealed:
+        if chunk and (
+            len(chunk) == UPLOAD_CHUNK_PACKAGES or size + len(package.package) > UPLOAD_CHUNK_BYTES
+        ):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(package)
+        size += len(package.package)
+    if chunk:
+        yield chunk
 
 
 class RecordsClient:
@@ -318,6 +345,24 @@ class RecordsClient:
         `record.amend` or an entry of a `record.put-many`. A batch passes one `sealing` (and
         the patient's encryption key) for all its records; a resource already validated is not
         validated again."""
+        body, sealed = self.seal_version(
+            resource, patient_id, record_id, version, previous, sealing, patient_key
+        )
+        self._upload(sealed)
+        return body
+
+    def seal_version(
+        self,
+        resource: Any,
+        patient_id: str,
+        record_id: str | None,
+        version: int,
+        previous: int,
+        sealing: Sealing | None,
+        patient_key: bytes | None,
+    ) -> tuple[PutRecord, packaging.SealedRecord]:
+        """Validate and seal one record version, not uploaded yet (`upload_many` does, for
+        a batch): its `PutRecord` body and its sealed package."""
         validated = (
             resource if isinstance(resource, ValidatedResource) else validate_resource(resource)
         )
@@ -336,8 +381,7 @@ class RecordsClient:
             custodians=list(sealing.custodians),
             threshold=sealing.threshold,
         )
-        self._upload(sealed)
-        return PutRecord(
+        body = PutRecord(
             record_id,
             patient_id,
             validated.resource_type,
@@ -349,6 +393,36 @@ class RecordsClient:
             tuple(c.organization for c in sealing.custodians),
             previous=previous,
         )
+        return body, sealed
+
+    def upload_many(self, sealed: Sequence[packaging.SealedRecord]) -> None:
+        """Upload sealed packages in batches (`POST /v1/packages`, or the home node's services
+        in-process): a few requests for a put-many or a Bundle instead of one per record."""
+        for chunk in _upload_chunks(sealed):
+            pairs = [(s.digest, s.package) for s in chunk]
+            if self.home is not None:
+                answers = [
+                    (a.status, a.text) for a in self.home.put_packages(self.member_id, pairs)
+                ]
+            else:
+                response = self._request(
+                    "POST", self.api_url, UPLOAD_PATH, msgspec.msgpack.encode(pairs)
+                )
+                if response.status_code != 200:
+                    raise ClientError(
+                        f"package upload refused: HTTP {response.status_code}: {response.text}"
+                    )
+                answers = [
+                    (int(item["status"]), str(item.get("error", "")))
+                    for item in response.json()["packages"]
+                ]
+            if len(answers) != len(pairs):
+                raise ClientError(f"the node answered {len(answers)} of {len(pairs)} uploads")
+            for (digest, _), (status, text) in zip(pairs, answers, strict=True):
+                if status not in (200, 201):
+                    raise ClientError(
+                        f"package upload refused for {digest[:16]}: HTTP {status}: {text}"
+                    )
 
     def put(self, resource: Any, patient_id: str, record_id: str | None = None) -> WrittenRecord:
         """Validate, seal, upload and commit a new record about a patient."""
@@ -387,18 +461,20 @@ class RecordsClient:
         but that may not be committed yet (it executes first: same sender, earlier nonce)."""
         sealing = self.sealing()
         patients = self.patient_encryption_keys((w.patient_id for w in writes), patient_keys)
-        return [
-            self.seal_and_upload(
+        sealed = [
+            self.seal_version(
                 w.resource,
                 w.patient_id,
                 w.record_id,
                 w.previous + 1,
-                previous=w.previous,
-                sealing=sealing,
-                patient_key=patients[w.patient_id],
+                w.previous,
+                sealing,
+                patients[w.patient_id],
             )
             for w in writes
         ]
+        self.upload_many([package for _, package in sealed])
+        return [body for body, _ in sealed]
 
     def put_many(
         self, writes: Sequence[RecordWrite], patient_keys: Mapping[str, bytes] | None = None

@@ -198,6 +198,7 @@ async def serve_app(home: Path) -> None:
     http_app = build_http_app(ledger_app, cfg.cometbft_rpc, status=node_status)
     record_services = RecordServices(
         store=store,
+        view=view,
         packages=packages,
         replicator=replicator,
         node_keys=node_keys,

@@ -303,6 +303,14 @@ class Replicator:
                 extra={"peer": organization, "error": f"{type(exc).__name__}: {exc}"[:200]},
             )
             return set()
+        # Written in a worker thread: each package is synced to disk, and the event loop also
+        # answers CometBFT.
+        stored = await asyncio.to_thread(self._store_batch, answer, limits)
+        self.fetched += len(stored)
+        self.fetched_in_batches += len(stored)
+        return stored
+
+    def _store_batch(self, answer: list[tuple[str, bytes]], limits: dict[str, int]) -> set[str]:
         stored: set[str] = set()
         for digest, data in answer:
             if digest not in limits or digest in stored or len(data) > limits[digest]:
@@ -311,8 +319,6 @@ class Replicator:
                 self.packages.put(digest, data)
             except (ErasedPackage, PackageStoreError):
                 continue  # erased meanwhile, or bytes not matching: the single fetch decides
-            self.fetched += 1
-            self.fetched_in_batches += 1
             stored.add(digest)
         return stored
 
@@ -346,7 +352,7 @@ class Replicator:
             try:
                 # The store refuses an erased digest, also when the erasure committed while
                 # this fetch was waiting for the peer.
-                self.packages.put(digest, data)
+                await asyncio.to_thread(self.packages.put, digest, data)
             except ErasedPackage:
                 log.info("dropped a package erased while it was fetched", extra={"digest": digest})
                 return False

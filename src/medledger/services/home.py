@@ -17,6 +17,7 @@ from medledger.services.packages import (
     release_share,
     release_shares,
     store_package,
+    store_packages,
 )
 from medledger.store.sqlite import CommittedReads, CommittedView
 
@@ -37,6 +38,20 @@ class InProcessNode:
             except PackageRefused as refusal:
                 return NodeAnswer(refusal.status, refusal.reason.encode())
         return NodeAnswer(201 if stored.created else 200, b"")
+
+    def put_packages(self, member_id: str, uploads: list[tuple[str, bytes]]) -> list[NodeAnswer]:
+        with self.view.snapshot() as reads:
+            try:
+                member = _active_member(reads, member_id)
+            except PackageRefused as refusal:
+                return [NodeAnswer(refusal.status, refusal.reason.encode())] * len(uploads)
+            answers = store_packages(self.services, reads, member, uploads)
+        return [
+            NodeAnswer(a.status, a.reason.encode())
+            if isinstance(a, PackageRefused)
+            else NodeAnswer(201 if a.created else 200, b"")
+            for a in answers
+        ]
 
     def get_package(self, member_id: str, digest: str, grant_id: str) -> NodeAnswer:
         with self.view.snapshot() as reads:

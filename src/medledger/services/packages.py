@@ -45,7 +45,7 @@ from medledger.store.packages import (
     PackageStoreError,
     is_digest,
 )
-from medledger.store.sqlite import CommittedReads, SqliteStore
+from medledger.store.sqlite import CommittedReads, CommittedView, SqliteStore
 from medledger.store.uploads import PendingUploads, QuotaExceeded
 
 log = logging.getLogger("medledger.records")
@@ -60,6 +60,12 @@ BATCH_PATH = "/v1/packages/batch"
 BATCH_SIZE = 64
 BATCH_BYTES = MAX_PACKAGE_BYTES
 
+# Uploads in batches: an author's packages for one put-many or Bundle in a few requests (a
+# MessagePack array of [digest, bytes] pairs), each package decided on its own.
+UPLOAD_PATH = "/v1/packages"
+UPLOAD_BATCH_SIZE = 1000  # as many records as one record.put-many holds
+UPLOAD_BATCH_BYTES = MAX_PACKAGE_BYTES  # package bytes per request
+
 
 class Replication(Protocol):
     """What package decisions ask of replication: fetch what is missing, repair what is bad."""
@@ -72,6 +78,9 @@ class Replication(Protocol):
 @dataclass
 class RecordServices:
     store: SqliteStore
+    # Snapshots of committed state for work done off the event loop (package writes wait for
+    # the disk; the event loop also answers CometBFT).
+    view: CommittedView
     packages: PackageStore
     replicator: Replication
     node_keys: KeyPair
@@ -156,6 +165,22 @@ def store_package(
         raise PackageRefused(400, str(exc)) from None
     expires = int(services.uploads.limits.ttl_seconds) if digest in services.uploads else None
     return StoredPackage(created, ref is not None, expires)
+
+
+def store_packages(
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    uploads: Iterable[tuple[str, bytes]],
+) -> list[StoredPackage | PackageRefused]:
+    """Many packages of one member, each decided as `store_package` decides it alone."""
+    answers: list[StoredPackage | PackageRefused] = []
+    for digest, data in uploads:
+        try:
+            answers.append(store_package(services, reads, member, digest, data))
+        except PackageRefused as refusal:
+            answers.append(refusal)
+    return answers
 
 
 def package_copy(

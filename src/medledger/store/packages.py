@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,8 @@ class PackageStore:
         return self._path(digest).exists()
 
     def put(self, digest: str, data: bytes) -> bool:
-        """Store `data` under `digest` if it matches; False if it was already there."""
+        """Store `data` under `digest` if it matches; False if it was already there. Safe
+        from worker threads: a digest erased meanwhile does not stay stored."""
         path = self._path(digest)
         if digest in self._erased:
             raise ErasedPackage(f"package {digest[:16]} was erased and is never stored again")
@@ -70,12 +72,16 @@ class PackageStore:
         if path.exists():
             return False
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if digest in self._erased:  # erased by another thread while this one wrote it
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise ErasedPackage(f"package {digest[:16]} was erased and is never stored again")
         return True
 
     def get(self, digest: str) -> bytes | None:
