@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import nacl.exceptions
 import nacl.public
@@ -44,17 +45,22 @@ class KeyPair:
             encryption_secret=bytes(nacl.public.PrivateKey.generate()),
         )
 
-    @property
-    def verify_key(self) -> bytes:
-        return bytes(nacl.signing.SigningKey(self.signing_seed).verify_key)
+    # Derived once per key pair (a writer signs and names itself for every request).
+    @cached_property
+    def _signing_key(self) -> nacl.signing.SigningKey:
+        return nacl.signing.SigningKey(self.signing_seed)
 
-    @property
+    @cached_property
+    def verify_key(self) -> bytes:
+        return bytes(self._signing_key.verify_key)
+
+    @cached_property
     def encryption_key(self) -> bytes:
         return bytes(nacl.public.PrivateKey(self.encryption_secret).public_key)
 
-    @property
+    @cached_property
     def member_id(self) -> str:
         return member_id_for(self.verify_key)
 
     def sign(self, message: bytes) -> bytes:
-        return nacl.signing.SigningKey(self.signing_seed).sign(message).signature
+        return self._signing_key.sign(message).signature
