@@ -106,6 +106,7 @@ def write_until(
     acked: Acknowledged,
     target: int,
     batch: int,
+    per_patient: int,
     seed_base: int,
     sample_every: int,
 ) -> float:
@@ -125,9 +126,11 @@ def write_until(
                     if acked.total >= target:
                         return
                 writes = []
-                for _ in range(batch):
+                # One batch, as a lab's or a ward's: a few records each for some patients.
+                batch_patients = rng.sample(patients, min(len(patients), -(-batch // per_patient)))
+                for position in range(batch):
                     counter += 1
-                    patient = rng.choice(patients)
+                    patient = batch_patients[position % len(batch_patients)]
                     resource = sized_observation(
                         seed_base + index * 10_000_000 + counter,
                         rng.randint(1000, 3000),
@@ -247,9 +250,12 @@ def restart_and_check(net: Testnet, cast: Cast, acked: Acknowledged) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=50, help="records per record.put-many")
+    parser.add_argument("--batch", type=int, default=1000, help="records per record.put-many")
     parser.add_argument("--writers", type=int, default=8)
-    parser.add_argument("--patients", type=int, default=200)
+    parser.add_argument("--patients", type=int, default=5000)
+    parser.add_argument(
+        "--per-patient", type=int, default=20, help="records per patient in one batch"
+    )
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--samples", type=int, default=50, help="records decrypted at the end")
     args = parser.parse_args(argv)
@@ -273,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 acked,
                 min(args.records, number * step),
                 args.batch,
+                args.per_patient,
                 number * 7919,
                 sample_every,
             )
