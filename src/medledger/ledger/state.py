@@ -78,13 +78,13 @@ class State:
 
     def read(self, key: bytes, kind: type[T]) -> T | None:
         raw = self.get(key)
-        return None if raw is None else codec.decode(raw, kind)
+        return None if raw is None else codec.decode_stored(raw, kind)
 
     def write(self, key: bytes, value: object) -> None:
         self.put(key, codec.encode(value))
 
     def read_all(self, prefix: bytes, kind: type[T]) -> list[T]:
-        return [codec.decode(raw, kind) for _, raw in self.scan(prefix)]
+        return [codec.decode_stored(raw, kind) for _, raw in self.scan(prefix)]
 
     def child(self) -> State:
         return State(self)
