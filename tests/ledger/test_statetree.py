@@ -19,6 +19,7 @@ from medledger.ledger.statetree import (
     StateProof,
     bucket_leaf,
     bucket_of,
+    ordered_bucket_leaf,
     prove,
     value_hash,
     verify_state_proof,
@@ -395,3 +396,14 @@ def test_absence_proof_cannot_be_reused_for_a_present_key() -> None:
     assert proof.value is None and proof.entries == ()
     assert verify_state_proof(root, proof, 3)
     assert not verify_state_proof(root, dataclasses.replace(proof, key=b"present"), 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.binary(min_size=0, max_size=40), st.binary(min_size=32, max_size=32), max_size=30
+    )
+)
+def test_the_stores_one_pass_leaf_equals_the_checked_leaf(entries: dict[bytes, bytes]) -> None:
+    ordered = sorted(entries.items())
+    assert ordered_bucket_leaf(ordered) == bucket_leaf(list(entries.items()))

@@ -73,6 +73,16 @@ def bucket_leaf(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
     return h.digest()
 
 
+def ordered_bucket_leaf(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """`bucket_leaf` of entries the store lists itself: already in key order, each key once,
+    every value hash 32 bytes (its own rows). One hash over one joined buffer: a block
+    rehashes every bucket it touched, and the buckets fill as the state grows."""
+    if not entries:
+        return EMPTY_BUCKET
+    body = b"".join([len(key).to_bytes(4, "big") + key + vhash for key, vhash in entries])
+    return hashlib.sha256(LEAF_PREFIX + body).digest()
+
+
 class BucketTree:
     """Every node hash of the bucket tree, in one bytearray laid out as a binary heap.
 

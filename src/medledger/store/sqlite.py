@@ -313,14 +313,16 @@ class SqliteStore(CommittedReads):
             chunk = ordered[start : start + BUCKETS_PER_QUERY]
             marks = ",".join("?" * len(chunk))
             for bucket, key, vhash in conn.execute(
-                f"SELECT bucket, key, value_hash FROM kv WHERE bucket IN ({marks})", chunk
+                f"SELECT bucket, key, value_hash FROM kv WHERE bucket IN ({marks})"
+                " ORDER BY bucket, key",  # the kv_bucket index's order
+                chunk,
             ):
-                listings[bucket].append((bytes(key), bytes(vhash)))
+                listings[bucket].append((key, vhash))
         filled: list[tuple[int, bytes]] = []
         emptied: list[tuple[int]] = []
         for bucket in ordered:
             entries = listings[bucket]
-            leaf = statetree.bucket_leaf(entries)  # orders the entries by key itself
+            leaf = statetree.ordered_bucket_leaf(entries)
             if entries:
                 filled.append((bucket, leaf))
             else:
