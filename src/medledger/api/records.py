@@ -119,21 +119,34 @@ def _refused(refusal: PackageRefused) -> web.Response:
     return response
 
 
-async def put_package(request: web.Request) -> web.Response:
-    """An author uploads a sealed package before submitting the record that names it."""
-    services = request.app[SERVICES]
-    too_large = _problem(413, f"a package is at most {MAX_PACKAGE_BYTES} bytes")
-    if (request.content_length or 0) > MAX_PACKAGE_BYTES:
-        return too_large
+async def _uploader(
+    request: web.Request, services: RecordServices, limit: int, too_large: str
+) -> tuple[Member, bytes] | web.Response:
+    """The authenticated member who uploads, and the body of at most `limit` bytes; else the
+    answer refusing the request."""
+    if (request.content_length or 0) > limit:
+        return _problem(413, too_large)
     try:
         _, member = await _authenticate(request, services)
-        data = await request.read()
+        body = await request.read()
     except AuthError as exc:
         return _problem(exc.status, str(exc))
     except web.HTTPRequestEntityTooLarge:
-        return too_large
+        return _problem(413, too_large)
     if member is None:
         return _problem(403, "only members who write records or claims upload packages")
+    return member, body
+
+
+async def put_package(request: web.Request) -> web.Response:
+    """An author uploads a sealed package before submitting the record that names it."""
+    services = request.app[SERVICES]
+    uploader = await _uploader(
+        request, services, MAX_PACKAGE_BYTES, f"a package is at most {MAX_PACKAGE_BYTES} bytes"
+    )
+    if isinstance(uploader, web.Response):
+        return uploader
+    member, data = uploader
     digest = request.match_info["digest"]
     try:
         stored = await _off_the_loop(
@@ -150,19 +163,12 @@ async def put_packages(request: web.Request) -> web.Response:
     and UPLOAD_BATCH_BYTES of packages. Each is decided on its own; the answer lists each
     one's status (201 stored, 200 already there, else the refusal's) in the order sent."""
     services = request.app[SERVICES]
+    too_large = f"an upload batch holds at most {UPLOAD_BATCH_BYTES} bytes"
     ceiling = UPLOAD_BATCH_BYTES + UPLOAD_FRAMING * UPLOAD_BATCH_SIZE + 8
-    too_large = _problem(413, f"an upload batch holds at most {UPLOAD_BATCH_BYTES} bytes")
-    if (request.content_length or 0) > ceiling:
-        return too_large
-    try:
-        _, member = await _authenticate(request, services)
-        raw = await request.read()
-    except AuthError as exc:
-        return _problem(exc.status, str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        return too_large
-    if member is None:
-        return _problem(403, "only members who write records or claims upload packages")
+    uploader = await _uploader(request, services, ceiling, too_large)
+    if isinstance(uploader, web.Response):
+        return uploader
+    member, raw = uploader
     try:
         uploads = msgspec.msgpack.decode(raw, type=list[tuple[str, bytes]])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -170,7 +176,7 @@ async def put_packages(request: web.Request) -> web.Response:
     if not 0 < len(uploads) <= UPLOAD_BATCH_SIZE:
         return _problem(400, f"1-{UPLOAD_BATCH_SIZE} packages per upload batch")
     if sum(len(data) for _, data in uploads) > UPLOAD_BATCH_BYTES:
-        return too_large
+        return _problem(413, too_large)
     answers = await _off_the_loop(
         services, lambda reads: store_packages(services, reads, member, uploads)
     )
