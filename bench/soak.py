@@ -222,8 +222,11 @@ def restart_and_check(net: Testnet, cast: Cast, acked: Acknowledged) -> dict[str
         top = int(client.rpc("status")["sync_info"]["latest_block_height"])
     log("stopping every node, then starting them again")
     testnet_down(net.home, timeout=60)
+    started = time.monotonic()
     testnet_up(net.home)
-    wait_for_height(net.home, top + 2, timeout=300)
+    wait_for_height(net.home, top + 2, timeout=900)
+    back_s = time.monotonic() - started
+    log(f"committing again {back_s:.0f} s after the start")
     missing = 0
     with LedgerClient(net.rpc(2), CHAIN_ID) as client:
         for patient, count in acked.counts.items():
@@ -240,6 +243,7 @@ def restart_and_check(net: Testnet, cast: Cast, acked: Acknowledged) -> dict[str
         reader.close()
         ledger.close()
     return {
+        "restart_to_new_blocks_s": back_s,
         "acknowledged": acked.total,
         "missing_after_restart": missing,
         "sample_read": len(acked.sample),
