@@ -311,16 +311,17 @@ class Replicator:
         return stored
 
     def _store_batch(self, answer: list[tuple[str, bytes]], limits: dict[str, int]) -> set[str]:
-        stored: set[str] = set()
+        asked: dict[str, bytes] = {}
         for digest, data in answer:
-            if digest not in limits or digest in stored or len(data) > limits[digest]:
-                continue
-            try:
-                self.packages.put(digest, data)
-            except (ErasedPackage, PackageStoreError):
-                continue  # erased meanwhile, or bytes not matching: the single fetch decides
-            stored.add(digest)
-        return stored
+            if digest in limits and digest not in asked and len(data) <= limits[digest]:
+                asked[digest] = data
+        written = self.packages.put_many(list(asked.items()))
+        # Erased meanwhile, or bytes not matching: not stored, the single fetch decides.
+        return {
+            digest
+            for digest, put in zip(asked, written, strict=True)
+            if not isinstance(put, PackageStoreError)
+        }
 
     async def _fetch(
         self, client: httpx.AsyncClient, digest: str, source: str | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -130,6 +130,49 @@ def store_package(
     Until a committed record names it the upload is pending: it expires after the node's
     upload time to live and counts against the uploader's quota. An erased package is never
     stored again (410)."""
+    answer = store_packages(services, reads, member, [(digest, data)])[0]
+    if isinstance(answer, PackageRefused):
+        raise answer
+    return answer
+
+
+def store_packages(
+    services: RecordServices,
+    reads: CommittedReads,
+    member: Member,
+    uploads: Sequence[tuple[str, bytes]],
+) -> list[StoredPackage | PackageRefused]:
+    """Many packages of one member, each decided as `store_package` decides it alone; those
+    admitted are written to disk together (`PackageStore.put_many`)."""
+    answers: list[StoredPackage | PackageRefused] = []
+    admitted: list[tuple[int, str, bytes, bool]] = []  # answer index, digest, data, referenced
+    for digest, data in uploads:
+        try:
+            referenced = _admit(services, reads, member, digest, data)
+        except PackageRefused as refusal:
+            answers.append(refusal)
+            continue
+        admitted.append((len(answers), digest, data, referenced))
+        answers.append(PackageRefused(500, "not stored"))  # replaced below
+    written = services.packages.put_many([(digest, data) for _, digest, data, _ in admitted])
+    for (index, digest, _, referenced), put in zip(admitted, written, strict=True):
+        if isinstance(put, PackageStoreError):
+            services.uploads.settle(digest)
+            erased = isinstance(put, ErasedPackage)
+            answers[index] = (
+                PackageRefused(410, ERASED_FOR_GOOD) if erased else PackageRefused(400, str(put))
+            )
+            continue
+        ttl = int(services.uploads.limits.ttl_seconds) if digest in services.uploads else None
+        answers[index] = StoredPackage(put, referenced, ttl)
+    return answers
+
+
+def _admit(
+    services: RecordServices, reads: CommittedReads, member: Member, digest: str, data: bytes
+) -> bool:
+    """Every check of an upload before it is written, and its admission against the member's
+    quota; whether a committed record already names the package."""
     if member.role not in UPLOADER_ROLES:
         raise PackageRefused(403, "only members who write records or claims upload packages")
     if len(data) > MAX_PACKAGE_BYTES:
@@ -155,32 +198,7 @@ def store_package(
                 services.uploads.admit(member.id, digest, len(data))
             except QuotaExceeded as exc:
                 raise PackageRefused(429, str(exc), int(exc.retry_after)) from None
-    try:
-        created = services.packages.put(digest, data)
-    except ErasedPackage:
-        services.uploads.settle(digest)
-        raise PackageRefused(410, ERASED_FOR_GOOD) from None
-    except PackageStoreError as exc:
-        services.uploads.settle(digest)
-        raise PackageRefused(400, str(exc)) from None
-    expires = int(services.uploads.limits.ttl_seconds) if digest in services.uploads else None
-    return StoredPackage(created, ref is not None, expires)
-
-
-def store_packages(
-    services: RecordServices,
-    reads: CommittedReads,
-    member: Member,
-    uploads: Iterable[tuple[str, bytes]],
-) -> list[StoredPackage | PackageRefused]:
-    """Many packages of one member, each decided as `store_package` decides it alone."""
-    answers: list[StoredPackage | PackageRefused] = []
-    for digest, data in uploads:
-        try:
-            answers.append(store_package(services, reads, member, digest, data))
-        except PackageRefused as refusal:
-            answers.append(refusal)
-    return answers
+    return ref is not None
 
 
 def package_copy(

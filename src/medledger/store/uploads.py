@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,13 +55,17 @@ class PendingUploads:
         self.root.mkdir(parents=True, exist_ok=True)
         self.expired_total = 0
         self._pending: dict[str, PendingUpload] = {}
+        # Each member's (packages, bytes) pending, kept with `_pending`: a batch of 1,000
+        # uploads is admitted one by one against it.
+        self._usage: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()  # uploads are admitted in worker threads, settled on the loop
         for path in self.root.iterdir():
             entry = _read_entry(path)
             if entry is None:
                 with contextlib.suppress(OSError):
                     path.unlink()
             else:
-                self._pending[entry.digest] = entry
+                self._add(entry)
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._pending
@@ -74,8 +79,24 @@ class PendingUploads:
 
     def usage(self, member: str) -> tuple[int, int]:
         """(packages, bytes) pending for `member`."""
-        mine = [e for e in self._pending.values() if e.member == member]
-        return len(mine), sum(e.size for e in mine)
+        return self._usage.get(member, (0, 0))
+
+    def _add(self, entry: PendingUpload) -> None:
+        with self._lock:
+            self._remove(entry.digest)
+            self._pending[entry.digest] = entry
+            count, used = self._usage.get(entry.member, (0, 0))
+            self._usage[entry.member] = (count + 1, used + entry.size)
+
+    def _remove(self, digest: str) -> PendingUpload | None:
+        entry = self._pending.pop(digest, None)
+        if entry is not None:
+            count, used = self._usage[entry.member]
+            if count == 1:
+                del self._usage[entry.member]
+            else:
+                self._usage[entry.member] = (count - 1, used - entry.size)
+        return entry
 
     def admit(self, member: str, digest: str, size: int, now: float | None = None) -> None:
         """Count an upload against its member's quota, or QuotaExceeded saying why."""
@@ -120,7 +141,8 @@ class PendingUploads:
 
     def settle(self, digest: str) -> bool:
         """A committed record names `digest`: it is no longer pending. True if it was."""
-        entry = self._pending.pop(digest, None)
+        with self._lock:
+            entry = self._remove(digest)
         if entry is None:
             return False
         with contextlib.suppress(FileNotFoundError):
@@ -154,7 +176,7 @@ class PendingUploads:
         tmp.write_text(f"{entry.member}\n{entry.size}\n", encoding="utf-8")
         os.utime(tmp, (entry.uploaded, entry.uploaded))
         os.replace(tmp, path)
-        self._pending[entry.digest] = entry
+        self._add(entry)
 
 
 def _read_entry(path: Path) -> PendingUpload | None:
