@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from conftest import keys_for
 
 from medledger.node.replication import Replicator
-from medledger.store.packages import ErasedPackage, PackageStore
+from medledger.store.packages import ErasedPackage, PackageStore, PackageStoreError
 
 NOTHING = "0" * 64  # sorts before every other digest, as the first a replicator tries
 
@@ -340,3 +340,29 @@ def test_a_package_erased_while_a_worker_thread_writes_it_does_not_stay(
         store.put(digest, data)
     assert not store.has(digest)
     assert not any(p.is_file() for p in (tmp_path / "packages" / digest[:2]).iterdir())
+
+
+def test_a_batch_of_packages_is_answered_item_by_item_and_synced_together(tmp_path: Path) -> None:
+    store = PackageStore(tmp_path / "packages")
+    packages = [f"package {i}".encode() for i in range(5)]
+    digests = [hashlib.sha256(p).hexdigest() for p in packages]
+    store.put(digests[0], packages[0])
+    store.erase(digests[4])
+    items = [
+        (digests[0], packages[0]),  # already there
+        (digests[1], packages[1]),
+        (digests[2], packages[3]),  # bytes of another package
+        (digests[1], packages[1]),  # twice in one batch
+        (digests[4], packages[4]),  # erased
+        ("not-a-digest", b"x"),
+        (digests[3], packages[3]),
+    ]
+    answers = store.put_many(items)
+    assert answers[:2] == [False, True] and answers[3] is False and answers[6] is True
+    assert isinstance(answers[2], PackageStoreError) and "hash to" in str(answers[2])
+    assert isinstance(answers[4], ErasedPackage)
+    assert isinstance(answers[5], PackageStoreError) and not isinstance(answers[5], ErasedPackage)
+    assert [store.get(d) for d in digests[:4]] == [packages[0], packages[1], None, packages[3]]
+    assert not store.has(digests[4])
+    leftovers = [p for p in (tmp_path / "packages").rglob(".*.tmp")]
+    assert leftovers == []
