@@ -97,6 +97,7 @@ class Acknowledged:
     counts: dict[str, int] = field(default_factory=dict)  # patient -> records acknowledged
     sample: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     total: int = 0
+    failed_batches: int = 0  # batches the SDK gave up on (their records are not counted)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -162,17 +163,46 @@ def write_until(
     for thread in threads:
         thread.join()
     if errors:
+        acked.failed_batches += len(errors)
         log(f"{len(errors)} failed batches, e.g. {errors[0][:200]}")
     return time.monotonic() - started
 
 
-def timed(call: Any, repeat: int = 5) -> dict[str, float]:
+def timed(call: Any, repeat: int = 5) -> dict[str, Any]:
+    """p50 and max of `repeat` calls; a call that fails is reported, and the soak goes on."""
     seconds = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        call()
+        try:
+            call()
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"[:300], "p50_s": float("nan")}
         seconds.append(time.perf_counter() - t0)
     return {"p50_s": statistics.median(seconds), "max_s": max(seconds)}
+
+
+def node_heights(net: Testnet) -> list[int]:
+    """Every node's latest committed height (-1 where the node does not answer)."""
+    heights = []
+    for node in range(len(net.configs)):
+        try:
+            with LedgerClient(net.rpc(node), CHAIN_ID) as client:
+                heights.append(int(client.rpc("status")["sync_info"]["latest_block_height"]))
+        except Exception:
+            heights.append(-1)
+    return heights
+
+
+def wait_caught_up(net: Testnet, timeout: float = 600.0) -> float:
+    """Seconds until every node is within two blocks of the highest; a lagging node would
+    otherwise time its queries' commit waits, not the queries."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        heights = node_heights(net)
+        if min(heights) >= max(heights) - 2:
+            break
+        time.sleep(1.0)
+    return time.monotonic() - started
 
 
 def query_latency(net: Testnet, cast: Cast, acked: Acknowledged) -> dict[str, Any]:
@@ -196,13 +226,18 @@ def query_latency(net: Testnet, cast: Cast, acked: Acknowledged) -> dict[str, An
 def checkpoint(
     net: Testnet, cast: Cast, acked: Acknowledged, seconds: float, done: int
 ) -> dict[str, Any]:
+    heights = node_heights(net)  # as the writers stop: how far behind the slowest node is
+    catch_up_s = wait_caught_up(net)
     with LedgerClient(net.rpc(0), CHAIN_ID) as client:
         interval = block_seconds(client)
         height = int(client.rpc("status")["sync_info"]["latest_block_height"])
     point: dict[str, Any] = {
         "records": acked.total,
         "height": height,
+        "heights_when_writers_stopped": heights,
+        "catch_up_s": catch_up_s,
         "stretch_records_per_s": done / seconds if seconds else 0.0,
+        "failed_batches_so_far": acked.failed_batches,
         "block_seconds": interval,
         "disk": disk_of(net),
         "queries": query_latency(net, cast, acked),
@@ -212,7 +247,8 @@ def checkpoint(
         f"{acked.total:,} records, height {height}: {point['stretch_records_per_s']:.0f} rec/s,"
         f" block {interval:.2f}s, node0 state {per_node['state_db'] / 1e6:.0f} MB, cometbft"
         f" {per_node['cometbft_data'] / 1e6:.0f} MB, packages {per_node['packages'] / 1e6:.0f} MB,"
-        f" read p50 {point['queries'].get('consented_read', {}).get('p50_s', 0):.2f}s"
+        f" read p50 {point['queries'].get('consented_read', {}).get('p50_s', 0):.2f}s;"
+        f" heights as writers stopped {heights}, all caught up after {catch_up_s:.0f} s"
     )
     return point
 
@@ -288,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 sample_every,
             )
             points.append(checkpoint(net, cast, acked, seconds, acked.total - before))
+            results["checkpoints"] = points  # kept as it goes: a long soak is not lost to a crash
+            write_results(results, RESULTS_DIR, "soak")
             if acked.total >= args.records or any(TERMINATING.values()):
                 break
         results["checkpoints"] = points

@@ -25,7 +25,12 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
     key BLOB PRIMARY KEY, value BLOB NOT NULL, value_hash BLOB NOT NULL, bucket INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_bucket ON kv (bucket, key);
+-- A bucket's listing (its keys in order with their value hashes) is read from this index alone:
+-- every block rehashes each bucket it touched, and the buckets fill as the state grows. Without
+-- value_hash here, each listed key cost a lookup in kv (4 million keys: 9.5 s per block of 20,000
+-- changed keys instead of 0.64 s).
+CREATE INDEX IF NOT EXISTS kv_bucket_listing ON kv (bucket, key, value_hash);
+DROP INDEX IF EXISTS kv_bucket;
 CREATE TABLE IF NOT EXISTS buckets (bucket INTEGER PRIMARY KEY, leaf BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_nodes (
     level INTEGER NOT NULL, idx INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (level, idx)
@@ -44,6 +49,12 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 
 READ_CACHE_ENTRIES = 100_000
 BUCKETS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
+
+
+def bucket_listing_sql(buckets: int) -> str:
+    """The listings of `buckets` buckets in (bucket, key) order, from kv_bucket_listing alone."""
+    marks = ",".join("?" * buckets)
+    return f"SELECT bucket, key, value_hash FROM kv WHERE bucket IN ({marks}) ORDER BY bucket, key"
 
 
 class StoredResult(msgspec.Struct, frozen=True, array_like=True):
@@ -311,12 +322,7 @@ class SqliteStore(CommittedReads):
         listings: dict[int, list[tuple[bytes, bytes]]] = {bucket: [] for bucket in ordered}
         for start in range(0, len(ordered), BUCKETS_PER_QUERY):
             chunk = ordered[start : start + BUCKETS_PER_QUERY]
-            marks = ",".join("?" * len(chunk))
-            for bucket, key, vhash in conn.execute(
-                f"SELECT bucket, key, value_hash FROM kv WHERE bucket IN ({marks})"
-                " ORDER BY bucket, key",  # the kv_bucket index's order
-                chunk,
-            ):
+            for bucket, key, vhash in conn.execute(bucket_listing_sql(len(chunk)), chunk):
                 listings[bucket].append((key, vhash))
         filled: list[tuple[int, bytes]] = []
         emptied: list[tuple[int]] = []
