@@ -17,7 +17,7 @@ from medledger.ledger.context import BlockContext, BlockEffects
 from medledger.ledger.errors import Code, LedgerError
 from medledger.ledger.execution import (
     AuditEntry,
-    SignatureCache,
+    CheckCache,
     TxResult,
     check_transaction,
     execute_transaction,
@@ -79,7 +79,7 @@ class BlockOutcome:
 class Ledger:
     def __init__(self, store: LedgerStore) -> None:
         self.store = store
-        self.signatures = SignatureCache()
+        self.checks = CheckCache()
         self.mempool = MempoolGuard()
         self._staged: tuple[int, bytes] | None = None
         height, app_hash, chain_id = store.committed()
@@ -120,7 +120,7 @@ class Ledger:
                 raw,
                 self.chain_id,
                 tx_hash,
-                self.signatures,
+                self.checks,
                 exact_nonce=False,
             )
         except LedgerError as err:
@@ -143,11 +143,11 @@ class Ledger:
         expected: dict[str, int] = {}
         chosen: list[bytes] = []
         budget = max_bytes
-        for raw in order_by_nonce(txs):
+        for raw in order_by_nonce(txs, self.envelope_of):
             if len(raw) > budget:
                 continue
             try:
-                envelope = codec.decode(raw, Envelope)
+                envelope = self.envelope_of(raw)
             except LedgerError:
                 continue
             sender = envelope.sender
@@ -159,6 +159,10 @@ class Ledger:
             chosen.append(raw)
             budget -= len(raw)
         return chosen
+
+    def envelope_of(self, raw: bytes) -> Envelope:
+        """`codec.decode(raw, Envelope)`, decoded once per transaction (see CheckCache)."""
+        return self.checks.envelope(codec.tx_hash(raw), raw)
 
     def store_nonce(self, member_id: str) -> int:
         """The last nonce `member_id` used, in committed state."""
@@ -176,7 +180,7 @@ class Ledger:
         leaves: list[bytes] = []
         hashes: list[bytes] = []
         for index, raw in enumerate(txs):
-            result = execute_transaction(state, block, effects, raw, self.signatures)
+            result = execute_transaction(state, block, effects, raw, self.checks)
             results.append(result)
             hashes.append(codec.tx_hash(raw))
             leaves.append(

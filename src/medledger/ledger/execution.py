@@ -9,6 +9,7 @@ which is kept only when it succeeds, so a refused transaction changes no state.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -52,13 +53,21 @@ class TxResult:
         return self.code is Code.OK
 
 
-class SignatureCache:
-    """Remembers (transaction hash, key) pairs whose signature verified, so a transaction seen
-    in CheckTx is not verified again in FinalizeBlock. Only speed depends on it, never a result."""
+class CheckCache:
+    """What this node already worked out about a transaction from its bytes alone: that its
+    signature verifies under a key, and its decoding (canonical envelope; body of its type,
+    canonical). A transaction is checked when it enters the mempool, again after every block
+    while it waits (the recheck), and when its block executes; only the checks against state
+    differ between those, so the rest is done once. Keyed by the transaction's hash (and, for a
+    signature, the key), so only speed depends on it, never a result. Bounded in entries and in
+    the bytes of the transactions whose decoding it holds."""
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 100_000, decoded_bytes: int = 64 << 20) -> None:
         self._capacity = capacity
         self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._decoded: OrderedDict[bytes, _Decoded] = OrderedDict()
+        self._decoded_limit = decoded_bytes
+        self._decoded_bytes = 0
 
     def verify(self, tx_hash: bytes, verify_key: bytes, message: bytes, signature: bytes) -> bool:
         token = tx_hash + verify_key
@@ -71,6 +80,54 @@ class SignatureCache:
         if len(self._verified) > self._capacity:
             self._verified.popitem(last=False)
         return True
+
+    def envelope(self, tx_hash: bytes, raw: bytes) -> Envelope:
+        """`codec.decode(raw, Envelope)`, once per transaction."""
+        known = self._decoded.get(tx_hash)
+        if known is not None:
+            self._decoded.move_to_end(tx_hash)
+            return known.envelope
+        envelope = codec.decode(raw, Envelope)
+        self._decoded[tx_hash] = _Decoded(envelope, len(raw))
+        self._decoded_bytes += len(raw)
+        while len(self._decoded) > self._capacity or self._decoded_bytes > self._decoded_limit:
+            _, dropped = self._decoded.popitem(last=False)
+            self._decoded_bytes -= dropped.size
+        return envelope
+
+    def body(self, tx_hash: bytes, envelope: Envelope, kind: type[object]) -> object:
+        """The envelope's body decoded as `kind`, checked canonical, once per transaction."""
+        known = self._decoded.get(tx_hash)
+        if known is not None and known.body is not None and known.envelope is envelope:
+            return known.body
+        body = decode_body(envelope, kind)
+        if known is not None and known.envelope is envelope:
+            known.body = body
+        return body
+
+
+@dataclass
+class _Decoded:
+    envelope: Envelope
+    size: int
+    body: object | None = None
+
+
+def decode_body(envelope: Envelope, kind: type[object]) -> object:
+    """The envelope's body as `kind`; INVALID_BODY if it is nested too deep, does not decode
+    or is not in canonical encoding."""
+    try:
+        codec.check_nesting(envelope.body)
+    except LedgerError as err:
+        message = f"invalid {envelope.type} body: {err.message}"
+        raise LedgerError(Code.INVALID_BODY, message) from None
+    try:
+        body = msgspec.msgpack.decode(envelope.body, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise LedgerError(Code.INVALID_BODY, f"invalid {envelope.type} body: {exc}") from None
+    if codec.encode(body) != envelope.body:
+        raise LedgerError(Code.INVALID_BODY, f"{envelope.type} body is not canonical")
+    return body
 
 
 @dataclass(frozen=True)
@@ -86,7 +143,7 @@ def check_transaction(
     raw: bytes,
     chain_id: str,
     tx_hash: bytes,
-    signatures: SignatureCache,
+    checks: CheckCache,
     *,
     exact_nonce: bool,
 ) -> Checked:
@@ -95,7 +152,7 @@ def check_transaction(
     max_bytes = load_params(state).max_tx_bytes
     if len(raw) > max_bytes:
         raise LedgerError(Code.TOO_LARGE, f"transaction is {len(raw)} bytes; limit {max_bytes}")
-    envelope = codec.decode(raw, Envelope)
+    envelope = checks.envelope(tx_hash, raw)
     if envelope.chain_id != chain_id:
         raise LedgerError(
             Code.WRONG_CHAIN, f"transaction is for chain {envelope.chain_id!r}, not {chain_id!r}"
@@ -106,7 +163,7 @@ def check_transaction(
     sender = state.read(member_key(envelope.sender), Member)
     if sender is None:
         raise LedgerError(Code.UNKNOWN_SENDER, f"unknown sender {envelope.sender}")
-    if not signatures.verify(tx_hash, sender.verify_key, envelope.sign_bytes(), envelope.signature):
+    if not checks.verify(tx_hash, sender.verify_key, envelope.sign_bytes(), envelope.signature):
         raise LedgerError(Code.BAD_SIGNATURE, f"signature does not verify for {sender.id}")
     if not is_active(state, sender):
         raise LedgerError(
@@ -125,17 +182,7 @@ def check_transaction(
         )
     if sender.role not in rule.roles:
         raise LedgerError(Code.UNAUTHORIZED, f"role {sender.role} may not send {envelope.type}")
-    try:
-        codec.check_nesting(envelope.body)
-    except LedgerError as err:
-        message = f"invalid {envelope.type} body: {err.message}"
-        raise LedgerError(Code.INVALID_BODY, message) from None
-    try:
-        body = msgspec.msgpack.decode(envelope.body, type=rule.body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        raise LedgerError(Code.INVALID_BODY, f"invalid {envelope.type} body: {exc}") from None
-    if codec.encode(body) != envelope.body:
-        raise LedgerError(Code.INVALID_BODY, f"{envelope.type} body is not canonical")
+    body = checks.body(tx_hash, envelope, rule.body)
     return Checked(envelope, sender, rule, body)
 
 
@@ -148,16 +195,23 @@ def internal_error(exc: Exception) -> TxResult:
     return TxResult(Code.INTERNAL, f"internal error ({type(exc).__name__}); nothing was changed")
 
 
-def order_by_nonce(txs: list[bytes]) -> list[bytes]:
+def _decode_envelope(raw: bytes) -> Envelope:
+    return codec.decode(raw, Envelope)
+
+
+def order_by_nonce(
+    txs: list[bytes], decode: Callable[[bytes], Envelope] = _decode_envelope
+) -> list[bytes]:
     """Keep the mempool's order but put each sender's transactions in nonce order: a node can
     receive one sender's transactions out of order (from different peers), and execution
     requires consecutive nonces. The slots a sender's transactions occupy stay the same;
-    transactions that do not decode keep their place (execution refuses them)."""
+    transactions that do not decode keep their place (execution refuses them). `decode` is
+    `codec.decode(raw, Envelope)` or a cached equivalent."""
     envelopes: list[Envelope | None] = []
     slots: dict[str, list[int]] = {}
     for position, tx in enumerate(txs):
         try:
-            envelope = codec.decode(tx, Envelope)
+            envelope = decode(tx)
         except LedgerError:
             envelopes.append(None)
             continue
@@ -178,14 +232,12 @@ def execute_transaction(
     block: BlockContext,
     effects: BlockEffects,
     raw: bytes,
-    signatures: SignatureCache,
+    checks: CheckCache,
 ) -> TxResult:
     """Run one transaction of a block; returns its single result."""
     tx_hash = codec.tx_hash(raw)
     try:
-        checked = check_transaction(
-            state, raw, block.chain_id, tx_hash, signatures, exact_nonce=True
-        )
+        checked = check_transaction(state, raw, block.chain_id, tx_hash, checks, exact_nonce=True)
     except LedgerError as err:
         return TxResult(err.code, err.message)
     except Exception as exc:  # execution is total: see `internal_error`
