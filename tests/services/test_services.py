@@ -19,9 +19,10 @@ from medledger.ledger.access import RequestAccess, RequestSession
 from medledger.ledger.consent import Purpose
 from medledger.ledger.errors import Code
 from medledger.ledger.model import Member, Role
-from medledger.ledger.records import PutRecord, threshold_for
+from medledger.ledger.records import EraseRecord, PutRecord, threshold_for
 from medledger.ledger.transactions import ChangeMemberStatus, EnrollMember
 from medledger.metrics import Metrics
+from medledger.node.appmain import apply_census, take_census
 from medledger.node.replication import Replicator
 from medledger.services.commits import CommitNotices
 from medledger.services.home import InProcessNode
@@ -348,3 +349,51 @@ def test_the_node_audit_log_takes_many_decisions_in_one_write(tmp_path: Path) ->
         ]
     finally:
         audit.close()
+
+
+# --- the package census a node takes after it starts -------------------------------------------
+
+
+def test_the_package_census_finds_what_to_fetch_destroy_settle_and_adopt(
+    consortium: Consortium, node: InProcessNode
+) -> None:
+    services = node.services
+    patient = enroll(consortium, NODE, "patient-census", Role.PATIENT)
+    doctor = enroll(consortium, NODE, "dr-census", Role.CLINICIAN)
+    held, absent, orphan, erased = (seal(f"rec-census-{i}", patient, doctor) for i in range(4))
+    for sealed in (held, orphan, erased):
+        assert node.put_package(doctor.member_id, sealed.digest, sealed.package).status == 201
+    for sealed in (held, absent, erased):  # `absent` committed, its package never reached us
+        put(consortium, doctor, patient, sealed)
+    erase = EraseRecord(sealed_record_id(erased), "patient's request")
+    assert consortium.submit(patient, "record.erase", erase).ok
+    services.uploads.settle(orphan.digest)  # as after a crash before its pending entry was kept
+    census = take_census(services.view, services.packages, services.uploads.digests())
+    assert census.height == consortium.chain.ledger.height
+    assert census.missing == [absent.digest]
+    assert census.erased == [erased.digest]
+    assert census.unreferenced == [orphan.digest]
+    assert sorted(census.settled) == sorted([held.digest, erased.digest])
+    apply_census(census, services.replicator, services.uploads, services.packages, services.store)
+    assert services.replicator.missing == {absent.digest}
+    assert services.packages.is_erased(erased.digest) and not services.packages.has(erased.digest)
+    assert held.digest not in services.uploads and services.packages.has(held.digest)
+    assert erased.digest not in services.uploads
+    assert orphan.digest in services.uploads  # pending again: expires unless a record names it
+    assert services.uploads.usage("") == (1, len(orphan.package))
+
+
+def test_a_package_census_does_not_adopt_what_a_block_named_after_it_was_taken(
+    consortium: Consortium, node: InProcessNode
+) -> None:
+    services = node.services
+    patient = enroll(consortium, NODE, "patient-late", Role.PATIENT)
+    doctor = enroll(consortium, NODE, "dr-late", Role.CLINICIAN)
+    late = seal("rec-late", patient, doctor)
+    assert node.put_package(doctor.member_id, late.digest, late.package).status == 201
+    services.uploads.settle(late.digest)
+    census = take_census(services.view, services.packages, services.uploads.digests())
+    assert census.unreferenced == [late.digest]
+    put(consortium, doctor, patient, late)  # committed while the census was counting
+    apply_census(census, services.replicator, services.uploads, services.packages, services.store)
+    assert late.digest not in services.uploads and services.packages.has(late.digest)

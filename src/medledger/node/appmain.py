@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from medledger.ledger.records import (
     package_key,
     record_key,
 )
-from medledger.ledger.state import State
+from medledger.ledger.state import State, StateReader
 from medledger.metrics import Metrics
 from medledger.node.replication import Replicator
 from medledger.node.services import check_hl7_member, load_services_config
@@ -61,13 +62,96 @@ log = logging.getLogger("medledger.node")
 SWEEP_INTERVAL = 60.0
 
 
-def live_packages(store: SqliteStore) -> tuple[list[str], list[str]]:
+# After a failed package census (say, a disk error), the next attempt.
+CENSUS_RETRY = 30.0
+
+
+def live_packages(reads: StateReader) -> tuple[list[str], list[str]]:
     """Digests of committed record versions: (to hold, erased)."""
     live: list[str] = []
     erased: list[str] = []
-    for version in State(store).read_all(b"record/", RecordVersion):
+    for version in State(reads).read_all(b"record/", RecordVersion):
         (erased if version.status is RecordStatus.ERASED else live).append(version.package_digest)
     return live, erased
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageCensus:
+    """The packages this node holds against those committed records name, at one height."""
+
+    height: int
+    missing: list[str]  # named by a live record version, not held here
+    erased: list[str]  # named by an erased version: destroyed here if still held
+    unreferenced: list[str]  # held, named by no committed record
+    settled: list[str]  # pending uploads that a committed record version now names
+
+
+def take_census(view: CommittedView, packages: PackageStore, pending: list[str]) -> PackageCensus:
+    """Count, in a worker thread, what `apply_census` acts on. Proportional to the records and
+    packages (a million of each takes seconds), so a node takes it after it serves consensus
+    again, not before: blocks that commit meanwhile settle and fetch their own packages."""
+    with view.snapshot() as reads:
+        height = reads.committed()[0]
+        live, erased = live_packages(reads)
+    held = set(packages.digests())
+    named = set(live) | set(erased)
+    return PackageCensus(
+        height,
+        missing=[d for d in live if d not in held],
+        erased=erased,
+        unreferenced=sorted(held - named),
+        settled=[d for d in pending if d in named],
+    )
+
+
+def apply_census(
+    census: PackageCensus,
+    replicator: Replicator,
+    uploads: PendingUploads,
+    packages: PackageStore,
+    store: SqliteStore,
+) -> None:
+    """On the event loop: destroy what erased records name, fetch what is missing, stop
+    counting uploads that records now name, and count stored packages no record names as
+    pending uploads (found after a crash; they expire unless a record comes to name them)."""
+    replicator.erase(census.erased)
+    replicator.want(census.missing)  # checks again: some may have arrived since
+    for digest in census.settled:
+        uploads.settle(digest)
+    # A block committed since the census may name some of these now.
+    orphans = (d for d in census.unreferenced if not is_referenced(store, d))
+    uploads.adopt(orphans, packages)
+
+
+async def census_in_background(
+    view: CommittedView,
+    packages: PackageStore,
+    pending: Callable[[], list[str]],
+    apply: Callable[[PackageCensus], None],
+    done: dict[str, Any],
+) -> None:
+    """Take the census off the event loop and apply it on the loop; retried until it works."""
+    while True:
+        started = time.monotonic()
+        try:
+            census = await asyncio.to_thread(take_census, view, packages, pending())
+            apply(census)
+        except Exception:
+            log.exception("package census failed; trying again", extra={"retry_s": CENSUS_RETRY})
+            await asyncio.sleep(CENSUS_RETRY)
+            continue
+        seconds = time.monotonic() - started
+        done.update(height=census.height, seconds=round(seconds, 3), finished=True)
+        log.info(
+            "package census done",
+            extra={
+                "height": census.height,
+                "seconds": round(seconds, 3),
+                "missing": len(census.missing),
+                "unreferenced": len(census.unreferenced),
+            },
+        )
+        return
 
 
 def committed_package_size(store: SqliteStore, digest: str) -> int | None:
@@ -160,12 +244,27 @@ async def serve_app(home: Path) -> None:
         source=lambda digest: author_organization(store, digest),
     )
 
+    census: dict[str, Any] = {"finished": False}  # shown in /v1/status
+    census_tasks: set[asyncio.Task[None]] = set()
+
+    def start_census() -> None:
+        census["finished"] = False
+        task = asyncio.get_running_loop().create_task(
+            census_in_background(
+                view,
+                packages,
+                uploads.digests,
+                lambda found: apply_census(found, replicator, uploads, packages, store),
+                census,
+            )
+        )
+        census_tasks.add(task)
+        task.add_done_callback(census_tasks.discard)
+
     def restored(height: int) -> None:
         """State sync wrote a peer's snapshot: fetch the packages its records name."""
-        live, erased = live_packages(store)
-        replicator.erase(erased)
-        replicator.want(live)
-        log.info("state synced", extra={"height": height, "packages": len(live)})
+        log.info("state synced; taking the package census", extra={"height": height})
+        start_census()
 
     ledger_app = LedgerApplication(
         store,
@@ -174,20 +273,13 @@ async def serve_app(home: Path) -> None:
         snapshots=SnapshotStore(cfg.state_dir / "snapshots", load_snapshot_settings(cfg.home)),
         on_restore=restored,
     )
-    live, erased = live_packages(store)
-    replicator.erase(erased)
-    replicator.want(live)
-    referenced = set(live)
-    for digest in list(packages.digests()):
-        if digest in referenced:
-            uploads.settle(digest)
-    uploads.adopt((d for d in packages.digests() if d not in referenced), packages)
     audit = NodeAuditLog(cfg.state_dir / "node-audit.db")
 
     def node_status() -> dict[str, Any]:
         return {
             "tasks": supervisor.status(),
             "replication": replicator.status(),
+            "package_census": dict(census),
             "uploads": {
                 "pending": len(uploads),
                 "pending_bytes": uploads.total_bytes,
@@ -249,6 +341,7 @@ async def serve_app(home: Path) -> None:
     if hl7_listener is not None:
         listener = hl7_listener
         metrics.collectors.append(lambda: metrics.hl7_listener(dataclasses.asdict(listener.stats)))
+    start_census()  # after ABCI serves: CometBFT need not wait for it
     supervisor.start("replication", replicator.run)
     supervisor.start("upload-sweep", lambda: sweep_uploads(uploads, packages, store, report))
     log.info(
@@ -271,6 +364,8 @@ async def serve_app(home: Path) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     failed = fatal.done()
     stop_task.cancel()
+    for task in list(census_tasks):
+        task.cancel()
     await supervisor.stop()
     if hl7_listener is not None:
         await hl7_listener.stop()

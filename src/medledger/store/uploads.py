@@ -73,6 +73,11 @@ class PendingUploads:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def digests(self) -> list[str]:
+        """The digests pending now (a copy: uploads are admitted from worker threads)."""
+        with self._lock:
+            return list(self._pending)
+
     @property
     def total_bytes(self) -> int:
         return sum(e.size for e in self._pending.values())
