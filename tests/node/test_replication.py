@@ -154,6 +154,30 @@ async def test_a_digest_no_peer_has_waits_on_its_own(
     assert not h.task.done()
 
 
+async def test_a_missing_packages_author_is_looked_up_once_however_often_it_is_retried(
+    harness: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The fetch loop groups every due digest by its author's node each time it wakes; the
+    lookup reads committed state three times, so with thousands of packages missing it took
+    nearly half of a node's event loop before it was remembered."""
+    digest, data = package("found-later")
+    peer = Peer(packages={})
+    lookups: list[str] = []
+
+    def source(wanted: str) -> str:
+        lookups.append(wanted)
+        return "peer-0"
+
+    h = await harness(peer, first_backoff=0.02, source=source)
+    h.replicator.want([NOTHING, digest])
+    await eventually(lambda: peer.asked.count(digest) >= 3, "three rounds for the missing one")
+    assert sorted(lookups) == sorted([NOTHING, digest])
+
+    peer.packages[digest] = data  # it turns up on the peer; once fetched, it is forgotten
+    await eventually(lambda: h.store.has(digest) and digest not in h.replicator.missing, "stored")
+    assert digest not in h.replicator._sources and NOTHING in h.replicator._sources
+
+
 async def test_a_peer_that_trickles_its_answer_does_not_hold_up_other_packages(
     harness: Callable[..., Awaitable[Harness]],
 ) -> None:

@@ -89,6 +89,9 @@ class Replicator:
         self._attempts: dict[str, int] = {}
         self._next_try: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # Each missing digest's source, looked up once: the fetch loop groups every due digest
+        # by source whenever it wakes, and a lookup is three state reads.
+        self._sources: dict[str, str | None] = {}
 
     @property
     def erased(self) -> frozenset[str]:
@@ -147,6 +150,7 @@ class Replicator:
 
     def _forget(self, digest: str) -> None:
         self.missing.discard(digest)
+        self._sources.pop(digest, None)
         self._attempts.pop(digest, None)
         self._next_try.pop(digest, None)
 
@@ -210,11 +214,15 @@ class Replicator:
         """The peer to ask first: the one the record's author uploaded to, when known."""
         if self._source is None:
             return None
+        if digest in self._sources:
+            return self._sources[digest]
         try:
             source = self._source(digest)
         except Exception:  # a hint only
-            return None
-        return source if source in self.peers else None
+            source = None
+        known = source if source in self.peers else None
+        self._sources[digest] = known
+        return known
 
     async def _attempt(
         self, client: httpx.AsyncClient, source: str | None, digests: list[str]
