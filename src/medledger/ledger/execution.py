@@ -98,12 +98,11 @@ class CheckCache:
     def body(self, tx_hash: bytes, envelope: Envelope, kind: type[object]) -> object:
         """The envelope's body decoded as `kind`, checked canonical, once per transaction."""
         known = self._decoded.get(tx_hash)
-        if known is not None and known.body is not None and known.envelope is envelope:
-            return known.body
-        body = decode_body(envelope, kind)
-        if known is not None and known.envelope is envelope:
-            known.body = body
-        return body
+        if known is None or known.envelope is not envelope:  # not decoded through this cache
+            return decode_body(envelope, kind)
+        if known.body is None:
+            known.body = decode_body(envelope, kind)
+        return known.body
 
 
 @dataclass

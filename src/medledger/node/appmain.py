@@ -244,7 +244,7 @@ async def serve_app(home: Path) -> None:
         source=lambda digest: author_organization(store, digest),
     )
 
-    census: dict[str, Any] = {"finished": False}  # shown in /v1/status
+    census: dict[str, Any] = {"finished": False}  # shown in /health
     census_tasks: set[asyncio.Task[None]] = set()
 
     def start_census() -> None:
