@@ -163,6 +163,21 @@ def test_siblings_flush_pending_updates() -> None:
     assert siblings[0] == sha(b"x")
 
 
+def test_assign_makes_an_independent_equal_tree() -> None:
+    working, committed = BucketTree(4), BucketTree(4)
+    working.set_bucket_leaf(5, sha(b"a"))
+    working.root()
+    working.set_bucket_leaf(9, sha(b"pending"))  # set but not yet hashed into the root
+    committed.assign(working)
+    assert committed.root() == working.root()
+    assert committed.siblings(9) == working.siblings(9)
+    working.set_bucket_leaf(5, sha(b"b"))
+    assert committed.bucket_leaf(5) == sha(b"a")
+    assert committed.root() != working.root()
+    with pytest.raises(ValueError, match="depth"):
+        BucketTree(3).assign(working)
+
+
 def test_default_depth_rebuild() -> None:
     tree = BucketTree()
     state = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(300)}

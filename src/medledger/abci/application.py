@@ -105,7 +105,7 @@ class LedgerApplication:
         return abci.ResponseQuery(code=0, value=value, height=self.ledger.height)
 
     def check_tx(self, req: abci.RequestCheckTx) -> abci.ResponseCheckTx:
-        result = self.ledger.check_tx(req.tx, recheck=req.type == abci.CheckTxType.RECHECK)
+        result = self.ledger.check_tx(req.tx, recheck=req.type == abci.RECHECK)
         self.metrics.check_tx(result)
         return abci.ResponseCheckTx(code=int(result.code), log=result.log)
 

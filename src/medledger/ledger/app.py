@@ -180,15 +180,16 @@ class Ledger:
         leaves: list[bytes] = []
         hashes: list[bytes] = []
         for index, raw in enumerate(txs):
-            result = execute_transaction(state, block, effects, raw, self.checks)
+            tx_hash = codec.tx_hash(raw)
+            result = execute_transaction(state, block, effects, raw, tx_hash, self.checks)
             results.append(result)
-            hashes.append(codec.tx_hash(raw))
+            hashes.append(tx_hash)
             leaves.append(
                 codec.encode(
                     AuditEntry(
                         height,
                         index,
-                        hashes[-1],
+                        tx_hash,
                         result.type,
                         result.sender,
                         int(result.code),

@@ -231,10 +231,11 @@ def execute_transaction(
     block: BlockContext,
     effects: BlockEffects,
     raw: bytes,
+    tx_hash: bytes,
     checks: CheckCache,
 ) -> TxResult:
-    """Run one transaction of a block; returns its single result."""
-    tx_hash = codec.tx_hash(raw)
+    """Run one transaction of a block (`tx_hash` is `codec.tx_hash(raw)`); returns its single
+    result."""
     try:
         checked = check_transaction(state, raw, block.chain_id, tx_hash, checks, exact_nonce=True)
     except LedgerError as err:

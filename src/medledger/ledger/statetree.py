@@ -154,13 +154,14 @@ class BucketTree:
             level = parents
         return self._node(1)
 
-    def copy(self) -> BucketTree:
-        """An independent tree with the same node hashes (and the same leaves pending)."""
-        clone = BucketTree.__new__(BucketTree)
-        clone.depth = self.depth
-        clone._nodes = bytearray(self._nodes)
-        clone._dirty = set(self._dirty)
-        return clone
+    def assign(self, other: BucketTree) -> None:
+        """Become equal to `other` (same depth), in place: the store's committed tree takes the
+        working tree's hashes at every commit, and copying into the buffer it already has
+        costs no fresh 2^(depth+6)-byte allocation (and its page faults) per block."""
+        if other.depth != self.depth:
+            raise ValueError(f"a depth-{other.depth} tree into a depth-{self.depth} one")
+        self._nodes[:] = other._nodes
+        self._dirty = set(other._dirty)
 
     def siblings(self, bucket: int) -> list[bytes]:
         """The sibling hashes on the path from a bucket to the root, the bucket's own first."""

@@ -385,7 +385,7 @@ class SqliteStore(CommittedReads):
         conn.execute("UPDATE blocks SET app_hash = ? WHERE height = ?", (app_hash, height))
         conn.execute("COMMIT")
         # The committed tree now equals the working tree, whose root stage_block computed.
-        self._committed_tree = self._working_tree.copy()
+        self._committed_tree.assign(self._working_tree)
         for key, value in self._staged_changes:
             if key in self._cache:
                 self._cache[key] = value
