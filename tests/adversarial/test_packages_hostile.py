@@ -8,6 +8,7 @@ the upload limit is the 16 MiB the ledger allows, not aiohttp's 1 MiB default.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import ORGANIZATIONS, Consortium, keys_for
 
@@ -27,6 +28,8 @@ from medledger.abci.application import LedgerApplication
 from medledger.api.http import build_http_app
 from medledger.api.records import add_record_routes
 from medledger.auth import ReplayCache, node_audience, sign_request
+from medledger.client.records import RecordsClient
+from medledger.client.sdk import ClientError, LedgerClient
 from medledger.crypto import package as packaging
 from medledger.crypto.keys import KeyPair
 from medledger.ledger.access import RequestAccess, RequestSession
@@ -459,6 +462,104 @@ async def test_pending_uploads_and_their_quota_survive_a_restart(
         tmp_path / "quota" / "packages" / "pending", node.services.uploads.limits
     )
     assert restarted.usage(people.attacker.member_id)[0] == 3
+
+
+# -- the SDK's upload batches under a full quota or a slow node ----------------------------------
+
+
+def sdk_client(node_url: str, keys: KeyPair, **options: Any) -> RecordsClient:
+    """The SDK's records client for `keys` against a node API (nothing here asks the chain)."""
+    ledger = LedgerClient("http://127.0.0.1:1", "medledger-test")
+    return RecordsClient(ledger, node_url, keys, node_organization="careplus", **options)
+
+
+async def test_the_sdk_sends_a_refused_batch_again_once_the_quota_frees_and_gives_up_in_time(
+    consortium: Consortium, quota_node: Node, people: People
+) -> None:
+    c, node = consortium, quota_node
+    pending = [seal(f"pending-{i}", people, people.doctor) for i in range(3)]
+    for sealed in pending:
+        assert (await node.upload(people.doctor, sealed.package)).status == 201
+    fresh = seal("fresh", people, people.doctor)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        # While the SDK waits, a record naming one pending upload commits and frees a place.
+        waits.append(seconds)
+        if len(waits) == 1:
+            named = pending[0]
+            body = put_body("pending-0", people.patient.member_id, named.package, b"\0" * 32)
+            commit(c, {"careplus": node}, people.doctor, "record.put", body)
+
+    client = sdk_client(str(node.client.make_url("")), people.doctor, sleep=sleep)
+    try:
+        await asyncio.to_thread(client.upload_many, [fresh])
+    finally:
+        client.close()
+    # One wait, capped well under the quota's Retry-After (when the oldest upload expires).
+    assert waits == [8.0]
+    assert node.services.packages.has(fresh.digest) and fresh.digest in node.services.uploads
+
+    # The quota is full again, and nothing will free it in the time the caller gives.
+    late = seal("late", people, people.doctor)
+    impatient = sdk_client(
+        str(node.client.make_url("")), people.doctor, upload_retry_seconds=1.0, sleep=sleep
+    )
+    try:
+        with pytest.raises(ClientError, match=r"HTTP 429.*still refused after 1 attempts"):
+            await asyncio.to_thread(impatient.upload_many, [late])
+    finally:
+        impatient.close()
+    assert len(waits) == 1 and not node.services.packages.has(late.digest)
+
+    # A refusal that sending again cannot change (a patient writes no records) is not retried.
+    patient = sdk_client(str(node.client.make_url("")), people.patient, sleep=sleep)
+    try:
+        with pytest.raises(ClientError, match="HTTP 403"):
+            await asyncio.to_thread(patient.upload_many, [seal("p", people, people.patient)])
+    finally:
+        patient.close()
+    assert len(waits) == 1
+
+
+async def test_a_batch_whose_answer_timed_out_is_sent_again_and_held_once(
+    quota_node: Node, people: People
+) -> None:
+    """The node stored the batch but its answer came after the SDK stopped waiting (a loaded
+    node): sent again, the packages are already there, and the quota counts them once."""
+    node = quota_node
+    calls: list[int] = []
+
+    async def slow_first_answer(request: web.Request) -> web.Response:
+        body = await request.read()
+        answer = await node.client.post(
+            "/v1/packages", data=body, headers={"Authorization": request.headers["Authorization"]}
+        )
+        calls.append(answer.status)
+        if len(calls) == 1:
+            await asyncio.sleep(1.5)  # past the SDK's timeout
+        return web.Response(
+            status=answer.status, body=await answer.read(), content_type="application/json"
+        )
+
+    proxy_app = web.Application()
+    proxy_app.router.add_post("/v1/packages", slow_first_answer)
+    proxy = TestClient(TestServer(proxy_app))
+    await proxy.start_server()
+    batch = [seal(f"slow-{i}", people, people.doctor) for i in range(2)]
+    waits: list[float] = []
+    client = sdk_client(str(proxy.make_url("")), people.doctor, timeout=0.5, sleep=waits.append)
+    try:
+        await asyncio.to_thread(client.upload_many, batch)
+    finally:
+        client.close()
+        await proxy.close()
+    assert calls == [200, 200] and waits == [0.5]
+    assert all(node.services.packages.has(s.digest) for s in batch)
+    assert node.services.uploads.usage(people.doctor.member_id) == (
+        2,
+        sum(len(s.package) for s in batch),
+    )
 
 
 # -- the upload limit ---------------------------------------------------------------------------

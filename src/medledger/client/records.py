@@ -176,6 +176,7 @@ class NodeAnswer:
 
     status: int
     body: bytes
+    retry_after: float | None = None  # seconds, with a 429
 
     @property
     def text(self) -> str:
@@ -208,6 +209,16 @@ class HomeNode(Protocol):
 UPLOAD_PATH = "/v1/packages"
 UPLOAD_CHUNK_PACKAGES = 500
 UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+# Answers worth sending the same packages again for: the member's pending-upload quota is full
+# (it frees as records naming the uploads commit), the node is overloaded or restarting.
+TRANSIENT_UPLOAD_STATUSES = frozenset({429, 502, 503, 504})
+UPLOAD_RETRY_SECONDS = 60.0  # how long upload_many keeps retrying before it gives up
+UPLOAD_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between attempts, the last repeated
+
+
+class NodeUnreachable(ClientError):
+    """A node's API did not answer (refused connection, timeout, lost connection): a request
+    that writes may or may not have taken effect."""
 
 
 def _upload_chunks(
@@ -244,9 +255,13 @@ class RecordsClient:
         timeout: float = 15.0,
         node_organization: str | None = None,
         home: HomeNode | None = None,
+        upload_retry_seconds: float = UPLOAD_RETRY_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.ledger = ledger
         self.home = home
+        self.upload_retry_seconds = upload_retry_seconds
+        self._sleep = sleep
         self.api_url = api_url.rstrip("/")
         self.keys = keys
         self.member_id = member_id or keys.member_id
@@ -281,7 +296,7 @@ class RecordsClient:
         try:
             return self._http.request(method, base + path, content=body, headers=headers)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {base}: {exc}") from None
+            raise NodeUnreachable(f"cannot reach {base}: {exc!r}") from None
 
     def node_apis(self) -> dict[str, str]:
         """Each custodian organization's node API, as the home node knows them."""
@@ -397,32 +412,75 @@ class RecordsClient:
 
     def upload_many(self, sealed: Sequence[packaging.SealedRecord]) -> None:
         """Upload sealed packages in batches (`POST /v1/packages`, or the home node's services
-        in-process): a few requests for a put-many or a Bundle instead of one per record."""
+        in-process): a few requests for a put-many or a Bundle instead of one per record.
+
+        A batch the node did not answer (timeout, lost connection) or answered with a
+        transient refusal (quota of pending uploads full, node overloaded) is sent again, the
+        packages it has not yet accepted only, with backoff, for up to `upload_retry_seconds`.
+        Giving up on a batch at its first timeout would leave what the node did store pending
+        against the member's quota until it expires, and the next batches refused for it."""
         for chunk in _upload_chunks(sealed):
-            pairs = [(s.digest, s.package) for s in chunk]
-            if self.home is not None:
-                answers = [
-                    (a.status, a.text) for a in self.home.put_packages(self.member_id, pairs)
-                ]
-            else:
-                response = self._request(
-                    "POST", self.api_url, UPLOAD_PATH, msgspec.msgpack.encode(pairs)
+            self._upload_chunk([(s.digest, s.package) for s in chunk])
+
+    def _upload_chunk(self, pairs: list[tuple[str, bytes]]) -> None:
+        deadline = time.monotonic() + self.upload_retry_seconds
+        attempt = 0
+        while True:
+            try:
+                answers = self._post_uploads(pairs)
+            except NodeUnreachable as unanswered:
+                # It may have stored them: sent again, they are "already there" (200).
+                answers = [NodeAnswer(503, str(unanswered).encode())] * len(pairs)
+            again: list[tuple[str, bytes]] = []
+            wait = UPLOAD_BACKOFF[min(attempt, len(UPLOAD_BACKOFF) - 1)]
+            last = ""
+            for (digest, data), answer in zip(pairs, answers, strict=True):
+                if answer.status in (200, 201):
+                    continue
+                last = f"package upload refused for {digest[:16]}: HTTP {answer.status}: "
+                last += answer.text
+                if answer.status not in TRANSIENT_UPLOAD_STATUSES:
+                    raise ClientError(last)
+                again.append((digest, data))
+                if answer.retry_after is not None:
+                    # Advisory: a full quota also frees as soon as records naming uploads commit.
+                    wait = min(max(wait, answer.retry_after), UPLOAD_BACKOFF[-1])
+            if not again:
+                return
+            if time.monotonic() + wait > deadline:
+                raise ClientError(f"{last} (still refused after {attempt + 1} attempts)")
+            self._sleep(wait)
+            pairs, attempt = again, attempt + 1
+
+    def _post_uploads(self, pairs: list[tuple[str, bytes]]) -> list[NodeAnswer]:
+        """One upload request: each package's answer, in order."""
+        if self.home is not None:
+            answers = self.home.put_packages(self.member_id, pairs)
+        else:
+            body = msgspec.msgpack.encode(pairs)
+            response = self._request("POST", self.api_url, UPLOAD_PATH, body)
+            if response.status_code != 200:
+                retry = response.headers.get("Retry-After", "")
+                whole = NodeAnswer(
+                    response.status_code,
+                    response.content,
+                    float(retry) if retry.isdigit() else None,
                 )
-                if response.status_code != 200:
-                    raise ClientError(
-                        f"package upload refused: HTTP {response.status_code}: {response.text}"
-                    )
+                return [whole] * len(pairs)
+            try:
                 answers = [
-                    (int(item["status"]), str(item.get("error", "")))
+                    NodeAnswer(
+                        int(item["status"]),
+                        str(item.get("error", "")).encode(),
+                        float(item["retry_after"]) if "retry_after" in item else None,
+                    )
                     for item in response.json()["packages"]
                 ]
-            if len(answers) != len(pairs):
-                raise ClientError(f"the node answered {len(answers)} of {len(pairs)} uploads")
-            for (digest, _), (status, text) in zip(pairs, answers, strict=True):
-                if status not in (200, 201):
-                    raise ClientError(
-                        f"package upload refused for {digest[:16]}: HTTP {status}: {text}"
-                    )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ClientError(f"the node's upload answer is malformed: {exc!r}") from None
+        if len(answers) != len(pairs):
+            raise ClientError(f"the node answered {len(answers)} of {len(pairs)} uploads")
+        return answers
 
     def put(self, resource: Any, patient_id: str, record_id: str | None = None) -> WrittenRecord:
         """Validate, seal, upload and commit a new record about a patient."""

@@ -47,7 +47,7 @@ class InProcessNode:
                 return [NodeAnswer(refusal.status, refusal.reason.encode())] * len(uploads)
             answers = store_packages(self.services, reads, member, uploads)
         return [
-            NodeAnswer(a.status, a.reason.encode())
+            NodeAnswer(a.status, a.reason.encode(), a.retry_after)
             if isinstance(a, PackageRefused)
             else NodeAnswer(201 if a.created else 200, b"")
             for a in answers
