@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import time
@@ -211,6 +212,24 @@ async def sweep_uploads(
         report()
 
 
+# The collector's thresholds for a node (CPython's default is (700, 10, 10)). The application
+# allocates a hundred-odd short-lived objects per transaction; at the default, the young
+# generation was collected ~150 times a second under `make bench`, objects still in flight were
+# promoted, and full collections of the ~150,000 live objects paused consensus requests for up
+# to 0.3 s. With these and the start-up heap frozen: collections took 0.04-0.1 s of wall time
+# per 40 s instead of 1.1-1.4 s, the longest pause 0.01-0.07 s.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def settle_heap() -> None:
+    """Once the node is built: collect, freeze what start-up made (modules, FHIR models, the
+    state tree; never garbage) out of every later collection, and collect the young generation
+    less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve_app(home: Path) -> None:
     cfg = load_node_config(home)
     services_cfg = load_services_config(cfg.home)
@@ -344,6 +363,7 @@ async def serve_app(home: Path) -> None:
     start_census()  # after ABCI serves: CometBFT need not wait for it
     supervisor.start("replication", replicator.run)
     supervisor.start("upload-sweep", lambda: sweep_uploads(uploads, packages, store, report))
+    settle_heap()
     log.info(
         "app started",
         extra={
