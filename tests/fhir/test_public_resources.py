@@ -39,7 +39,7 @@ from medledger.validation import validate_resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_network import Network, running_network, wait_until
+from e2e_network import Network, running_network, services_counters, wait_until
 
 Json = dict[str, Any]
 
@@ -847,6 +847,47 @@ def test_include_and_revinclude_provenance(site: Site) -> None:
         ("match", made_role.json()["id"]),
         ("include", made.json()["id"]),
     ]
+
+
+@pytest.mark.e2e
+def test_a_transaction_looks_each_conditional_reference_up_once(
+    network: Network, site: Site
+) -> None:
+    """A Synthea patient file names the same few practitioners and organizations in hundreds
+    of entries: each is looked up in the directory once per transaction, not once per use."""
+    tag = uuid.uuid4().hex[:8]
+    doctor = {"resourceType": "Practitioner", "identifier": [{"system": NPI, "value": tag}]}
+    made = httpx.post(f"{site.base}/Practitioner", json=doctor, headers=site.headers(), timeout=60)
+    assert made.status_code == 201, made.text
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    asserted = {"reference": f"Practitioner?identifier={NPI}|{tag}"}
+    unknown = {"reference": f"Practitioner?identifier={NPI}|missing-{tag}"}
+    conditions = [
+        (
+            f"urn:uuid:{uuid.uuid4()}",
+            {
+                "resourceType": "Condition",
+                "code": {"coding": [{"system": SNOMED, "code": "44054006"}]},
+                "subject": {"reference": patient_url},
+                "asserter": asserted if i % 2 else unknown,
+                "recorder": asserted,
+            },
+        )
+        for i in range(6)
+    ]
+    before = services_counters(network.configs[0])  # the site is node 0's
+    answer = transaction(site, [(patient_url, patient("Lookups")), *conditions])
+    assert answer.status_code == 200, answer.text
+    after = services_counters(network.configs[0])
+    lookups = after.get("query:/directory/identifier", 0) - before.get(
+        "query:/directory/identifier", 0
+    )
+    assert lookups == 2  # the practitioner, and the identifier no entry holds
+    stored = [read_back(site, e["response"]["location"]) for e in answer.json()["entry"][1:]]
+    resolved = f"Practitioner/{made.json()['id']}"
+    assert all(s["recorder"]["reference"] == resolved for s in stored)
+    expected = [resolved if i % 2 else unknown["reference"] for i in range(6)]
+    assert [s["asserter"]["reference"] for s in stored] == expected
 
 
 def provenance_of(*targets: str) -> Json:

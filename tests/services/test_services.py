@@ -136,7 +136,8 @@ def test_queries_answer_in_process_as_the_abci_query_does(
     with pytest.raises(ClientError, match="cannot reach"):
         ledger.query_raw("/audit/patient", doctor.member_id.encode())
     rendered = metrics.render().decode()
-    assert 'medledger_services_queries_total{path="/member"} 1.0' in rendered
+    # Counted whether found or refused: one member found, one unknown, one too large.
+    assert 'medledger_services_queries_total{path="/member"} 3.0' in rendered
     assert 'medledger_services_queries_total{path="/nonce"} 1.0' in rendered
     assert 'medledger_services_rpc_calls_total{method="abci_query"} 2.0' in rendered
 

@@ -251,9 +251,10 @@ class Bundles(Views):
             if plan["type"] in DIRECTORY_TYPES and not plan.get("existing"):
                 for system_value in identifiers_of(plan["resource"]):
                     named.setdefault((plan["type"], system_value), plan["id"])
+        committed: dict[tuple[str, str], str | None] = {}  # looked up once per transaction
         for position, plan in enumerate(plans):
             plan["resource"] = resolve_references(
-                rewrite_references(plan["resource"], mapping), directory, named
+                rewrite_references(plan["resource"], mapping), directory, named, committed
             )
             resource = plan["resource"]
             try:

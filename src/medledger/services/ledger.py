@@ -58,14 +58,14 @@ class NodeLedger(LedgerClient):
         the RPC like any client's."""
         if prove or path not in queries.QUERIES:
             return super().query_raw(path, data, prove)
+        if self.metrics is not None:  # answered in-process, found or not
+            self.metrics.services_queries.labels(path).inc()
         with self.view.snapshot() as reads:
             try:
                 value = queries.answer_from(reads, path, data)
             except LedgerError as err:
                 raise QueryError(int(err.code), err.message) from None
             height = reads.committed()[0]
-        if self.metrics is not None:
-            self.metrics.services_queries.labels(path).inc()
         return height, value
 
     # --- commits, from the application ---------------------------------------------------
