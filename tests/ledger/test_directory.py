@@ -280,3 +280,65 @@ def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
     assert result.ok, result.log
     assert result.log == "1 directory entries; 1 records stored"
     assert query(c, "/directory/entry", "Practitioner/dr-ade")["latest"]["version"] == 1
+
+
+def observation(record_id: str, patient_id: str) -> PutRecord:
+    return PutRecord(
+        record_id=record_id,
+        patient=patient_id,
+        resource_type="Observation",
+        category="laboratory",
+        package_digest=hashlib.sha256(record_id.encode()).hexdigest(),
+        package_size=2048,
+        commitment=hashlib.sha256(b"c" + record_id.encode()).digest(),
+        threshold=2,
+        custodians=("careplus", "northside-lab", "riverside", "st-mary"),
+    )
+
+
+def test_a_bundle_enrolls_its_new_patients_with_its_records_all_or_nothing(
+    consortium: Consortium,
+) -> None:
+    """The patients a FHIR transaction registers are enrolled by its own record.put-bundle
+    (one block), by an EHR client only, as patients only; a refusal anywhere leaves no patient
+    and no record."""
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    clinician = member(c, "st-mary", Role.CLINICIAN)
+    new = keys_for("bundle/new-patient")
+    enroll = EnrollMember(new.verify_key, new.encryption_key, Role.PATIENT)
+    records = (observation("obs-new-1", new.member_id), observation("obs-new-2", new.member_id))
+    root = c.chain.store.state_root()
+
+    def refused(who: KeyPair, body: PutBundle, code: Code, words: str) -> None:
+        result = c.submit(who, "record.put-bundle", body)
+        assert result.code == code and words in result.log, result.log
+        assert c.chain.store.state_root() == root  # nothing enrolled, nothing stored
+        with pytest.raises(LedgerError):
+            answer(c.chain.store, "/member", new.member_id.encode(), False)
+
+    # A clinician writes records but registers no one; nor does anyone through a Bundle
+    # enroll a clinician, or more than a Bundle's worth of patients.
+    refused(clinician, PutBundle(records, patients=(enroll,)), Code.UNAUTHORIZED, "enroll")
+    as_clinician = EnrollMember(new.verify_key, new.encryption_key, Role.CLINICIAN)
+    refused(ehr, PutBundle(records, patients=(as_clinician,)), Code.INVALID_BODY, "patients only")
+    crowd = tuple(
+        EnrollMember(k.verify_key, k.encryption_key, Role.PATIENT)
+        for k in (keys_for(f"bundle/crowd-{i}") for i in range(101))
+    )
+    refused(ehr, PutBundle(records, patients=crowd), Code.INVALID_BODY, "at most 100")
+    # A refused record refuses the enrollment with it.
+    stray = (*records, observation("obs-stray", "no-such-patient"))
+    refused(ehr, PutBundle(stray, patients=(enroll,)), Code.NOT_FOUND, "entry 2")
+
+    result = c.submit(ehr, "record.put-bundle", PutBundle(records, patients=(enroll,)))
+    assert result.ok, result.log
+    assert result.log == "1 patients enrolled; 2 records stored"
+    enrolled = query(c, "/member", new.member_id)
+    assert (enrolled["role"], enrolled["organization"]) == ("patient", "st-mary")
+    # The same patient twice is a conflict, and the Bundle's record is refused with it.
+    again = PutBundle((observation("obs-new-3", new.member_id),), patients=(enroll,))
+    result = c.submit(ehr, "record.put-bundle", again)
+    assert result.code == Code.CONFLICT and result.log.startswith("patient 0:"), result.log
+    with pytest.raises(LedgerError):
+        answer(c.chain.store, "/record", b"obs-new-3", False)

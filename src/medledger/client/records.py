@@ -61,6 +61,7 @@ from medledger.ledger.records import (
     RecordVersion,
     threshold_for,
 )
+from medledger.ledger.transactions import EnrollMember
 from medledger.validation import ValidatedResource, validate_resource
 
 # Record versions per key release request (the node's bound, MAX_RELEASE_RECORDS).
@@ -552,10 +553,12 @@ class RecordsClient:
         records: Sequence[PutRecord],
         entries: Sequence[DirectoryWrite] = (),
         claims: ImportClaims | None = None,
+        patients: Sequence[EnrollMember] = (),
     ) -> list[WrittenRecord]:
-        """Commit sealed records (`seal_many`), directory entries and imported claims in one
-        `record.put-bundle` transaction (a FHIR transaction Bundle): all, or nothing."""
-        body = PutBundle(tuple(records), tuple(entries), claims)
+        """Commit new patients' enrollments (an EHR client's), sealed records (`seal_many`),
+        directory entries and imported claims in one `record.put-bundle` transaction (a FHIR
+        transaction Bundle): all, or nothing."""
+        body = PutBundle(tuple(records), tuple(entries), claims, tuple(patients))
         outcome = self.ledger.submit(self.keys, "record.put-bundle", body, sender=self.member_id)
         return [
             WrittenRecord(b.record_id, b.previous + 1, b.package_digest, outcome) for b in records

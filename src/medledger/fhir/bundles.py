@@ -76,9 +76,11 @@ from medledger.ledger.bundle import PutBundle
 from medledger.ledger.directory import (
     DIRECTORY_TYPES,
 )
+from medledger.ledger.model import Role
 from medledger.ledger.records import (
     MAX_RECORDS_PER_TX,
 )
+from medledger.ledger.transactions import EnrollMember
 from medledger.validation import (
     FhirValidationError,
     validate_resource,
@@ -301,8 +303,8 @@ class Bundles(Views):
         if any(p.get("claim") for p in plans):
             extract(caller.client, plans, self.ctx.payers)
 
-        # Keys for the new patients, held in custody, then their real ids everywhere. Their
-        # enrollments are sent below, right before the Bundle, and not waited for.
+        # Keys for the new patients, held in custody, then their real ids everywhere. They are
+        # enrolled by the Bundle's own transaction (below).
         enrolled: dict[str, str] = {}
         new_patients: list[KeyPair] = []
         patient_keys: dict[str, bytes] = {}
@@ -349,27 +351,25 @@ class Bundles(Views):
         imports = ClaimsClient(caller.client).history_bodies(history_claims(plans), patient_keys)
         first, later = (imports[0], imports[1:]) if imports else (None, [])
         sealed = caller.client.seal_many(writes, patient_keys) if writes else []
+        enrollments = tuple(
+            EnrollMember(keys.verify_key, keys.encryption_key, Role.PATIENT)
+            for keys in new_patients
+        )
         if first is not None and not fits_in_a_transaction(
-            caller.client.ledger, PutBundle(tuple(sealed), (), first)
+            caller.client.ledger, PutBundle(tuple(sealed), (), first, enrollments)
         ):
             first, later = None, imports
         bundled = bool(sealed or first) and directory.fits_with_records(entry_writes)
         if entry_writes and not bundled:
             directory.write(caller.client.keys, caller.client.member_id, entry_writes)
-        # The enrollments go out now, after the sealing, just ahead of the Bundle: same sender,
-        # consecutive nonces, so they execute first, most often in the same block.
-        enrollments = [self.send_enrollment(caller, keys) for keys in new_patients]
-        try:
-            done = (
-                caller.client.put_bundle(sealed, entry_writes if bundled else (), first)
-                if sealed or first
-                else []
+        if sealed or first:
+            # The new patients, the directory entries, the records and the claims: one
+            # transaction, so one block and all or nothing.
+            done = caller.client.put_bundle(
+                sealed, entry_writes if bundled else (), first, enrollments
             )
-        finally:
-            # A refused enrollment explains a refused put-many better than its "unknown
-            # patient"; and an enrollment must not go unchecked when nothing else was written.
-            for tx_hash in enrollments:
-                caller.client.ledger.outcome_of(tx_hash, caller.client.member_id)
+        else:
+            done = []  # nothing to write, and no new patient (a new Patient is a record)
         ClaimsClient(caller.client).send_imports(later)
         claims = claims_of(caller.client, plans) if imports else {}
         for plan in plans:
