@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from medledger.services.packages import RecordServices
 from medledger.store.node_audit import NodeAuditLog
 from medledger.store.packages import ErasedPackage, PackageStore
 from medledger.store.sqlite import CommittedView
-from medledger.store.uploads import PendingUploads, UploadLimits
+from medledger.store.uploads import PendingUploads, QuotaExceeded, UploadLimits
 
 CUSTODIANS = tuple(sorted(org for org, _, _ in ORGANIZATIONS))
 THRESHOLD = threshold_for(len(CUSTODIANS))
@@ -706,3 +707,37 @@ async def test_a_sessions_shares_go_to_its_requester_only_and_requests_are_bound
     assert status == 400 and "at most 256" in answer["error"]
     refusals = [e for e in node.releases() if e["outcome"] == "refused"]
     assert any(e["actor"] == people.attacker.member_id for e in refusals)
+
+
+def test_a_members_quota_holds_against_uploads_admitted_from_many_threads_at_once(
+    tmp_path: Path,
+) -> None:
+    """Batches are admitted in worker threads with no lock around them: the check and the
+    count are one step, so racing uploads never take a member past the quota."""
+    limits = UploadLimits(ttl_seconds=3600, max_bytes_per_member=10**9, max_packages_per_member=100)
+    uploads = PendingUploads(tmp_path / "pending", limits)
+    admitted: list[str] = []
+    refused: list[str] = []
+    start = threading.Barrier(8)
+
+    def upload(thread: int) -> None:
+        start.wait()
+        for i in range(40):
+            digest = hashlib.sha256(f"{thread}/{i}".encode()).hexdigest()
+            try:
+                uploads.admit("m-racer", digest, 10)
+            except QuotaExceeded:
+                refused.append(digest)
+            else:
+                admitted.append(digest)
+
+    threads = [threading.Thread(target=upload, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(admitted), len(refused)) == (100, 220)
+    assert uploads.usage("m-racer") == (100, 1000)
+    # Every admitted upload, and only those, is on disk: a restart counts the same.
+    assert PendingUploads(tmp_path / "pending", limits).usage("m-racer") == (100, 1000)
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == sorted(admitted)

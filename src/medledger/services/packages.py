@@ -15,9 +15,8 @@ is committed, and a revoked consent stops it.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from medledger.auth import ReplayCache
@@ -90,8 +89,6 @@ class RecordServices:
     audit: NodeAuditLog
     replays: ReplayCache
     uploads: PendingUploads
-    # Uploads are admitted against a member's quota by a check and an update.
-    upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class PackageRefused(Exception):
@@ -192,12 +189,11 @@ def _admit(
         packaging.decode_package(data)
     except packaging.PackageError as exc:
         raise PackageRefused(400, str(exc)) from None
-    with services.upload_lock:
-        if ref is None and not services.packages.has(digest):
-            try:
-                services.uploads.admit(member.id, digest, len(data))
-            except QuotaExceeded as exc:
-                raise PackageRefused(429, str(exc), int(exc.retry_after)) from None
+    if ref is None and not services.packages.has(digest):
+        try:
+            services.uploads.admit(member.id, digest, len(data))  # one step: check and count
+        except QuotaExceeded as exc:
+            raise PackageRefused(429, str(exc), int(exc.retry_after)) from None
     return ref is not None
 
 

@@ -88,10 +88,13 @@ class PendingUploads:
 
     def _add(self, entry: PendingUpload) -> None:
         with self._lock:
-            self._remove(entry.digest)
-            self._pending[entry.digest] = entry
-            count, used = self._usage.get(entry.member, (0, 0))
-            self._usage[entry.member] = (count + 1, used + entry.size)
+            self._add_locked(entry)
+
+    def _add_locked(self, entry: PendingUpload) -> None:
+        self._remove(entry.digest)
+        self._pending[entry.digest] = entry
+        count, used = self._usage.get(entry.member, (0, 0))
+        self._usage[entry.member] = (count + 1, used + entry.size)
 
     def _remove(self, digest: str) -> PendingUpload | None:
         entry = self._pending.pop(digest, None)
@@ -104,28 +107,39 @@ class PendingUploads:
         return entry
 
     def admit(self, member: str, digest: str, size: int, now: float | None = None) -> None:
-        """Count an upload against its member's quota, or QuotaExceeded saying why."""
+        """Count an upload against its member's quota, or QuotaExceeded saying why. The check
+        and the count are one step under the lock (uploads are admitted from many worker
+        threads at once); the entry's file is written after it, outside the lock."""
         now = time.time() if now is None else now
-        if digest in self._pending:
-            return
-        count, used = self.usage(member)
-        limits = self.limits
-        problem = ""
-        if count + 1 > limits.max_packages_per_member:
-            problem = f"{count} packages (at most {limits.max_packages_per_member})"
-        elif used + size > limits.max_bytes_per_member:
-            problem = f"{used} bytes (at most {limits.max_bytes_per_member} with this one)"
-        if problem:
-            oldest = min(
-                (e.uploaded for e in self._pending.values() if e.member == member), default=now
-            )
-            raise QuotaExceeded(
-                f"member {member} already has {problem} uploaded that no committed record"
-                f" names; commit the records that name them, or wait until they expire"
-                f" ({int(limits.ttl_seconds)} s after upload)",
-                retry_after=max(1.0, oldest + limits.ttl_seconds - now),
-            )
-        self._write(PendingUpload(digest, member, size, now))
+        entry = PendingUpload(digest, member, size, now)
+        with self._lock:
+            if digest in self._pending:
+                return
+            count, used = self._usage.get(member, (0, 0))
+            limits = self.limits
+            problem = ""
+            if count + 1 > limits.max_packages_per_member:
+                problem = f"{count} packages (at most {limits.max_packages_per_member})"
+            elif used + size > limits.max_bytes_per_member:
+                problem = f"{used} bytes (at most {limits.max_bytes_per_member} with this one)"
+            if problem:
+                oldest = min(
+                    (e.uploaded for e in self._pending.values() if e.member == member),
+                    default=now,
+                )
+                raise QuotaExceeded(
+                    f"member {member} already has {problem} uploaded that no committed record"
+                    f" names; commit the records that name them, or wait until they expire"
+                    f" ({int(limits.ttl_seconds)} s after upload)",
+                    retry_after=max(1.0, oldest + limits.ttl_seconds - now),
+                )
+            self._add_locked(entry)
+        try:
+            self._persist(entry)
+        except OSError:
+            with self._lock:
+                self._remove(digest)
+            raise
 
     def adopt(self, digests: Iterable[str], packages: PackageStore) -> int:
         """Treat stored packages that no committed record names as pending uploads of an
@@ -176,12 +190,16 @@ class PendingUploads:
         return expired
 
     def _write(self, entry: PendingUpload) -> None:
+        self._persist(entry)
+        self._add(entry)
+
+    def _persist(self, entry: PendingUpload) -> None:
+        """The entry's file, so that it outlives a restart (its time is the file's mtime)."""
         path = self.root / entry.digest
-        tmp = path.with_name(f".{entry.digest}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{entry.digest}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(f"{entry.member}\n{entry.size}\n", encoding="utf-8")
         os.utime(tmp, (entry.uploaded, entry.uploaded))
         os.replace(tmp, path)
-        self._add(entry)
 
 
 def _read_entry(path: Path) -> PendingUpload | None:
