@@ -111,13 +111,32 @@ def free_base_port(nodes: int, start: int) -> int:
     raise RuntimeError("no free port range on 127.0.0.1")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None when it is gone."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process and of its descendants — live ones (a node's FHIR
+    validation workers) and those exited and waited for — from Linux /proc, or None when the
+    process is gone."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    ticks, pending = 0, [(pid, fields)]
+    while pending:
+        current, stat = pending.pop()
+        ticks += sum(int(value) for value in stat[11:15])  # utime stime cutime cstime
+        for child in children.get(current, []):
+            if (child_stat := _stat(child)) is not None:
+                pending.append((child, child_stat))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def show_log_tails(home: Path, names: tuple[str, ...], lines: int = 8) -> None:

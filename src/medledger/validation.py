@@ -326,6 +326,10 @@ class FhirValidationError(ValueError):
         text = message if not self.problems else message + "\n" + "\n".join(self.problems)
         super().__init__(text)
 
+    def __reduce__(self) -> tuple[type[FhirValidationError], tuple[str, tuple[str, ...]]]:
+        # As the constructor takes them (a worker process sends refusals back pickled).
+        return (FhirValidationError, (self.message, self.problems))
+
 
 @dataclass(frozen=True)
 class ValidatedResource:

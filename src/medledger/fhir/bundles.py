@@ -254,10 +254,18 @@ class Bundles(Views):
                 for system_value in identifiers_of(plan["resource"]):
                     named.setdefault((plan["type"], system_value), plan["id"])
         committed: dict[tuple[str, str], str | None] = {}  # looked up once per transaction
+        # Each entry's checks in order, then every entry validated at once (in worker processes
+        # for a large Bundle); the first failure by position is the answer, as if each entry
+        # had been validated right after its checks.
+        stopped: tuple[int, Exception] | None = None
         for position, plan in enumerate(plans):
-            plan["resource"] = resolve_references(
-                rewrite_references(plan["resource"], mapping), directory, named, committed
-            )
+            try:
+                plan["resource"] = resolve_references(
+                    rewrite_references(plan["resource"], mapping), directory, named, committed
+                )
+            except Exception as exc:
+                stopped = (position, exc)
+                break
             resource = plan["resource"]
             try:
                 if plan.get("directory"):
@@ -277,11 +285,20 @@ class Bundles(Views):
                     if plan["method"] == "PUT" and patient != plan["patient"]:
                         raise business_rule("a record cannot move to another patient")
                     plan["patient"] = patient
-                plan["validated"] = validate_resource(resource)
             except FhirValidationError as exc:
-                raise in_entry(from_validation(exc), position) from None
+                stopped = (position, in_entry(from_validation(exc), position))
+                break
             except FhirError as exc:
-                raise in_entry(exc, position) from None
+                stopped = (position, in_entry(exc, position))
+                break
+        checked = plans if stopped is None else plans[: stopped[0]]
+        outcomes = self.ctx.validation.validate_many([p["resource"] for p in checked])
+        for position, (plan, outcome) in enumerate(zip(checked, outcomes, strict=True)):
+            if isinstance(outcome, FhirValidationError):
+                raise in_entry(from_validation(outcome), position) from None
+            plan["validated"] = outcome
+        if stopped is not None:
+            raise stopped[1] from None
         for position, plan in enumerate(plans):
             if plan.get("context_bound") and plan["type"] == "Provenance":
                 try:

@@ -20,6 +20,7 @@ from aiohttp import web
 from medledger.client.records import HomeNode, RecordsClient
 from medledger.client.sdk import LedgerClient
 from medledger.fhir.smart import TokenService
+from medledger.fhir.validation_pool import ValidationPool
 from medledger.services.custody import Custody
 from medledger.services.mpi import PatientIndex
 from medledger.store.node_audit import NodeAuditLog
@@ -77,6 +78,8 @@ class FhirContext:
     # `[claims] payers`: a payer's identifier (system|value) or name, as imported claims name
     # it, -> the network insurer organization that is that payer.
     payers: Mapping[str, str] = field(default_factory=dict)
+    # Large Bundles' resources are validated in worker processes (see validation_pool).
+    validation: ValidationPool = field(default_factory=ValidationPool)
     _clients: dict[str, RecordsClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,6 +119,7 @@ class FhirContext:
                 client.ledger.close()
                 client.close()
             self._clients.clear()
+        self.validation.close()
 
 
 FHIR_CONTEXT = web.AppKey("fhir_context", FhirContext)
