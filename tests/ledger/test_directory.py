@@ -237,51 +237,6 @@ def test_queries_refuse_unknown_types_and_missing_entries(consortium: Consortium
     assert missing.value.code is Code.NOT_FOUND
 
 
-def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
-    consortium: Consortium,
-) -> None:
-    """A transaction Bundle's directory entries ride in its record.put-bundle: a refused record
-    leaves no entry behind; committed records bring their entries."""
-    c = consortium
-    ehr = member(c, "st-mary", Role.EHR)
-    patient = member(c, "st-mary", Role.PATIENT)
-    (entry,) = put(practitioner("dr-ade", "9999000077")).entries
-
-    def record(record_id: str, patient_id: str) -> PutRecord:
-        return PutRecord(
-            record_id=record_id,
-            patient=patient_id,
-            resource_type="Observation",
-            category="laboratory",
-            package_digest=hashlib.sha256(record_id.encode()).hexdigest(),
-            package_size=2048,
-            commitment=hashlib.sha256(b"c" + record_id.encode()).digest(),
-            threshold=2,
-            custodians=("careplus", "northside-lab", "riverside", "st-mary"),
-        )
-
-    root = c.chain.store.state_root()
-    refused = PutBundle((record("obs-1", "no-such-patient"),), (entry,))
-    result = c.submit(ehr, "record.put-bundle", refused)
-    assert not result.ok and "entry 0" in result.log
-    assert c.chain.store.state_root() == root
-    with pytest.raises(LedgerError, match="no directory entry"):
-        answer(c.chain.store, "/directory/entry", b"Practitioner/dr-ade", False)
-
-    bad_entry = PutBundle(
-        (record("obs-2", patient.member_id),), (DirectoryWrite("Patient", "p", b"{}"),)
-    )
-    result = c.submit(ehr, "record.put-bundle", bad_entry)
-    assert not result.ok and result.log.startswith("directory entry 0")
-    assert c.chain.store.state_root() == root
-
-    stored = PutBundle((record("obs-3", patient.member_id),), (entry,))
-    result = c.submit(ehr, "record.put-bundle", stored)
-    assert result.ok, result.log
-    assert result.log == "1 directory entries; 1 records stored"
-    assert query(c, "/directory/entry", "Practitioner/dr-ade")["latest"]["version"] == 1
-
-
 def observation(record_id: str, patient_id: str) -> PutRecord:
     return PutRecord(
         record_id=record_id,
@@ -294,6 +249,38 @@ def observation(record_id: str, patient_id: str) -> PutRecord:
         threshold=2,
         custodians=("careplus", "northside-lab", "riverside", "st-mary"),
     )
+
+
+def test_entries_of_a_fhir_transaction_are_kept_only_with_its_records(
+    consortium: Consortium,
+) -> None:
+    """A transaction Bundle's directory entries ride in its record.put-bundle: a refused record
+    leaves no entry behind; committed records bring their entries."""
+    c = consortium
+    ehr = member(c, "st-mary", Role.EHR)
+    patient = member(c, "st-mary", Role.PATIENT)
+    (entry,) = put(practitioner("dr-ade", "9999000077")).entries
+
+    root = c.chain.store.state_root()
+    refused = PutBundle((observation("obs-1", "no-such-patient"),), (entry,))
+    result = c.submit(ehr, "record.put-bundle", refused)
+    assert not result.ok and "entry 0" in result.log
+    assert c.chain.store.state_root() == root
+    with pytest.raises(LedgerError, match="no directory entry"):
+        answer(c.chain.store, "/directory/entry", b"Practitioner/dr-ade", False)
+
+    bad_entry = PutBundle(
+        (observation("obs-2", patient.member_id),), (DirectoryWrite("Patient", "p", b"{}"),)
+    )
+    result = c.submit(ehr, "record.put-bundle", bad_entry)
+    assert not result.ok and result.log.startswith("directory entry 0")
+    assert c.chain.store.state_root() == root
+
+    stored = PutBundle((observation("obs-3", patient.member_id),), (entry,))
+    result = c.submit(ehr, "record.put-bundle", stored)
+    assert result.ok, result.log
+    assert result.log == "1 directory entries; 1 records stored"
+    assert query(c, "/directory/entry", "Practitioner/dr-ade")["latest"]["version"] == 1
 
 
 def test_a_bundle_enrolls_its_new_patients_with_its_records_all_or_nothing(
