@@ -42,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from e2e_network import (
     Network,
     assert_own_state_read_in_process,
+    height_of,
     running_network,
     services_counters,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -726,11 +728,18 @@ async def test_another_organization_reads_after_a_fhir_consent(
     with pytest.raises(OperationOutcome):
         await home.resources("AuditEvent").search(agent=member).fetch()
     # Revoking through FHIR is refused as granting is; the patient revokes it, and that stops
-    # the next read at once, cached or not.
+    # the next read on a node as soon as the node has committed the revocation, cached or not.
     with pytest.raises(ForbiddenError):
         await home.resource("Consent", **{**granted, "status": "inactive"}).save()
-    patient.revoke_consent(chart.patient, consent_id, "changed my mind")
+    revoked = patient.revoke_consent(chart.patient, consent_id, "changed my mind")
     assert (await home.get("Consent", consent_id))["status"] == "inactive"
+    assert revoked.height is not None
+    # The patient's client saw it committed on node 0; node 1 may be a block behind.
+    wait_until(
+        lambda: (height_of(network.configs[1]) or 0) >= revoked.height,
+        30,
+        "node 1 to commit the revocation",
+    )
     with pytest.raises(ForbiddenError) as caught:
         await other.get("Observation", record)
     assert "revoked" in str(caught.value)
