@@ -247,15 +247,8 @@ def resolve_references(
     `committed` remembers the committed lookups across calls: a transaction's entries name the
     same few practitioners, organizations and locations again and again (a Synthea patient
     file: ~1,000 conditional references to a dozen entries)."""
-    return _resolve(value, directory, local, {} if committed is None else committed)
-
-
-def _resolve(
-    value: Any,
-    directory: Directory,
-    local: Mapping[tuple[str, str], str],
-    committed: dict[tuple[str, str], str | None],
-) -> Any:
+    if committed is None:
+        committed = {}
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -272,10 +265,10 @@ def _resolve(
                         item = f"{target[0]}/{named}"
                 out[key] = item
             else:
-                out[key] = _resolve(item, directory, local, committed)
+                out[key] = resolve_references(item, directory, local, committed)
         return out
     if isinstance(value, list):
-        return [_resolve(item, directory, local, committed) for item in value]
+        return [resolve_references(item, directory, local, committed) for item in value]
     return value
 
 

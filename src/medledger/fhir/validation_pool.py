@@ -84,9 +84,6 @@ class ValidationPool:
             )
             self._drop(pool)
             return validate_each(resources)
-        if len(outcomes) != len(resources):  # pragma: no cover - a worker answers every one
-            self._drop(pool)
-            return validate_each(resources)
         self._failed_in_a_row = 0
         return outcomes
 
