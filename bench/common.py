@@ -118,25 +118,34 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process and of its descendants — live ones (a node's FHIR
-    validation workers) and those exited and waited for — from Linux /proc, or None when the
-    process is gone."""
-    fields = _stat(pid)
-    if fields is None:
-        return None
+def process_children() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid (Linux /proc), read once per sample."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-    ticks, pending = 0, [(pid, fields)]
-    while pending:
-        current, stat = pending.pop()
-        ticks += sum(int(value) for value in stat[11:15])  # utime stime cutime cstime
-        for child in children.get(current, []):
-            if (child_stat := _stat(child)) is not None:
-                pending.append((child, child_stat))
-    return ticks / os.sysconf("SC_CLK_TCK")
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def tree_cpu_seconds(root: int, children: dict[int, list[int]]) -> float:
+    """CPU time of `root` and of every live descendant (a node's FHIR validation workers,
+    PostgreSQL's backends), plus what their exited children used (cutime/cstime), so that
+    processes coming and going between two samples are counted; 0 when `root` is gone.
+    `children` is `process_children()`."""
+    total = 0
+    todo = [root]
+    seen: set[int] = set()
+    while todo and len(seen) < 10_000:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        fields = _stat(pid)
+        if fields is None:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        todo.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def show_log_tails(home: Path, names: tuple[str, ...], lines: int = 8) -> None:
@@ -656,14 +665,15 @@ class CpuMeter:
         self._t0 = 0.0
 
     def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, pids in self.groups.items():
-            total = 0.0
-            for pid in pids:
-                value = cpu_seconds(pid) if pid != os.getpid() else sum(os.times()[:2])
-                total += value or 0.0
-            out[name] = total
-        return out
+        """Each group's CPU seconds: process trees, this process alone (without children)."""
+        children = process_children()
+        return {
+            name: sum(
+                sum(os.times()[:2]) if pid == os.getpid() else tree_cpu_seconds(pid, children)
+                for pid in pids
+            )
+            for name, pids in self.groups.items()
+        }
 
     def start(self) -> None:
         self._start = self._sample()
@@ -671,7 +681,7 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
-        seconds = time.monotonic() - self._t0
+        seconds = max(1e-9, time.monotonic() - self._t0)
         return {name: round((end[name] - self._start[name]) / seconds, 3) for name in end}
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench.common import ROOT, die_with_parent, log, terminate_cleanly
+from bench.common import ROOT, CpuMeter, die_with_parent, log, terminate_cleanly
 
 HAPI_DIR = ROOT / "bench" / "hapi"
 JAR = HAPI_DIR / "target" / "hapi-bench.jar"
@@ -156,63 +156,6 @@ def build_jar(java_home: Path) -> Path:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time of `root` and of every live descendant, plus what their exited children used
-    (cutime/cstime), so that backends coming and going between two samples are counted."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total = 0.0
-    todo = [root]
-    seen: set[int] = set()
-    while todo and len(seen) < 10_000:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        fields = _stat_fields(pid)
-        if fields is None:
-            continue
-        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-        todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-class TreeCpuMeter:
-    """CPU of process trees between two samples, as cores used on average (this process's own
-    pid: this process alone, without its children)."""
-
-    def __init__(self, groups: dict[str, int]) -> None:
-        self.groups = groups
-        self._start: dict[str, float] = {}
-        self._t0 = 0.0
-
-    def _sample(self) -> dict[str, float]:
-        return {
-            name: sum(os.times()[:2]) if pid == os.getpid() else tree_cpu_seconds(pid)
-            for name, pid in self.groups.items()
-        }
-
-    def start(self) -> None:
-        self._start = self._sample()
-        self._t0 = time.monotonic()
-
-    def stop(self) -> dict[str, float]:
-        end = self._sample()
-        seconds = max(1e-9, time.monotonic() - self._t0)
-        return {name: round((end[name] - self._start[name]) / seconds, 3) for name in end}
-
-
 def stop_process(proc: subprocess.Popen[bytes], sig: int, label: str) -> None:
     """Signal `proc`, wait, then SIGKILL if it is still there."""
     if proc.poll() is not None:
@@ -301,12 +244,13 @@ class HapiServer:
     startup_s: float
     settings: dict[str, str] = field(default_factory=dict)
 
-    def cpu_meter(self) -> TreeCpuMeter:
-        return TreeCpuMeter(
+    def cpu_meter(self) -> CpuMeter:
+        """Process trees: the JVM, and PostgreSQL with its backends."""
+        return CpuMeter(
             {
-                "hapi (java)": self.java_pid,
-                "postgres": self.postgres_pid,
-                "bench process": os.getpid(),
+                "hapi (java)": [self.java_pid],
+                "postgres": [self.postgres_pid],
+                "bench process": [os.getpid()],
             }
         )
 
